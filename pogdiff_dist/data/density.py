@@ -1,0 +1,195 @@
+"""Text-density weights psi_den from a small VAE on the pooled text embeddings (Eq. 10-11 of PoGDiff).
+
+A sample whose caption embedding y lies in a sparse region of text space (a minority
+identity) has a low evidence lower bound, ELBO(y) <= log p(y), and Eq. 11 gives it a large
+weight psi_den = exp(-ELBO) / a3. For real embeddings -ELBO is hundreds of nats, so
+exp(-ELBO) overflows; we store log-weights and self-normalise instead:
+
+    log(a3 * psi_den_i) = -ELBO_i / T - logmeanexp_j(-ELBO_j / T)
+
+so exp(log_w) averages to exactly 1 over the dataset and psi_den averages to 1 / a3. The
+normalisation only rescales a3, which is a free hyperparameter anyway. T = 1 is Eq. 11;
+T > 1 (a temperature on -ELBO) compresses the dynamic range of psi_den and is a departure
+from the paper, off unless chosen (untempered ELBO spreads of 30-150 nats put nearly all
+of the psi_den mass on one sample; see METHOD.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+_FORMAT = "pogdiff_dist.TextDensityVAE/1"
+# Floor on the decoder's learned variance (standardised units): without it a dimension the
+# decoder predicts exactly (e.g. a constant one) drives log-variance, and the ELBO, to infinity.
+_MIN_DECODER_LOGVAR = math.log(1e-4)
+
+
+@dataclass(frozen=True)
+class DensityVAEConfig:
+    """Architecture and training schedule of the text-density VAE."""
+
+    latent_dim: int = 16
+    hidden_dim: int = 256
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("latent_dim", "hidden_dim", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DensityVAEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"DensityVAEConfig.lr must be > 0, got {self.lr}")
+
+
+def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, d_out))
+
+
+class TextDensityVAE(nn.Module):
+    """Gaussian VAE on standardised text embeddings; its ELBO is the density score of Eq. 10.
+
+    Encoder: MLP -> (mu, logvar) of q(z | u). Decoder: MLP -> mean of p(u | z) = N(mean,
+    diag(exp(log_var))) with a learned global per-dimension log-variance. u = (y - x_mean) /
+    x_std, with the statistics held as buffers so a saved state_dict is self-contained.
+    """
+
+    def __init__(self, input_dim: int, cfg: DensityVAEConfig = DensityVAEConfig()) -> None:
+        super().__init__()
+        self.input_dim, self.cfg = input_dim, cfg
+        self.encoder = _mlp(input_dim, cfg.hidden_dim, 2 * cfg.latent_dim)
+        self.decoder = _mlp(cfg.latent_dim, cfg.hidden_dim, input_dim)
+        self.log_var = nn.Parameter(torch.zeros(input_dim))
+        self.register_buffer("x_mean", torch.zeros(input_dim))
+        self.register_buffer("x_std", torch.ones(input_dim))
+
+    def set_standardisation(self, y: torch.Tensor) -> None:
+        """Fit the input mean/std buffers on training data y [N, D] (constant dims keep std 1)."""
+        std = y.std(dim=0)
+        self.x_mean.copy_(y.mean(dim=0))
+        self.x_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+
+    def elbo(self, y: torch.Tensor, n_samples: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample ELBO in nats [N] of y [N, D] (Eq. 10).
+
+        E_q[log N(u; dec(z), diag(exp(log_var)))] - KL(q(z | u) || N(0, I)) on the standardised
+        input u, including the -D/2 log(2 pi) constant. In training mode the expectation uses
+        ``n_samples`` reparameterised draws; in eval mode z = mu (deterministic), so stored
+        values are reproducible.
+        """
+        u = (y - self.x_mean) / self.x_std
+        mu, logvar = self.encoder(u).chunk(2, dim=-1)
+        logvar = logvar.clamp(-20.0, 10.0)
+        if self.training:
+            eps = torch.randn((n_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + (0.5 * logvar).exp() * eps  # [S, N, L]
+        else:
+            z = mu.unsqueeze(0)
+        dec_logvar = self.log_var.clamp(min=_MIN_DECODER_LOGVAR)
+        sq = (u - self.decoder(z)).square() * (-dec_logvar).exp()
+        log_lik = -0.5 * (sq + dec_logvar + math.log(2 * math.pi)).sum(-1).mean(0)
+        kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(-1)
+        return log_lik - kl
+
+
+def _validated(pooled: np.ndarray) -> np.ndarray:
+    pooled = np.asarray(pooled)
+    if pooled.ndim != 2 or pooled.shape[0] < 2 or pooled.shape[1] < 1:
+        raise ValueError(f"pooled must be 2-D [N, D] with N >= 2, got shape {pooled.shape}")
+    bad = np.flatnonzero(~np.isfinite(pooled).all(axis=1))
+    if bad.size:
+        raise ValueError(f"pooled text embeddings have a NaN/Inf value in row {int(bad[0])}")
+    return np.ascontiguousarray(pooled, dtype=np.float32)
+
+
+def fit_density_vae(pooled: np.ndarray, cfg: DensityVAEConfig = DensityVAEConfig(), progress: bool = False) -> TextDensityVAE:
+    """Train the density VAE on pooled text embeddings [N, D] by maximising the mean ELBO (Adam).
+
+    Seeded: initialisation, shuffling and reparameterisation noise depend only on ``cfg.seed``
+    (the global torch RNG is left untouched). Returns the model in eval mode, on CPU.
+    """
+    y = torch.from_numpy(_validated(pooled))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = TextDensityVAE(y.shape[1], cfg)
+    model.set_standardisation(y)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model.train()
+    bar = tqdm(range(cfg.epochs), desc="density vae", unit="epoch", disable=not progress)
+    for _ in bar:
+        perm = torch.randperm(len(y), generator=gen)
+        total = 0.0
+        for start in range(0, len(y), cfg.batch_size):
+            batch = y[perm[start : start + cfg.batch_size]]
+            loss = -model.elbo(batch, generator=gen).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(batch)
+        bar.set_postfix(neg_elbo=f"{total / len(y):.2f}")
+    return model.eval()
+
+
+@torch.no_grad()
+def compute_elbo(model: TextDensityVAE, pooled: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Deterministic (eval-mode) ELBO of every row of pooled [N, D], as float64 [N]."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    y = torch.from_numpy(_validated(pooled))
+    device = model.x_mean.device
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model.elbo(y[s : s + batch_size].to(device)).cpu() for s in range(0, len(y), batch_size)])
+    model.train(was_training)
+    return out.double().numpy()
+
+
+def log_density_weights(elbo: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Self-normalised log text-density weights log(a3 * psi_den_i) (Eq. 11), float64 [N].
+
+    log_w_i = -ELBO_i / T - logmeanexp_j(-ELBO_j / T), so mean(exp(log_w)) = 1 and
+    psi_den = exp(log_w) / a3 averages to 1 / a3. T = 1 is Eq. 11 up to the normalisation
+    (which only rescales a3); T > 1 divides the spread of log_w by T (a documented departure).
+    """
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    a = -np.asarray(elbo, dtype=np.float64) / temperature
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"elbo must be a non-empty 1-D array, got shape {a.shape}")
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:
+        raise ValueError(f"elbo has a NaN/Inf value at index {int(bad[0])}")
+    m = a.max()
+    log_mean_exp = m + math.log(np.exp(a - m).sum()) - math.log(a.size)
+    return a - log_mean_exp
+
+
+def save_density_vae(model: TextDensityVAE, path: str | os.PathLike) -> None:
+    """Write weights and standardisation buffers as safetensors, the config in its metadata (no pickle)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": _FORMAT, "input_dim": json.dumps(model.input_dim), "config": json.dumps(asdict(model.cfg))}
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def load_density_vae(path: str | os.PathLike) -> TextDensityVAE:
+    """Inverse of :func:`save_density_vae`; returns the model in eval mode, on CPU."""
+    path = os.fspath(path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a saved TextDensityVAE (format {metadata.get('format')!r})")
+    model = TextDensityVAE(json.loads(metadata["input_dim"]), DensityVAEConfig(**json.loads(metadata["config"])))
+    model.load_state_dict(load_file(path))
+    return model.eval()

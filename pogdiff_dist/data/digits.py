@@ -1,0 +1,170 @@
+"""Digits-IT2I: a bundled, download-free imbalanced image-caption-identity dataset.
+
+Built from scikit-learn's ``load_digits()`` (1797 8x8 images, ~180 per class): each
+digit class becomes a person-like identity with a generic name, as the paper masks real
+names. Presets mirror AgeDB-IT2I's sizes (S, M, L). Captions name the identity and
+describe the image (stroke weight, slant, size) so they vary within an identity: the
+probe in METHOD.md shows identical per-identity captions let vanilla fine-tuning
+memorise the minority, which leaves nothing for PoGDiff to fix.
+
+The output is layout 1 of :mod:`pogdiff_dist.data.records` (``metadata.csv`` + images).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pogdiff_dist.data.records import METADATA, slugify
+
+STAMP = "digits_it2i.json"
+
+# One generic name per digit class 0..9.
+NAMES: tuple[str, ...] = (
+    "Alice Moreau", "Bruno Silva", "Chloe Novak", "Daniel Okafor", "Elena Petrova",
+    "Farid Haddad", "Grace Lindqvist", "Hugo Tanaka", "Ines Carvalho", "Jonas Weber",
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Training images per digit class; classes not listed are not in the dataset."""
+
+    train_counts: dict[int, int]
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "S": Preset({0: 30, 1: 2}, "2 identities: digit 0 majority (30), digit 1 minority (2)"),
+    "M": Preset({d: 30 if d < 3 else 2 for d in range(10)},
+                "10 identities: digits 0, 1, 2 majority (30 each), digits 3-9 minority (2 each)"),
+    "L": Preset(dict(enumerate((120, 90, 60, 45, 30, 20, 10, 5, 3, 2))),
+                "10 identities, long tail: digit 0 has 120 ... digit 9 has 2 (385 in all)"),
+}
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    d = load_digits()
+    return d.images.astype(np.float64), d.target.astype(np.int64)
+
+
+def _descriptors(images: np.ndarray) -> np.ndarray:
+    """Raw ``[N, 3]`` (ink mass, slant, bounding-box area) of 8x8 images in 0..16.
+
+    Slant is the shear ``-mu11 / mu02`` of the intensity-weighted second moments
+    (rows grow downwards, so a stroke leaning right has negative row-column covariance).
+    """
+    images = images.reshape(-1, 8, 8)
+    rows, cols = np.mgrid[0:8, 0:8].astype(np.float64)
+    mass = images.sum(axis=(1, 2))
+    m = np.maximum(mass, 1e-9)
+    r0 = (images * rows).sum(axis=(1, 2)) / m
+    c0 = (images * cols).sum(axis=(1, 2)) / m
+    dr, dc = rows - r0[:, None, None], cols - c0[:, None, None]
+    mu11 = (images * dr * dc).sum(axis=(1, 2)) / m
+    mu02 = (images * dr * dr).sum(axis=(1, 2)) / m
+    slant = -mu11 / np.maximum(mu02, 1e-9)
+    ink = images >= 4
+    height = ink.any(axis=2).sum(axis=1)
+    width = ink.any(axis=1).sum(axis=1)
+    return np.stack([mass, slant, height * width], axis=1).astype(np.float64)
+
+
+@lru_cache(maxsize=1)
+def _thresholds() -> dict[str, tuple[float, ...]]:
+    """Cut points from the whole load_digits set, so a caption never depends on the
+    preset, seed or split that happened to include the image."""
+    mass, slant, area = _descriptors(_digits()[0]).T
+    return {
+        "mass": tuple(np.quantile(mass, [1 / 3, 2 / 3])),
+        "slant": tuple(np.quantile(slant, [1 / 3, 2 / 3])),
+        "area": (float(np.median(area)),),
+    }
+
+
+def caption_for(image8x8: np.ndarray, name: str) -> str:
+    """``"An image of {name}, <weight> strokes, <slant>, <size>."``: the evaluation
+    prompt ``"An image of {name}."`` is a prefix, and the tail varies per image."""
+    mass, slant, area = _descriptors(np.asarray(image8x8, dtype=np.float64))[0]
+    t = _thresholds()
+    weight = ("thin", "medium", "bold")[int(np.searchsorted(t["mass"], mass, side="right"))]
+    lean = ("slanted left", "upright", "slanted right")[int(np.searchsorted(t["slant"], slant, side="right"))]
+    size = "small" if area < t["area"][0] else "large"
+    return f"An image of {name}, {weight} strokes, {lean}, {size}."
+
+
+def _to_png(image8x8: np.ndarray, resolution: int) -> Image.Image:
+    """Scale 0..16 to 0..255 and upsample bicubically to ``resolution`` squared."""
+    pixels = np.clip(np.rint(image8x8 * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, mode="L").resize((resolution, resolution), Image.Resampling.BICUBIC)
+
+
+def _select(preset: Preset, seed: int, heldout: int) -> list[tuple[int, str, int]]:
+    """(digit, split, source index) triples, held-out drawn first from one permutation
+    per class so train and held-out are disjoint by construction."""
+    _, target = _digits()
+    rng = np.random.default_rng(seed)
+    out = []
+    for digit, n_train in sorted(preset.train_counts.items()):
+        pool = np.flatnonzero(target == digit)
+        if n_train + heldout > len(pool):
+            raise ValueError(f"digit {digit} has {len(pool)} images, cannot take {n_train} train "
+                             f"+ {heldout} held-out")
+        perm = rng.permutation(pool)
+        out += [(digit, "train", int(i)) for i in sorted(perm[heldout:heldout + n_train])]
+        out += [(digit, "heldout", int(i)) for i in sorted(perm[:heldout])]
+    return out
+
+
+def build_digits_it2i(root: str | Path, preset: str = "M", resolution: int = 32, seed: int = 0,
+                      heldout_per_identity: int = 20) -> Path:
+    """Write ``root/images/<slug>/<slug>-<source index>.png`` and ``root/metadata.csv``.
+
+    Deterministic for a given ``seed``. Idempotent: a ``digits_it2i.json`` stamp written
+    last records the parameters; a matching stamp next to ``metadata.csv`` means the
+    build is complete and is returned as is.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if resolution < 8:
+        raise ValueError(f"resolution must be >= 8, got {resolution}")
+    if heldout_per_identity < 0:
+        raise ValueError(f"heldout_per_identity must be >= 0, got {heldout_per_identity}")
+    root = Path(root)
+    params = {"preset": preset, "resolution": resolution, "seed": seed,
+              "heldout_per_identity": heldout_per_identity}
+    stamp = root / STAMP
+    if (root / METADATA).is_file() and stamp.is_file():
+        if json.loads(stamp.read_text()).get("params") == params:
+            return root
+        shutil.rmtree(root / "images", ignore_errors=True)  # ours (stamped): drop stale images
+        stamp.unlink()
+
+    images, _ = _digits()
+    rows = []
+    for digit, split, src in _select(PRESETS[preset], seed, heldout_per_identity):
+        name = NAMES[digit]
+        rel = Path("images") / slugify(name) / f"{slugify(name)}-{src:04d}.png"
+        (root / rel.parent).mkdir(parents=True, exist_ok=True)
+        _to_png(images[src], resolution).save(root / rel)
+        rows.append((rel.as_posix(), caption_for(images[src], name), name, split))
+
+    tmp = root / (METADATA + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(("image", "caption", "identity", "split"))
+        writer.writerows(rows)
+    os.replace(tmp, root / METADATA)
+    stamp.write_text(json.dumps({"params": params, "preset": asdict(PRESETS[preset])}, indent=1))
+    return root

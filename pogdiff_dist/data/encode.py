@@ -1,0 +1,48 @@
+"""Encode raw samples: image -> latent (or pixels) and image embedding, caption -> tokens
+and hidden states. A plain callable over numpy batches, so Ray Data can run it in
+actors and a test can call it directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pogdiff_dist.data.records import load_image
+from pogdiff_dist.models import LatentCodec, TextEncoder, load_image_embedder
+
+
+class SampleEncoder:
+    """Batch in: ``index, image, caption, identity_id``. Batch out adds
+    ``latent`` [C,H,W] f32, ``y`` [L,D] f16, ``tokens`` [L] i32, ``length``, ``pooled`` [D] f32,
+    ``z`` [d] f32 (L2-normalised image embedding)."""
+
+    def __init__(self, text_encoder_dir: str, tokenizer_dir: str, max_length: int, resolution: int,
+                 channels: int, image_encoder: str = "pixels", vae_dir: str | None = None):
+        torch.set_num_threads(1)  # one core per actor; Ray schedules the actors
+        self.text = TextEncoder(text_encoder_dir, tokenizer_dir, max_length)
+        self.embed = load_image_embedder(image_encoder)
+        self.codec = LatentCodec(vae_dir) if vae_dir else None
+        self.resolution, self.channels = resolution, channels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = np.stack([load_image(Path(p), self.resolution, self.channels) for p in batch["image"]])
+        if self.codec is not None:
+            latent = self.codec.encode(torch.from_numpy(images)).numpy().astype(np.float32)
+        else:
+            latent = images
+        ids, lengths = self.text.tokenize([str(c) for c in batch["caption"]])
+        hidden, pooled = self.text.encode_ids(torch.from_numpy(ids), torch.from_numpy(lengths))
+        return {
+            "index": batch["index"].astype(np.int64),
+            "key": batch["key"],
+            "identity_id": batch["identity_id"].astype(np.int64),
+            "caption": batch["caption"],
+            "latent": latent,
+            "y": hidden.numpy().astype(np.float16),
+            "tokens": ids,
+            "length": lengths,
+            "pooled": pooled.numpy().astype(np.float32),
+            "z": self.embed(images).astype(np.float32),
+        }

@@ -1,0 +1,137 @@
+"""Image-space neighbours of every sample: exact cosine k-NN with FAISS (Eq. 8 of PoGDiff).
+
+PoGDiff lets sample i borrow strength from its k nearest *other* samples in the frozen
+image-embedding space z. Here they are found once per dataset by exact inner-product
+search (``faiss.IndexFlatIP``) on L2-normalised embeddings, i.e. by cosine similarity,
+and turned into the sampling weights w_j used to draw one neighbour per training step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def _first_bad_row(mask: np.ndarray) -> int:
+    """Index of the first row of a 2-D boolean mask with any True entry (-1 if none)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    return int(rows[0]) if rows.size else -1
+
+
+def _normalised_copy(z: np.ndarray) -> np.ndarray:
+    """Validated, L2-normalised float32 copy of ``z`` [N, d]."""
+    z = np.asarray(z)
+    if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] == 0:
+        raise ValueError(f"z must be a non-empty 2-D array [N, d], got shape {z.shape}")
+    z = np.array(z, dtype=np.float32, order="C", copy=True)
+    bad = _first_bad_row(~np.isfinite(z))
+    if bad >= 0:
+        raise ValueError(f"z has a NaN/Inf value in row {bad}")
+    norms = np.linalg.norm(z, axis=1, keepdims=True)
+    zero = np.flatnonzero(norms[:, 0] == 0)
+    if zero.size:
+        raise ValueError(f"z row {int(zero[0])} has zero norm, so its cosine similarity is undefined")
+    z /= norms
+    return z
+
+
+def _make_index(d: int, use_gpu: str | bool) -> faiss.Index:
+    """Exact inner-product index, moved to all GPUs when asked for (or when ``"auto"`` finds one)."""
+    if use_gpu not in ("auto", True, False):
+        raise ValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
+    index = faiss.IndexFlatIP(d)
+    n_gpus = faiss.get_num_gpus()
+    if use_gpu is True and n_gpus == 0:
+        raise ValueError("use_gpu=True but FAISS sees no GPU (is faiss-gpu installed?)")
+    if n_gpus > 0 and use_gpu in (True, "auto"):
+        logger.info("build_knn: exact IndexFlatIP on %d GPU(s)", n_gpus)
+        return faiss.index_cpu_to_all_gpus(index)
+    logger.info("build_knn: exact IndexFlatIP on CPU")
+    return index
+
+
+def build_knn(
+    z: np.ndarray,
+    k_max: int,
+    use_gpu: str | bool = "auto",
+    query_batch: int = 65536,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k_max`` nearest other samples of every sample by cosine similarity (Eq. 8).
+
+    Args:
+        z: image embeddings [N, d]; need not be normalised (a normalised copy is searched).
+        k_max: neighbours kept per sample; training may use any k <= k_max.
+        use_gpu: ``True`` (error without a GPU), ``False``, or ``"auto"`` (GPU if FAISS sees one).
+        query_batch: rows queried at once, bounding the [query_batch, k_max + 1] result memory.
+        progress: show a tqdm bar over the query batches.
+
+    Returns:
+        ``(idx, sims)``: int64 [N, k_max] neighbour indices and float32 [N, k_max] cosine
+        similarities, sorted by similarity descending, each sample itself excluded.
+    """
+    if k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    if query_batch < 1:
+        raise ValueError(f"query_batch must be >= 1, got {query_batch}")
+    z = _normalised_copy(z)
+    n, d = z.shape
+    if k_max >= n:
+        raise ValueError(
+            f"k_max={k_max} is larger than the dataset allows: N={n} samples leave only {n - 1} "
+            "other samples to be neighbours"
+        )
+    index = _make_index(d, use_gpu)
+    index.add(z)
+
+    idx = np.empty((n, k_max), dtype=np.int64)
+    sims = np.empty((n, k_max), dtype=np.float32)
+    starts = range(0, n, query_batch)
+    for start in tqdm(starts, desc="knn", unit="batch", disable=not progress):
+        stop = min(start + query_batch, n)
+        s, i = index.search(z[start:stop], k_max + 1)
+        # Exclude self by index, not position: with exact duplicates a twin can tie with
+        # (and precede) the self hit. If self fell outside the k_max + 1 hits (many
+        # duplicates), every hit is another sample and the last one is dropped instead.
+        keep = i != np.arange(start, stop)[:, None]
+        keep[keep.all(axis=1), -1] = False
+        idx[start:stop] = i[keep].reshape(stop - start, k_max)
+        sims[start:stop] = s[keep].reshape(stop - start, k_max)
+    assert (idx >= 0).all(), "FAISS returned a missing neighbour (-1) although k_max < N"
+    return idx, sims
+
+
+def neighbour_weights(sims: np.ndarray, k: int) -> np.ndarray:
+    """Sampling weights over the first ``k`` neighbours: w_j = max(s_j, 0) / sum_j max(s_j, 0) (Eq. 8).
+
+    A row whose clipped similarities are all zero (every neighbour orthogonal or opposite)
+    gets uniform weights: psi_img = max(0, s_j) ** (...) is 0 for every j there (Eq. 9), so
+    which neighbour is drawn does not change the loss; the weights only have to be a valid
+    distribution.
+
+    Args:
+        sims: [N, k_max] similarities as returned by :func:`build_knn`.
+        k: neighbours used, 1 <= k <= k_max.
+
+    Returns:
+        float64 [N, k] weights, each row summing to 1.
+    """
+    sims = np.asarray(sims)
+    if sims.ndim != 2:
+        raise ValueError(f"sims must be 2-D [N, k_max], got shape {sims.shape}")
+    if not 1 <= k <= sims.shape[1]:
+        raise ValueError(f"k must be in [1, {sims.shape[1]}] (the stored k_max), got {k}")
+    bad = _first_bad_row(~np.isfinite(sims[:, :k]))
+    if bad >= 0:
+        raise ValueError(f"sims has a NaN/Inf value in row {bad}")
+    w = np.maximum(sims[:, :k].astype(np.float64), 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    empty = total[:, 0] == 0
+    w[empty] = 1.0
+    total[empty] = k
+    return w / total

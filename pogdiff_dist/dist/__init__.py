@@ -1,0 +1,1 @@
+"""Everything that touches Ray or DeepSpeed lives in this package."""

