@@ -164,6 +164,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint (Ray Train FailureConfig)
     log_every: int = 10
     shuffle_buffer: int = 256
     sample_steps: int = 25  # DDIM steps for the sample grid logged at the end

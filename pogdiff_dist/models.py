@@ -77,8 +77,19 @@ class TextEncoder:
     """
 
     def __init__(self, encoder_dir: str | Path, tokenizer_dir: str | Path, max_length: int):
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        self.model = AutoModel.from_pretrained(str(encoder_dir)).eval().requires_grad_(False)
+        self._setup(AutoModel.from_pretrained(str(encoder_dir)), AutoTokenizer.from_pretrained(str(tokenizer_dir)),
+                    max_length)
+
+    @classmethod
+    def from_parts(cls, model, tokenizer, max_length: int) -> "TextEncoder":
+        """Wrap already-loaded parts (e.g. those of an exported pipeline)."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, max_length)
+        return self
+
+    def _setup(self, model, tokenizer, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
         self.max_length = max_length
         self.use_mask = self.model.config.model_type not in ("clip_text_model", "clip")
         self.hidden_size = self.model.config.hidden_size

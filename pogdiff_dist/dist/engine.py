@@ -1,0 +1,137 @@
+"""DeepSpeed: config generation, engine, EMA, checkpoint save/load, weight export.
+
+The only module that imports deepspeed. The DeepSpeed dict is generated from the typed
+config here and nowhere else (batch, accumulation, clipping, optimiser, schedule,
+ZeRO stage, precision).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import deepspeed
+import torch
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+
+EMA_FILE = "ema.safetensors"
+
+
+def deepspeed_config(optim, train, world_size: int) -> dict:
+    """The DeepSpeed config for a run. ``torch_adam`` avoids JIT-building fused_adam on CPU."""
+    if optim.schedule == "cosine":
+        scheduler = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": optim.max_steps, "warmup_num_steps": max(1, optim.warmup_steps),
+            "warmup_min_ratio": 0.0, "cos_min_ratio": 0.01, "warmup_type": "linear"}}
+    else:
+        scheduler = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": optim.lr, "warmup_num_steps": max(1, optim.warmup_steps),
+            "warmup_type": "linear"}}
+    return {
+        "train_micro_batch_size_per_gpu": optim.batch_size,
+        "gradient_accumulation_steps": optim.grad_accum,
+        "train_batch_size": optim.batch_size * optim.grad_accum * world_size,
+        "gradient_clipping": optim.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+            "weight_decay": optim.weight_decay, "torch_adam": True}},
+        "scheduler": scheduler,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Engine:
+    """A DeepSpeed engine around the UNet, plus an optional EMA of its weights.
+
+    The EMA keeps full-size shadow weights on every rank; under ZeRO-3 the live
+    parameters are gathered around each EMA update so the average is of the real
+    weights, not of the local shards.
+    """
+
+    def __init__(self, unet: torch.nn.Module, cfg, world_size: int):
+        self.config = deepspeed_config(cfg.optim, cfg.train, world_size)
+        self.ds, _, _, _ = deepspeed.initialize(model=unet, model_parameters=unet.parameters(), config=self.config)
+        self.zero_stage = cfg.train.zero_stage
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.ema = None
+        if cfg.train.ema:
+            with self.gathered():
+                self.ema = EMAModel([p.detach().float() for p in self.module.parameters()], decay=cfg.train.ema_decay)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def __call__(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    @property
+    def global_step(self) -> int:
+        return self.ds.global_steps
+
+    @property
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    def gathered(self):
+        """Full parameters on every rank for the duration (a no-op below ZeRO-3)."""
+        if self.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def backward_step(self, loss: torch.Tensor) -> bool:
+        """Backward and (at an accumulation boundary) optimiser + schedule step.
+        Returns True when an optimiser step happened."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        self.ds.backward(loss)
+        self.ds.step()
+        if boundary and self.ema is not None:
+            with self.gathered():
+                self.ema.step([p.detach().float() for p in self.module.parameters()])
+        return boundary
+
+    def save(self, directory: str | Path, tag: str, client_state: dict) -> None:
+        """Every rank must call this (each writes its ZeRO partition)."""
+        self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+        if self.ema is not None and self.ds.global_rank == 0:
+            names = [n for n, _ in self.module.named_parameters()]
+            save_file({n: s.contiguous() for n, s in zip(names, self.ema.shadow_params)}, str(Path(directory) / EMA_FILE),
+                      metadata={"optimization_step": str(self.ema.optimization_step)})
+
+    def load(self, directory: str | Path) -> dict:
+        _, client_state = self.ds.load_checkpoint(str(directory), load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        if client_state is None:
+            raise ValueError(f"no DeepSpeed checkpoint found in {directory}")
+        ema_path = Path(directory) / EMA_FILE
+        if self.ema is not None:
+            if not ema_path.is_file():
+                raise ValueError(f"train.ema is on but checkpoint {directory} holds no {EMA_FILE}")
+            shadow = load_file(str(ema_path))
+            names = [n for n, _ in self.module.named_parameters()]
+            self.ema.shadow_params = [shadow[n] for n in names]
+            from safetensors import safe_open
+
+            with safe_open(str(ema_path), "pt") as f:
+                self.ema.optimization_step = int(f.metadata()["optimization_step"])
+        return client_state
+
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full fp32 weights for export (EMA weights if enabled). Every rank calls; rank 0 gets them."""
+        with self.gathered():
+            if self.ds.global_rank != 0:
+                return None
+            state = {k: v.detach().float().clone() for k, v in self.module.state_dict().items()}
+        if self.ema is not None:
+            for (name, _), shadow in zip(self.module.named_parameters(), self.ema.shadow_params):
+                state[name] = shadow.detach().float().clone()
+        return state
+
+
+def describe(engine: Engine) -> str:
+    return json.dumps({k: engine.config[k] for k in ("train_batch_size", "zero_optimization", "bf16")})

@@ -1,0 +1,136 @@
+"""The training driver: prepare (if needed) -> TorchTrainer.fit -> diffusers export -> samples -> MLflow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pogdiff_dist.config import Config, save_config
+from pogdiff_dist.data.shards import Manifest
+from pogdiff_dist.dist.prepare import run_prepare
+from pogdiff_dist.dist.runtime import init_ray
+from pogdiff_dist.dist.worker import UNET_EXPORT, check_manifest, train_loop_per_worker
+from pogdiff_dist.models import LatentCodec, TextEncoder, build_noise_scheduler
+from pogdiff_dist.pipeline import PoGDiffPipeline, export_pipeline, image_grid
+from pogdiff_dist.tracking import finish_run, resolve_tracking_uri, run_url_hint, start_run
+
+RUN_STATE = "pogdiff_run.json"
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    model_dir: Path
+    samples: Path
+    metrics: dict
+    run_id: str
+    tracking_uri: str
+
+
+def _run_name(cfg: Config, resume: bool) -> str:
+    """Resume continues ``train.name`` exactly; a fresh run never overwrites an old one."""
+    run_dir = Path(cfg.train.storage_path).absolute() / cfg.train.name
+    if resume:
+        if not (run_dir / RUN_STATE).is_file():
+            raise ValueError(f"--resume: no run named {cfg.train.name!r} under {run_dir.parent}")
+        return cfg.train.name
+    if run_dir.exists():
+        name = f"{cfg.train.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        print(f"[train] run {cfg.train.name!r} exists; starting a new run {name!r} (use --resume to continue it)")
+        return name
+    return cfg.train.name
+
+
+def sample_grid(model_dir: Path, manifest: Manifest, cfg: Config, out: Path) -> Path:
+    """Images from fixed prompts for the most frequent majority and the rarest minority identity."""
+    pipe = PoGDiffPipeline.from_pretrained(str(model_dir))
+    names = [manifest.majority()[0]] if manifest.majority() else []
+    if manifest.minority():
+        names.append(manifest.minority()[-1])
+    prompts = [f"An image of {n}." for n in names]
+    images = pipe(prompts, num_inference_steps=cfg.train.sample_steps, guidance_scale=cfg.train.guidance_scale,
+                  num_images_per_prompt=cfg.train.samples_per_prompt,
+                  generator=torch.Generator().manual_seed(cfg.train.seed))
+    counts = dict(zip(manifest.identities, manifest.train_counts))
+    image_grid(images, rows=len(prompts), labels=[f"{n} ({counts[n]} imgs)" for n in names]).save(out)
+    return out
+
+
+def run_train(cfg: Config, resume: bool = False) -> TrainOutcome:
+    t0 = time.time()
+    init_ray(cfg.ray)
+    manifest = run_prepare(cfg)
+    check_manifest(cfg, manifest)
+    prepared = Path(cfg.prepare.out_dir).absolute()
+
+    name = _run_name(cfg, resume)
+    run_dir = Path(cfg.train.storage_path).absolute() / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(cfg.tracking.resolved_uri())
+    if resume:
+        run_id = json.loads((run_dir / RUN_STATE).read_text())["run_id"]
+        start_run(cfg, run_id=run_id)
+    else:
+        run_id = start_run(cfg, run_name=name)
+        (run_dir / RUN_STATE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    save_config(cfg, run_dir / "config.yaml")
+
+    shards = [str(prepared / "shards" / s) for s in manifest.shards]
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "prepared_dir": str(prepared), "run_id": run_id, "tracking_uri": uri},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        datasets={"train": ray.data.read_webdataset(shards)},
+        run_config=RunConfig(name=name, storage_path=str(Path(cfg.train.storage_path).absolute()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+    )
+    t_fit = time.time()
+    try:
+        result = trainer.fit()
+    except Exception:
+        finish_run(uri, run_id, {}, [], status="FAILED")
+        raise
+    fit_s = time.time() - t_fit
+
+    model_dir = run_dir / "model"
+    with result.checkpoint.as_directory() as d:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(str(Path(d) / UNET_EXPORT))
+    text = TextEncoder(manifest.text_encoder_dir, manifest.tokenizer_dir, cfg.model.max_length)
+    vae = LatentCodec(manifest.vae_dir).vae if manifest.vae_dir else None
+    shutil.rmtree(model_dir, ignore_errors=True)
+    export_pipeline(model_dir, unet, build_noise_scheduler(cfg.model), text, vae)
+    samples = sample_grid(model_dir, manifest, cfg, run_dir / "samples.png")
+
+    m = result.metrics or {}
+    metrics = {
+        "final_step": m.get("step"), "final_loss": m.get("loss"), "final_loss_denoise": m.get("loss_denoise"),
+        "final_loss_pog": m.get("loss_pog"), "samples_per_s": m.get("samples_per_s"),
+        "peak_rss_mib_max_worker": m.get("peak_rss_mib_max_worker"), "fit_seconds": fit_s,
+        "total_seconds": time.time() - t0,
+    }
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    finish_run(uri, run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+               [samples, run_dir / "metrics.json", run_dir / "config.yaml"])
+    print(f"\n[train] done in {metrics['total_seconds']:.0f}s\n"
+          f"  model (diffusers, safetensors): {model_dir}\n"
+          f"  sample grid:                    {samples}\n"
+          f"  metrics:                        {run_dir / 'metrics.json'}  {json.dumps(metrics)}\n"
+          f"  checkpoints:                    {result.checkpoint.path}\n"
+          f"  MLflow run {run_id} in experiment {cfg.tracking.experiment!r}: {run_url_hint(uri)}", flush=True)
+    return TrainOutcome(run_dir, model_dir, samples, metrics, run_id, uri)

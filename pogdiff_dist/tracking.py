@@ -1,0 +1,77 @@
+"""MLflow tracking: a real tracker on rank 0, a null tracker everywhere else.
+
+The driver creates the run (params = the full flattened config) and hands its id to
+the workers; rank 0 logs per-step metrics into it, the driver logs artifacts at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+SECRET_HINTS = ("password", "secret", "token", "key_id", "access_key", "credential")
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Make a relative ``sqlite:///file.db`` absolute, so Ray workers (other cwd) hit the same store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).absolute())
+    return uri
+
+
+def start_run(cfg, run_name: str | None = None, run_id: str | None = None) -> str:
+    """Create (or reopen, for ``--resume``) the run and log the config as params."""
+    uri = resolve_tracking_uri(cfg.tracking.resolved_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    run = mlflow.start_run(run_id=run_id, run_name=run_name)
+    if run_id is None:
+        params = {k: str(v)[:500] for k, v in cfg.flat().items() if not any(h in k.lower() for h in SECRET_HINTS)}
+        mlflow.log_params(params)
+    mlflow.end_run(status="RUNNING")
+    return run.info.run_id
+
+
+class MlflowTracker:
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
+class NullTracker:
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+
+def finish_run(tracking_uri: str, run_id: str, metrics: dict[str, float], artifacts: list[Path],
+               status: str = "FINISHED") -> None:
+    client = MlflowClient(tracking_uri)
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, float(v))
+    for path in artifacts:
+        if Path(path).is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path=Path(path).name)
+        elif Path(path).exists():
+            client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status)
+
+
+def run_url_hint(tracking_uri: str) -> str:
+    if tracking_uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {tracking_uri}"
+    return f"open {tracking_uri}"
+
+
+def env_tracking_uri() -> str | None:
+    return os.environ.get("MLFLOW_TRACKING_URI")
