@@ -246,11 +246,28 @@ def _build(cls, values: Mapping[str, Any], where: str):
     for name, value in values.items():
         if isinstance(value, list):
             value = tuple(value)
-        kwargs[name] = value
+        kwargs[name] = _coerce(value, str(known[name].type), f"{where}{name}")
     try:
         return cls(**kwargs)
     except TypeError as e:  # wrong value types surface as ValueError with the section name
         raise ValueError(f"bad value in {where.rstrip('.')}: {e}") from e
+
+
+def _coerce(value: Any, type_name: str, key: str) -> Any:
+    """YAML reads ``1e-5`` (no dot) as a string; numbers must still be numbers."""
+    if value is None or isinstance(value, bool):
+        return value
+    if type_name.startswith("float") and isinstance(value, (int, str)):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{key} must be a number, got {value!r}") from None
+    if type_name.startswith("int") and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{key} must be an integer, got {value!r}") from None
+    return value
 
 
 def parse_override(text: str) -> tuple[str, Any]:

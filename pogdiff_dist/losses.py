@@ -63,7 +63,9 @@ def psi_weights(
     psi = torch.ones_like(sim, dtype=torch.float32)
     if use_psi_img:
         exponent = a1 + a2 * (1.0 - same_identity.float())
-        psi = psi * sim.float().clamp(min=0).pow(exponent)
+        s = sim.float()
+        # max(0, s) ** e, with a non-positive similarity giving 0 even when e == 0
+        psi = psi * torch.where(s > 0, s.clamp(min=1e-12).pow(exponent), torch.zeros_like(s))
     if use_psi_den:
         log_den = -elbo.double() / den_temperature - log_norm
         psi = psi * (log_den.exp() / a3).float()

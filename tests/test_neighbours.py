@@ -4,7 +4,7 @@ import faiss
 import numpy as np
 import pytest
 
-from pogdiff_dist.data.neighbours import build_knn, neighbour_weights
+from pogdiff_dist.data.neighbours import build_knn
 
 
 def brute_force_knn(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,20 +68,3 @@ def test_errors():
 def test_use_gpu_true_without_gpu():
     with pytest.raises(ValueError, match="no GPU"):
         build_knn(np.eye(4, dtype=np.float32), 2, use_gpu=True)
-
-
-def test_neighbour_weights():
-    sims = np.array([[0.8, 0.2, -0.5], [0.5, 0.5, 0.5], [-0.1, -0.2, -0.3], [0.0, 0.0, 0.0]], np.float32)
-    w = neighbour_weights(sims, 3)
-    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
-    np.testing.assert_allclose(w[0], [0.8, 0.2, 0.0], atol=1e-7)  # negative clipped to 0
-    np.testing.assert_allclose(w[1], [1 / 3] * 3)
-    np.testing.assert_allclose(w[2], [1 / 3] * 3)  # all negative -> uniform
-    np.testing.assert_allclose(w[3], [1 / 3] * 3)
-    w2 = neighbour_weights(sims, 2)  # only the first k columns
-    assert w2.shape == (4, 2)
-    np.testing.assert_allclose(w2[0], [0.8, 0.2], atol=1e-7)
-    with pytest.raises(ValueError, match="k must be in"):
-        neighbour_weights(sims, 4)
-    with pytest.raises(ValueError, match="k must be in"):
-        neighbour_weights(sims, 0)

@@ -104,34 +104,3 @@ def build_knn(
         sims[start:stop] = s[keep].reshape(stop - start, k_max)
     assert (idx >= 0).all(), "FAISS returned a missing neighbour (-1) although k_max < N"
     return idx, sims
-
-
-def neighbour_weights(sims: np.ndarray, k: int) -> np.ndarray:
-    """Sampling weights over the first ``k`` neighbours: w_j = max(s_j, 0) / sum_j max(s_j, 0) (Eq. 8).
-
-    A row whose clipped similarities are all zero (every neighbour orthogonal or opposite)
-    gets uniform weights: psi_img = max(0, s_j) ** (...) is 0 for every j there (Eq. 9), so
-    which neighbour is drawn does not change the loss; the weights only have to be a valid
-    distribution.
-
-    Args:
-        sims: [N, k_max] similarities as returned by :func:`build_knn`.
-        k: neighbours used, 1 <= k <= k_max.
-
-    Returns:
-        float64 [N, k] weights, each row summing to 1.
-    """
-    sims = np.asarray(sims)
-    if sims.ndim != 2:
-        raise ValueError(f"sims must be 2-D [N, k_max], got shape {sims.shape}")
-    if not 1 <= k <= sims.shape[1]:
-        raise ValueError(f"k must be in [1, {sims.shape[1]}] (the stored k_max), got {k}")
-    bad = _first_bad_row(~np.isfinite(sims[:, :k]))
-    if bad >= 0:
-        raise ValueError(f"sims has a NaN/Inf value in row {bad}")
-    w = np.maximum(sims[:, :k].astype(np.float64), 0.0)
-    total = w.sum(axis=1, keepdims=True)
-    empty = total[:, 0] == 0
-    w[empty] = 1.0
-    total[empty] = k
-    return w / total

@@ -119,8 +119,8 @@ def run_train(cfg: Config, resume: bool = False) -> TrainOutcome:
     m = result.metrics or {}
     metrics = {
         "final_step": m.get("step"), "final_loss": m.get("loss"), "final_loss_denoise": m.get("loss_denoise"),
-        "final_loss_pog": m.get("loss_pog"), "samples_per_s": m.get("samples_per_s"),
-        "peak_rss_mib_max_worker": m.get("peak_rss_mib_max_worker"), "fit_seconds": fit_s,
+        "final_loss_pog": m.get("loss_pog"), "final_samples_per_s": m.get("samples_per_s"),
+        "final_peak_rss_mib_max_worker": m.get("peak_rss_mib_max_worker"), "fit_seconds": fit_s,
         "total_seconds": time.time() - t0,
     }
     metrics = {k: v for k, v in metrics.items() if v is not None}

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install everything, then run the whole test suite (unit + Ray/DeepSpeed integration).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,61 @@
+"""`ray job submit --working-dir . -- python jobs/train.py <config>` against a real local head."""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_trains(tmp_path):
+    ray_bin = Path(sys.executable).parent / "ray"
+    # Token auth on purpose (a bare ray.init() elsewhere may have enabled it): an explicit
+    # token shared by head and client, so the test does not depend on ~/.ray state.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    # --block keeps the head in this process group, so the test stops exactly this cluster
+    # (a global `ray stop` would also kill other sessions' clusters).
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", dash)) == 0:
+                break
+        assert head.poll() is None, head.stdout.read().decode()[-3000:]
+        time.sleep(1)
+    else:
+        raise AssertionError("Ray head's dashboard did not come up in 90 s")
+    try:
+        runs = tmp_path / "runs"
+        cmd = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
+               "python", "jobs/train.py", "configs/tiny.yaml", "--set", "optim.max_steps=2",
+               "--set", f"train.storage_path={runs}", "--set", f"prepare.out_dir={tmp_path / 'prepared'}",
+               "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "succeeded" in out.stdout + out.stderr
+        metrics = json.loads((runs / "tiny" / "metrics.json").read_text())
+        assert metrics["final_step"] == 2
+        assert (runs / "tiny" / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=120)
