@@ -40,3 +40,30 @@ def prepared(ray_local, tiny_cfg):
     from pogdiff_dist.dist.prepare import run_prepare
 
     return run_prepare(tiny_cfg)
+
+
+def make_tiny_sd(root):
+    """A Stable Diffusion v1.5-layout directory with tiny random models, built from configs
+    and saved with save_pretrained (unet/ vae/ text_encoder/ tokenizer/ scheduler/)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from pogdiff_dist.models import bundled_text_encoder_dir
+
+    torch_seed = 0
+    import torch
+
+    torch.manual_seed(torch_seed)
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=30522)).save_pretrained(root / "text_encoder")
+    AutoTokenizer.from_pretrained(str(bundled_text_encoder_dir())).save_pretrained(root / "tokenizer")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  norm_num_groups=8, sample_size=16).save_pretrained(root / "vae")
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=32,
+                         block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                         attention_head_dim=4, norm_num_groups=8).save_pretrained(root / "unet")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                  beta_end=0.012).save_pretrained(root / "scheduler")
+    return root

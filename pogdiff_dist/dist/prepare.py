@@ -75,7 +75,7 @@ class _Stage:
 def _collect(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
     """Read some (small) columns of the encoded parquet, ordered by sample index."""
     parts: dict[str, list] = {c: [] for c in ["index", *columns]}
-    for batch in ray.data.read_parquet(str(path), columns=["index", *columns]).iter_batches(
+    for batch in ray.data.read_parquet(str(path)).select_columns(["index", *columns]).iter_batches(
             batch_size=8192, batch_format="numpy"):
         for c in parts:
             parts[c].append(batch[c])
@@ -174,13 +174,13 @@ def run_prepare(cfg: Config) -> Manifest:
         tables = dict(nbr_idx=knn["idx"], nbr_sim=knn["sims"], tokens=np.stack(tab["tokens"]),
                       lengths=tab["length"], identity=tab["identity_id"], elbo=np.load(out / "elbo.npy"))
         ref = ray.put(tables)
-        ds = ray.data.read_parquet(str(encoded), columns=["index", "key", "caption", "latent", "y"])
+        ds = ray.data.read_parquet(str(encoded)).select_columns(["index", "key", "caption", "latent", "y"])
         ds = ds.map_batches(_AttachNeighbours, fn_constructor_args=([ref],), concurrency=1, batch_format="numpy")
         ds.write_webdataset(str(shard_dir), num_rows_per_file=cfg.prepare.samples_per_shard)
         print(f"[prepare] shards: wrote {len(list(shard_dir.glob('*.tar')))} shard(s) in {time.time() - t0:.1f}s", flush=True)
         stage.finish()
 
-    sample = ray.data.read_parquet(str(encoded), columns=["latent", "y"]).take(1)[0]
+    sample = ray.data.read_parquet(str(encoded)).select_columns(["latent", "y"]).take(1)[0]
     counts = records.counts("train")
     manifest = Manifest(
         fingerprint=fp_shards, num_samples=n, k_max=cfg.prepare.k_max,

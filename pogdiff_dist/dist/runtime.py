@@ -14,7 +14,8 @@ def init_ray(ray_cfg) -> None:
     """Join ``ray.address`` / ``$RAY_ADDRESS`` (a job submitted to a cluster), else start a
     local cluster with more logical CPUs than cores: with 2 cores and 2 one-CPU train
     workers, Ray Data's read tasks would otherwise get no CPU and the run hangs
-    (ENVIRONMENT.md)."""
+    (ENVIRONMENT.md). ``address="local"`` starts a new cluster even when another one
+    (e.g. a `ray start` head) runs on this machine, instead of silently joining it."""
     if ray.is_initialized():
         return
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
@@ -24,5 +25,5 @@ def init_ray(ray_cfg) -> None:
         log.info("joined Ray cluster at %s", address)
     else:
         num_cpus = ray_cfg.num_cpus or 2 * (os.cpu_count() or 1)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
         log.info("started a local Ray cluster with %d logical CPUs", num_cpus)
