@@ -50,7 +50,12 @@ def test_ray_job_submit_trains(tmp_path):
                "python", "jobs/train.py", "configs/tiny.yaml", "--set", "optim.max_steps=2",
                "--set", f"train.storage_path={runs}", "--set", f"prepare.out_dir={tmp_path / 'prepared'}",
                "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        # The dashboard port opens before the job agent registers; poll (bounded) until it takes the job.
+        for _ in range(12):
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in out.stdout + out.stderr:
+                break
+            time.sleep(5)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "succeeded" in out.stdout + out.stderr
         metrics = json.loads((runs / "tiny" / "metrics.json").read_text())
