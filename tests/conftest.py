@@ -10,8 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
+    """A local cluster per test module, shut down after it: a cluster left running
+    starves the job-submit test's head of its job agent on this 2-core machine."""
     import ray
 
     from pogdiff_dist.config import RayConfig
@@ -35,7 +37,7 @@ def tiny_cfg(tmp_path_factory):
     })
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prepared(ray_local, tiny_cfg):
     from pogdiff_dist.dist.prepare import run_prepare
 
