@@ -6,7 +6,6 @@ the workers; rank 0 logs per-step metrics into it, the driver logs artifacts at 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import mlflow
@@ -72,6 +71,3 @@ def run_url_hint(tracking_uri: str) -> str:
         return f"mlflow ui --backend-store-uri {tracking_uri}"
     return f"open {tracking_uri}"
 
-
-def env_tracking_uri() -> str | None:
-    return os.environ.get("MLFLOW_TRACKING_URI")

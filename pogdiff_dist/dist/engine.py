@@ -8,7 +8,6 @@ ZeRO stage, precision).
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import deepspeed
@@ -132,6 +131,3 @@ class Engine:
                 state[name] = shadow.detach().float().clone()
         return state
 
-
-def describe(engine: Engine) -> str:
-    return json.dumps({k: engine.config[k] for k in ("train_batch_size", "zero_optimization", "bf16")})
