@@ -27,7 +27,10 @@ def test_ray_job_submit_trains(tmp_path):
     ray_bin = Path(sys.executable).parent / "ray"
     # Token auth on purpose (a bare ray.init() elsewhere may have enabled it): an explicit
     # token shared by head and client, so the test does not depend on ~/.ray state.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           # The job's `python` entrypoint resolves on the head's PATH: put this venv first, as
+           # an activated venv would (CI does not activate one).
+           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     # --block keeps the head in this process group, so the test stops exactly this cluster
