@@ -29,11 +29,17 @@ def _one_of(name: str, value: Any, options: tuple) -> None:
     _check(value in options, f"{name} must be one of {list(options)}, got {value!r}")
 
 
+BUNDLED_DATASETS = {  # "<name>:<preset>" -> presets; "base" is the balanced pretraining population
+    "digits-it2i": ("S", "M", "L", "base"),
+    "faces-it2i": ("S", "M", "L", "base"),
+}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the raw dataset comes from and how images are read."""
 
-    dataset: str = "digits-it2i:M"  # "digits-it2i:<S|M|L>" or a local dataset folder
+    dataset: str = "digits-it2i:M"  # "<digits-it2i|faces-it2i>:<S|M|L|base>" or a local dataset folder
     resolution: int = 32
     channels: int = 1  # pixel channels read from images (3 for RGB / Stable Diffusion)
     heldout_per_identity: int = 20  # bundled dataset only: images kept out of training
@@ -44,15 +50,18 @@ class DataConfig:
         _check(self.resolution >= 8, f"data.resolution must be >= 8, got {self.resolution}")
         _one_of("data.channels", self.channels, (1, 3))
         _one_of("data.on_bad", self.on_bad, ("raise", "skip"))
-        if self.dataset.startswith("digits-it2i"):
-            preset = self.dataset.partition(":")[2] or "M"
-            _one_of("data.dataset preset", preset, ("S", "M", "L"))
+        _check(self.heldout_per_identity >= 0, "data.heldout_per_identity must be >= 0")
+        bundled = self.bundled
+        if bundled is not None:
+            _one_of(f"data.dataset preset of {bundled[0]}", bundled[1], BUNDLED_DATASETS[bundled[0]])
 
     @property
-    def bundled_preset(self) -> str | None:
-        if not self.dataset.startswith("digits-it2i"):
+    def bundled(self) -> tuple[str, str] | None:
+        """(name, preset) for a bundled dataset, None for a user folder."""
+        name, _, preset = self.dataset.partition(":")
+        if name not in BUNDLED_DATASETS:
             return None
-        return self.dataset.partition(":")[2] or "M"
+        return name, preset or "M"
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class ModelConfig:
     unet: str = "tiny"  # from-scratch UNet preset when pretrained is None
     image_encoder: str = "pixels"  # "pixels" or a local transformers vision model dir
     max_length: int = 32  # caption tokens (77 for CLIP)
+    init_unet: str | None = None  # start from this UNet instead: an exported model dir (model/unet) or a unet dir
     num_train_timesteps: int = 1000
 
     def __post_init__(self):
@@ -96,11 +106,14 @@ class PrepareConfig:
         _check(self.density_epochs >= 1, "prepare.density_epochs must be >= 1")
 
 
+LOSS_METHODS = ("pogdiff", "vanilla", "cbdm", "t2h", "diffrop")
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """Training objective (METHOD.md). psi options beyond Eq. 12 are off by default."""
 
-    method: str = "pogdiff"  # "pogdiff" or "vanilla"
+    method: str = "pogdiff"  # one of LOSS_METHODS (METHOD.md: PoGDiff and its baselines)
     a1: float = 1.0  # psi_img exponent for same-identity neighbours (Eq. 9)
     a2: float = 1.0  # extra exponent for cross-identity neighbours (Eq. 9)
     a3: float = 1.0  # psi_den scale (Eq. 11); psi_den averages to 1/a3 over the dataset
@@ -110,9 +123,14 @@ class LossConfig:
     use_psi_den: bool = True  # ablation: off -> psi = psi_img
     den_temperature: float = 1.0  # departure from Eq. 11: psi_den ~ exp(-ELBO / T); 1 = literal
     psi_cap: float | None = None  # departure from Eq. 12: psi = min(psi, cap); None = literal
+    cbdm_tau: float = 1.0  # CBDM regulariser weight (times t / T)
+    diffrop_tau: float = 1.0  # DiffROP overlap weight at t = 0
+    diffrop_decay: float = 5.0  # DiffROP: tau(t) = diffrop_tau * exp(-diffrop_decay * t / T)
 
     def __post_init__(self):
-        _one_of("loss.method", self.method, ("pogdiff", "vanilla"))
+        _one_of("loss.method", self.method, LOSS_METHODS)
+        _check(self.cbdm_tau >= 0 and self.diffrop_tau >= 0 and self.diffrop_decay >= 0,
+               "loss.cbdm_tau, loss.diffrop_tau and loss.diffrop_decay must be >= 0")
         _one_of("loss.neighbor_grad", self.neighbor_grad, ("full", "stop"))
         for name in ("a1", "a2"):
             _check(getattr(self, name) >= 0, f"loss.{name} must be >= 0, got {getattr(self, name)}")
@@ -170,6 +188,8 @@ class TrainConfig:
     sample_steps: int = 25  # DDIM steps for the sample grid logged at the end
     guidance_scale: float = 3.0
     samples_per_prompt: int = 4
+    on_nonfinite: str = "skip"  # non-finite loss: "skip" the step (counted, logged) or "raise"
+    max_nonfinite: int = 20  # with "skip": stop with an error after this many skipped steps in a row
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
@@ -181,6 +201,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1 and self.log_every >= 1, "train.checkpoint_every and log_every must be >= 1")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.sample_steps >= 1 and self.samples_per_prompt >= 1, "train.sample_steps and samples_per_prompt must be >= 1")
+        _one_of("train.on_nonfinite", self.on_nonfinite, ("skip", "raise"))
+        _check(self.max_nonfinite >= 1, "train.max_nonfinite must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -186,9 +186,23 @@ class ModelSpec:
 
 
 def build_unet(model_cfg, spec: ModelSpec) -> UNet2DConditionModel:
-    """The trainable UNet: pretrained SD weights, or a from-scratch preset."""
-    if model_cfg.pretrained is not None:
-        unet = UNet2DConditionModel.from_pretrained(str(check_pretrained_dir(model_cfg.pretrained) / "unet"))
+    """The trainable UNet: ``model.init_unet`` (e.g. a base model to fine-tune), pretrained
+    SD weights, or a from-scratch preset."""
+    source = None
+    if model_cfg.init_unet is not None:
+        source = Path(model_cfg.init_unet)
+        if (source / "unet").is_dir():  # an exported pipeline directory
+            source = source / "unet"
+        if not (source / "config.json").is_file():
+            raise ValueError(f"model.init_unet: {model_cfg.init_unet} is neither a diffusers UNet directory "
+                             f"nor an exported model with a unet/ subfolder (no config.json)")
+    elif model_cfg.pretrained is not None:
+        source = check_pretrained_dir(model_cfg.pretrained) / "unet"
+    if source is not None:
+        unet = UNet2DConditionModel.from_pretrained(str(source))
+        if unet.config.cross_attention_dim != spec.cross_attention_dim:
+            raise ValueError(f"UNet from {source} attends to {unet.config.cross_attention_dim}-d text but the "
+                             f"shards hold {spec.cross_attention_dim}-d caption states: another text encoder?")
         if unet.config.in_channels != spec.sample_channels:
             raise ValueError(f"pretrained UNet takes {unet.config.in_channels} channels but the shards hold "
                              f"{spec.sample_channels}: the shards were prepared with another model")

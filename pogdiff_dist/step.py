@@ -25,9 +25,10 @@ class Batch:
     nbr_same: torch.Tensor  # [B, K] 1 where the neighbour has the same identity
     elbo: torch.Tensor  # [B] text-density ELBO of the sample's caption
     index: torch.Tensor  # [B] dataset index
+    identity: torch.Tensor | None = None  # [B] identity id (DiffROP pairs samples of different identities)
 
     def to(self, device) -> "Batch":
-        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
+        return Batch(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
 
     def __len__(self) -> int:
         return self.x0.shape[0]

@@ -121,4 +121,5 @@ def collate(batch: dict[str, np.ndarray]) -> Batch:
         nbr_same=torch.as_tensor(arrays["nbr_same.npy"]),
         elbo=torch.tensor([m["elbo"] for m in meta], dtype=torch.float64),
         index=torch.tensor([m["index"] for m in meta], dtype=torch.long),
+        identity=torch.tensor([m["identity_id"] for m in meta], dtype=torch.long),
     )

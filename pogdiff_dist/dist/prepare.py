@@ -34,16 +34,20 @@ def _hash(*parts) -> str:
 
 
 def load_records(cfg: Config) -> DatasetRecords:
-    """The raw dataset: the bundled Digits-IT2I (built on first use) or a user folder."""
-    preset = cfg.data.bundled_preset
-    if preset is not None:
+    """The raw dataset: a bundled one (built on first use) or a user folder."""
+    bundled = cfg.data.bundled
+    if bundled is not None:
+        name, preset = bundled
         root = Path(cfg.prepare.out_dir) / "raw"
-        build_digits_it2i(root, preset=preset, resolution=cfg.data.resolution, seed=cfg.data.seed,
-                          heldout_per_identity=cfg.data.heldout_per_identity)
+        if name == "digits-it2i":
+            build_digits_it2i(root, preset=preset, resolution=cfg.data.resolution, seed=cfg.data.seed,
+                              heldout_per_identity=cfg.data.heldout_per_identity)
+        else:
+            raise ValueError(f"data.dataset: bundled dataset {name!r} is not available yet")
     else:
         root = Path(cfg.data.dataset)
         if not root.is_dir():
-            raise ValueError(f"data.dataset: {root} is not a directory (nor 'digits-it2i:<S|M|L>')")
+            raise ValueError(f"data.dataset: {root} is not a directory (nor a bundled '<name>:<preset>')")
     return read_dataset(root, on_bad=cfg.data.on_bad)
 
 
