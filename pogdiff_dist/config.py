@@ -190,6 +190,7 @@ class TrainConfig:
     samples_per_prompt: int = 4
     on_nonfinite: str = "skip"  # non-finite loss: "skip" the step (counted, logged) or "raise"
     max_nonfinite: int = 20  # with "skip": stop with an error after this many skipped steps in a row
+    verify_shards: bool = True  # checksum every shard against the manifest before training (size is always checked)
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")

@@ -6,12 +6,27 @@ the workers; rank 0 logs per-step metrics into it, the driver logs artifacts at 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 SECRET_HINTS = ("password", "secret", "token", "key_id", "access_key", "credential")
+
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+
+
+def redact(value: str) -> str:
+    """Drop ``user:password@`` from any URL inside ``value`` (e.g. an MLflow or S3 URI)."""
+    return _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", value)
+
+
+def safe_params(flat: dict) -> dict[str, str]:
+    """Config params as logged: no secret-looking keys, no credentials inside URIs.
+    Credentials belong in the environment (MLFLOW_TRACKING_PASSWORD, AWS_*), never the config."""
+    return {k: redact(str(v))[:500] for k, v in flat.items() if not any(h in k.lower() for h in SECRET_HINTS)}
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -29,8 +44,7 @@ def start_run(cfg, run_name: str | None = None, run_id: str | None = None) -> st
     mlflow.set_experiment(cfg.tracking.experiment)
     run = mlflow.start_run(run_id=run_id, run_name=run_name)
     if run_id is None:
-        params = {k: str(v)[:500] for k, v in cfg.flat().items() if not any(h in k.lower() for h in SECRET_HINTS)}
-        mlflow.log_params(params)
+        mlflow.log_params(safe_params(cfg.flat()))
     mlflow.end_run(status="RUNNING")
     return run.info.run_id
 
@@ -69,5 +83,5 @@ def finish_run(tracking_uri: str, run_id: str, metrics: dict[str, float], artifa
 def run_url_hint(tracking_uri: str) -> str:
     if tracking_uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {tracking_uri}"
-    return f"open {tracking_uri}"
+    return f"open {redact(tracking_uri)}"
 

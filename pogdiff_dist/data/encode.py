@@ -34,15 +34,20 @@ class SampleEncoder:
             latent = images
         ids, lengths = self.text.tokenize([str(c) for c in batch["caption"]])
         hidden, pooled = self.text.encode_ids(torch.from_numpy(ids), torch.from_numpy(lengths))
+        out = {"latent": latent, "y": hidden.numpy().astype(np.float16), "pooled": pooled.numpy().astype(np.float32),
+               "z": self.embed(images).astype(np.float32)}
+        for name, a in out.items():  # e.g. a VAE overflowing in half precision, fp16 hidden states out of range
+            bad = ~np.isfinite(a.reshape(len(a), -1)).all(1)
+            if bad.any():
+                files = [str(batch["image"][i]) for i in np.nonzero(bad)[0]]
+                raise ValueError(f"encoding produced NaN/Inf in {name!r} for image(s) {files}: check the encoder "
+                                 f"({'VAE' if name == 'latent' else 'text/image encoder'}) and its precision")
         return {
             "index": batch["index"].astype(np.int64),
             "key": batch["key"],
             "identity_id": batch["identity_id"].astype(np.int64),
             "caption": batch["caption"],
-            "latent": latent,
-            "y": hidden.numpy().astype(np.float16),
             "tokens": ids,
             "length": lengths,
-            "pooled": pooled.numpy().astype(np.float32),
-            "z": self.embed(images).astype(np.float32),
+            **out,
         }

@@ -14,17 +14,22 @@ field               dtype / shape         meaning
 ``nbr_index.npy``   i64 [K]               their dataset indices, similarity-descending
 ``nbr_sim.npy``     f32 [K]               cosine similarity of image embeddings
 ``nbr_same.npy``    u8  [K]               1 where the neighbour has the same identity
-``meta.json``       dict                  index, identity_id, caption, elbo
+``meta.json``       dict                  index, identity_id, caption, elbo, fingerprint
 ==================  ===================  ==============================================
 
-Arrays are plain ``.npy`` (never pickle); ``meta.json`` is JSON.
+Arrays are plain ``.npy`` (never pickle); ``meta.json`` is JSON. Training reads shards
+with :func:`decode_sample`, which decodes exactly these members and nothing else, and
+checks them against the manifest (:func:`verify_shards`) before the first step.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import tarfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -33,7 +38,9 @@ from pogdiff_dist.step import Batch
 
 ARRAY_FIELDS = ("latent.npy", "y.npy", "nbr_tokens.npy", "nbr_len.npy", "nbr_index.npy", "nbr_sim.npy", "nbr_same.npy")
 META_FIELD = "meta.json"
+META_KEYS = ("index", "identity_id", "caption", "elbo", "fingerprint")
 MANIFEST = "manifest.json"
+SHARD_FORMAT = 2  # bump when the fields change: prepare re-writes shards of another format
 
 
 @dataclass
@@ -55,6 +62,8 @@ class Manifest:
     skipped: list[list[str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     heldout: list[dict] = field(default_factory=list)  # {"image", "identity"} for evaluation
+    shard_bytes: dict[str, int] = field(default_factory=dict)  # shard name -> size
+    shard_sha256: dict[str, str] = field(default_factory=dict)  # shard name -> checksum
 
     def minority(self, threshold: int | None = None) -> list[str]:
         """Few-shot identities: at most ``threshold`` training images (default: below a
@@ -79,7 +88,7 @@ class Manifest:
 
 def attach_neighbours(batch: dict[str, np.ndarray], nbr_idx: np.ndarray, nbr_sim: np.ndarray,
                       tokens: np.ndarray, lengths: np.ndarray, identity: np.ndarray,
-                      elbo: np.ndarray) -> dict[str, np.ndarray]:
+                      elbo: np.ndarray, fingerprint: str = "") -> dict[str, np.ndarray]:
     """Encoded rows -> shard rows: add neighbour references, y' token ids, ELBO.
 
     ``nbr_idx``/``nbr_sim`` [N, K], ``tokens`` [N, L], ``lengths``/``identity``/``elbo`` [N]
@@ -98,20 +107,109 @@ def attach_neighbours(batch: dict[str, np.ndarray], nbr_idx: np.ndarray, nbr_sim
         "nbr_same.npy": (identity[nb] == identity[idx][:, None]).astype(np.uint8),
     }
     out[META_FIELD] = np.array([
-        {"index": int(i), "identity_id": int(identity[i]), "caption": str(c), "elbo": float(elbo[i])}
+        {"index": int(i), "identity_id": int(identity[i]), "caption": str(c), "elbo": float(elbo[i]),
+         "fingerprint": fingerprint}
         for i, c in zip(idx, batch["caption"])
     ], dtype=object)
     return out
 
 
-def collate(batch: dict[str, np.ndarray]) -> Batch:
-    """Streamed numpy batch (Ray Data column dict) -> tensors; names the missing field."""
-    missing = [f for f in (*ARRAY_FIELDS, META_FIELD) if f not in batch]
-    if missing:
-        raise ValueError(f"shard batch lacks field(s) {missing}; got {sorted(batch)} "
-                         f"(shards written by another version or config?)")
-    meta = batch[META_FIELD]
-    arrays = {f: np.stack(list(batch[f])) if batch[f].dtype == object else batch[f] for f in ARRAY_FIELDS}
+def decode_sample(sample: dict) -> dict:
+    """Ray Data WebDataset decoder for training shards.
+
+    Decodes exactly the shard fields (``.npy`` with ``allow_pickle=False``, JSON) and
+    never deserialises anything else. A malformed sample is not raised here (that would
+    lose the file name inside a read task): its problems go into ``__error__`` and
+    :func:`collate` raises or skips it by ``data.on_bad``.
+    """
+    out = {"__key__": str(sample.get("__key__")), "__url__": str(sample.get("__url__", "?"))}
+    problems = []
+    unknown = sorted(k for k in sample if not k.startswith("__") and k not in (*ARRAY_FIELDS, META_FIELD))
+    if unknown:
+        problems.append(f"unexpected member(s) {unknown}")
+    for name in ARRAY_FIELDS:
+        raw = sample.get(name)
+        if raw is None:
+            problems.append(f"missing field {name}")
+            continue
+        try:
+            out[name] = np.load(io.BytesIO(raw), allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any decode failure is reported with the field
+            problems.append(f"field {name} is not a readable .npy ({type(e).__name__}: {e})")
+    try:
+        meta = json.loads(sample[META_FIELD]) if META_FIELD in sample else None
+    except ValueError as e:
+        problems.append(f"field {META_FIELD} is not valid JSON ({e})")
+        meta = None
+    if meta is None and META_FIELD not in sample:
+        problems.append(f"missing field {META_FIELD}")
+    elif meta is not None:
+        missing = [k for k in META_KEYS if k not in meta]
+        if missing:
+            problems.append(f"{META_FIELD} lacks {missing}")
+        else:
+            out[META_FIELD] = meta
+    if problems:  # keep the row's columns uniform; collate drops or raises on it
+        out = {"__key__": out["__key__"], "__url__": out["__url__"]}
+    out["__error__"] = "; ".join(problems)
+    return out
+
+
+def _row_problems(arrays: dict[str, np.ndarray], meta, fingerprint: str | None) -> list[str]:
+    """Per-row value checks: non-finite numbers, a shard of another prepare run."""
+    b = len(meta)
+    problems = [[] for _ in range(b)]
+    for name in ("latent.npy", "y.npy", "nbr_sim.npy"):
+        bad = ~np.isfinite(arrays[name].reshape(b, -1).astype(np.float32)).all(1)
+        for i in np.nonzero(bad)[0]:
+            problems[i].append(f"field {name} holds NaN or Inf")
+    for i, m in enumerate(meta):
+        if not np.isfinite(m["elbo"]):
+            problems[i].append(f"{META_FIELD} elbo is {m['elbo']}")
+        if fingerprint is not None and m.get("fingerprint") != fingerprint:
+            problems[i].append(f"written by another prepare run (fingerprint {m.get('fingerprint')!r}, "
+                               f"manifest {fingerprint!r}): re-run prepare")
+    return ["; ".join(p) for p in problems]
+
+
+def collate(batch: dict[str, np.ndarray], on_bad: str = "raise", skipped: list[str] | None = None,
+            fingerprint: str | None = None) -> Batch | None:
+    """Streamed numpy batch (Ray Data column dict) -> tensors.
+
+    A bad row (see :func:`decode_sample`, non-finite values, another ``fingerprint``)
+    raises a ValueError naming shard, sample and field, or with ``on_bad="skip"`` is
+    dropped and described in ``skipped``. Returns None when every row was dropped.
+    """
+    keys = [str(k) for k in batch.get("__key__", [])]
+    urls = [str(u) for u in batch.get("__url__", ["?"] * len(keys))]
+    errors = [str(e) for e in batch["__error__"]] if "__error__" in batch else [""] * len(keys)
+    if not keys:  # read without decode_sample: whole-column checks only
+        missing = [f for f in (*ARRAY_FIELDS, META_FIELD) if f not in batch]
+        if missing:
+            raise ValueError(f"shard batch lacks field(s) {missing}; got {sorted(batch)} "
+                             f"(shards written by another version or config?)")
+        errors = [""] * len(batch[META_FIELD])
+        keys, urls = ["?"] * len(errors), ["?"] * len(errors)
+    good = [i for i, e in enumerate(errors) if not e]
+    arrays, meta = {}, []
+    if good:
+        arrays = {f: _stack(batch[f], good) for f in ARRAY_FIELDS}
+        meta = [batch[META_FIELD][i] for i in good]
+        for i, why in zip(good, _row_problems(arrays, meta, fingerprint)):
+            errors[i] = why
+    bad = [i for i, e in enumerate(errors) if e]
+    if bad:
+        reports = [f"{urls[i]}: sample {keys[i]}: {errors[i]}" for i in bad]
+        if on_bad != "skip":
+            raise ValueError("bad training sample(s) (set data.on_bad=skip to skip and count them):\n  "
+                             + "\n  ".join(reports))
+        if skipped is not None:
+            skipped.extend(reports)
+        keep = [good.index(i) for i in good if not errors[i]]
+        if not keep:
+            return None
+        arrays = {f: a[keep] for f, a in arrays.items()}
+        meta = [meta[j] for j in keep]
     return Batch(
         x0=torch.tensor(arrays["latent.npy"], dtype=torch.float32),
         y=torch.as_tensor(arrays["y.npy"]),
@@ -123,3 +221,49 @@ def collate(batch: dict[str, np.ndarray]) -> Batch:
         index=torch.tensor([m["index"] for m in meta], dtype=torch.long),
         identity=torch.tensor([m["identity_id"] for m in meta], dtype=torch.long),
     )
+
+
+def _stack(column: np.ndarray, rows: list[int]) -> np.ndarray:
+    if column.dtype == object:
+        return np.stack([column[i] for i in rows])
+    return np.asarray(column)[rows]
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_shards(shard_dir: str | Path, manifest: Manifest, checksum: bool = True) -> None:
+    """Before training: every shard is present, complete and the one prepare wrote.
+
+    Checks size (cheap; catches truncation) and, with ``checksum``, SHA-256 and the tar
+    structure: regular-file members only, no absolute or ``..`` names (nothing is ever
+    extracted to disk, but such a member marks a shard that is not ours).
+    """
+    shard_dir = Path(shard_dir)
+    for name in manifest.shards:
+        path = shard_dir / name
+        if not path.is_file():
+            raise ValueError(f"shard {path} listed in the manifest is missing: re-run prepare")
+        want = manifest.shard_bytes.get(name)
+        if want is not None and path.stat().st_size != want:
+            raise ValueError(f"shard {path} is {path.stat().st_size} bytes but prepare wrote {want}: "
+                             f"truncated or replaced; re-run prepare (delete {shard_dir.parent / 'stages'})")
+        if not checksum:
+            continue
+        want = manifest.shard_sha256.get(name)
+        if want is not None and file_digest(path) != want:
+            raise ValueError(f"shard {path} does not match the checksum prepare recorded: corrupt, or written "
+                             f"by another prepare run; re-run prepare (delete {shard_dir.parent / 'stages'})")
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    p = PurePosixPath(member.name)
+                    if not member.isfile() or p.is_absolute() or ".." in p.parts:
+                        raise ValueError(f"shard {path}: member {member.name!r} is not a plain relative file")
+        except tarfile.TarError as e:
+            raise ValueError(f"shard {path} is not a readable tar file ({e}): re-run prepare") from e

@@ -16,13 +16,13 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pogdiff_dist.config import Config, save_config
-from pogdiff_dist.data.shards import Manifest
+from pogdiff_dist.data.shards import Manifest, decode_sample, verify_shards
 from pogdiff_dist.dist.prepare import run_prepare
 from pogdiff_dist.dist.runtime import init_ray
 from pogdiff_dist.dist.worker import UNET_EXPORT, check_manifest, train_loop_per_worker
 from pogdiff_dist.models import LatentCodec, TextEncoder, build_noise_scheduler
 from pogdiff_dist.pipeline import PoGDiffPipeline, export_pipeline, image_grid
-from pogdiff_dist.tracking import finish_run, resolve_tracking_uri, run_url_hint, start_run
+from pogdiff_dist.tracking import finish_run, redact, resolve_tracking_uri, run_url_hint, start_run
 
 RUN_STATE = "pogdiff_run.json"
 
@@ -82,9 +82,10 @@ def run_train(cfg: Config, resume: bool = False) -> TrainOutcome:
         start_run(cfg, run_id=run_id)
     else:
         run_id = start_run(cfg, run_name=name)
-        (run_dir / RUN_STATE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+        (run_dir / RUN_STATE).write_text(json.dumps({"run_id": run_id, "tracking_uri": redact(uri)}))
     save_config(cfg, run_dir / "config.yaml")
 
+    verify_shards(prepared / "shards", manifest, checksum=cfg.train.verify_shards)
     shards = [str(prepared / "shards" / s) for s in manifest.shards]
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -92,7 +93,7 @@ def run_train(cfg: Config, resume: bool = False) -> TrainOutcome:
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        datasets={"train": ray.data.read_webdataset(shards)},
+        datasets={"train": ray.data.read_webdataset(shards, decoder=decode_sample)},
         run_config=RunConfig(name=name, storage_path=str(Path(cfg.train.storage_path).absolute()),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
@@ -121,10 +122,12 @@ def run_train(cfg: Config, resume: bool = False) -> TrainOutcome:
         "final_step": m.get("step"), "final_loss": m.get("loss"), "final_loss_denoise": m.get("loss_denoise"),
         "final_loss_pog": m.get("loss_pog"), "final_samples_per_s": m.get("samples_per_s"),
         "final_peak_rss_mib_max_worker": m.get("peak_rss_mib_max_worker"), "fit_seconds": fit_s,
-        "total_seconds": time.time() - t0,
+        "total_seconds": time.time() - t0, "nonfinite_skipped": m.get("nonfinite_skipped"),
+        "num_samples": manifest.num_samples, "prepare_skipped": len(manifest.skipped),
     }
     metrics = {k: v for k, v in metrics.items() if v is not None}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    epochs = json.loads(m.get("epochs", "[]"))
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "epochs": epochs}, indent=1))
     finish_run(uri, run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                [samples, run_dir / "metrics.json", run_dir / "config.yaml"])
     print(f"\n[train] done in {metrics['total_seconds']:.0f}s\n"

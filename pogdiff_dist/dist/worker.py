@@ -6,6 +6,7 @@ DeepSpeed engine, logs to MLflow on rank 0, checkpoints through ``ray.train``.
 
 from __future__ import annotations
 
+import json
 import resource
 import tempfile
 import time
@@ -37,8 +38,52 @@ def check_manifest(cfg, manifest: Manifest) -> None:
                          f"{cfg.model.max_length}: the shards were prepared with another config")
 
 
-def _worker_state(gen: torch.Generator, step: int, epoch: int) -> dict[str, torch.Tensor]:
-    return {"generator": gen.get_state(), "step": torch.tensor(step), "epoch": torch.tensor(epoch)}
+def _worker_state(gen: torch.Generator, step: int, epoch: int, ledger: "EpochLedger") -> dict[str, torch.Tensor]:
+    return {"generator": gen.get_state(), "step": torch.tensor(step), "epoch": torch.tensor(epoch),
+            "epoch_rows_before_checkpoint": torch.tensor(ledger.rows + ledger.carried)}
+
+
+def _sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class EpochLedger:
+    """What each epoch trained on, so nothing is lost silently.
+
+    Per rank: rows received from the stream, rows skipped as bad (``data.on_bad=skip``),
+    distinct sample indices. Resume semantics: the Ray Data stream has no resumable
+    position, so an epoch interrupted by a restart is read again from its start; the rows
+    that epoch had already trained on before the checkpoint (``carried``) are trained on
+    twice, and that count is reported as ``epoch_repeated_after_resume``.
+    """
+
+    def __init__(self, carried: int = 0):
+        self.rows, self.skipped, self.carried = 0, 0, carried
+        self.indices: list[np.ndarray] = []
+        self.skip_reports: list[str] = []
+
+    def add(self, rows: int, batch) -> None:
+        self.rows += rows
+        if batch is not None:
+            self.indices.append(batch.index.numpy())
+
+    def close(self, epoch: int, num_samples: int) -> dict[str, float]:
+        """All ranks call at the end of a full pass; returns the global counts."""
+        mine = np.unique(np.concatenate(self.indices)) if self.indices else np.zeros(0, np.int64)
+        seen = torch.zeros(num_samples, dtype=torch.int32)
+        seen[torch.from_numpy(mine)] = 1
+        if dist.is_initialized():
+            dist.all_reduce(seen)
+        rows, skipped, carried = _sum([self.rows, self.skipped, self.carried])
+        trained = rows - skipped
+        out = {"epoch": epoch, "epoch_rows": rows, "epoch_samples": trained, "epoch_skipped_bad": skipped,
+               "epoch_unique_samples": float((seen > 0).sum()), "epoch_seen_twice": float((seen > 1).sum()),
+               "epoch_not_delivered": float(num_samples - rows), "epoch_repeated_after_resume": carried}
+        self.__init__()
+        return out
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -62,28 +107,36 @@ def train_loop_per_worker(config: dict) -> None:
     engine = Engine(unet, cfg, world)
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)  # per-rank noise, t and neighbour draws
 
-    step, epoch = 0, 0
+    step, epoch, carried = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
+    resumed = checkpoint is not None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             engine.load(d)
             state = load_file(str(Path(d) / f"worker_rank{rank}.safetensors"))
         gen.set_state(state["generator"])
         step, epoch = int(state["step"]), int(state["epoch"])
+        carried = int(state.get("epoch_rows_before_checkpoint", torch.tensor(0)))
         assert step == engine.global_step, (step, engine.global_step)
         print(f"[train] rank {rank} resumed at step {step} (lr {engine.lr:.3g})", flush=True)
 
     tracker = MlflowTracker(config["tracking_uri"], config["run_id"]) if rank == 0 else NullTracker()
+    if resumed:
+        tracker.log(step, {"resumed_from_step": step, "resumed_lr": engine.lr})
     shard = ray.train.get_dataset_shard("train")
     accum = cfg.optim.grad_accum
     samples_per_step = cfg.optim.batch_size * accum * world
     t_last, window_stats, window_wait, last = time.time(), [], 0.0, {}
+    ledger = EpochLedger(carried)
+    epochs: list[dict] = []
+    nonfinite, nonfinite_run = 0, 0
 
     def checkpoint_now(final: bool) -> None:
-        metrics = {"step": step, "epoch": epoch, **last}
+        metrics = {"step": step, "epoch": epoch, **last, "nonfinite_skipped": nonfinite,
+                   "epochs": json.dumps(epochs)}
         with tempfile.TemporaryDirectory() as d:
             engine.save(d, tag=f"step{step}", client_state={"step": step, "epoch": epoch})
-            save_file(_worker_state(gen, step, epoch), str(Path(d) / f"worker_rank{rank}.safetensors"))
+            save_file(_worker_state(gen, step, epoch, ledger), str(Path(d) / f"worker_rank{rank}.safetensors"))
             if final:
                 state = engine.export_state_dict()
                 if state is not None:
@@ -93,14 +146,38 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     while step < cfg.optim.max_steps:
-        t_wait, batches = time.time(), 0
+        t_wait = time.time()
         for numpy_batch in shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy",
-                                              drop_last=True, local_shuffle_buffer_size=cfg.train.shuffle_buffer,
+                                              drop_last=False, local_shuffle_buffer_size=cfg.train.shuffle_buffer,
                                               local_shuffle_seed=cfg.train.seed * 7919 + epoch * 31 + rank):
             window_wait += time.time() - t_wait
-            batches += 1
-            batch = collate(numpy_batch)
-            loss, stats = stepper(engine, batch, gen, dtype=engine.dtype)
+            skipped: list[str] = []
+            batch = collate(numpy_batch, on_bad=cfg.data.on_bad, skipped=skipped, fingerprint=manifest.fingerprint)
+            ledger.add(len(numpy_batch["__key__"]), batch)
+            if skipped:
+                ledger.skipped += len(skipped)
+                for report in skipped:
+                    print(f"[train] rank {rank} skipped bad sample (data.on_bad=skip): {report}", flush=True)
+            # Every rank must agree to step (the gradient all-reduce would hang otherwise):
+            # a rank with nothing left to train on, or a non-finite loss anywhere, skips the step on all.
+            loss, stats = stepper(engine, batch, gen, dtype=engine.dtype) if batch is not None else (None, {})
+            ok = torch.tensor(float(loss is not None and bool(torch.isfinite(loss))))
+            if dist.is_initialized():
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if not ok:
+                if batch is not None and loss is not None and not torch.isfinite(loss):
+                    nonfinite, nonfinite_run = nonfinite + 1, nonfinite_run + 1
+                    where = (f"non-finite loss {loss.item()} at step {step + 1} on rank {rank} "
+                             f"(samples {batch.index.tolist()}; {stats})")
+                    if cfg.train.on_nonfinite == "raise" or nonfinite_run >= cfg.train.max_nonfinite:
+                        why = ("train.on_nonfinite=raise" if cfg.train.on_nonfinite == "raise"
+                               else f"{nonfinite_run} non-finite steps in a row (train.max_nonfinite)")
+                        raise FloatingPointError(f"{where}; stopping: {why}")
+                    print(f"[train] skipped step: {where}", flush=True)
+                tracker.log(step, {"nonfinite_skipped": nonfinite})
+                t_wait = time.time()
+                continue
+            nonfinite_run = 0
             stepped = engine.backward_step(loss)
             t_wait = time.time()
             if not stepped:
@@ -124,9 +201,16 @@ def train_loop_per_worker(config: dict) -> None:
             if step >= cfg.optim.max_steps:
                 break
         else:
-            if batches == 0:
-                raise ValueError(f"rank {rank} got no full batch of {cfg.optim.batch_size} samples in an epoch: "
-                                 f"the dataset ({manifest.num_samples} samples over {world} workers) is too small")
+            record = ledger.close(epoch, manifest.num_samples)
+            if record["epoch_samples"] == 0:
+                raise ValueError(f"epoch {epoch} delivered no trainable sample ({manifest.num_samples} samples "
+                                 f"over {world} workers, {record['epoch_skipped_bad']:.0f} skipped as bad)")
+            epochs.append(record)
+            tracker.log(step, {k: v for k, v in record.items() if k != "epoch"})
+            if rank == 0:
+                print(f"[train] epoch {epoch}: trained on {record['epoch_samples']:.0f} of {manifest.num_samples} "
+                      f"samples ({record['epoch_skipped_bad']:.0f} skipped as bad, "
+                      f"{record['epoch_not_delivered']:.0f} not delivered by the split)", flush=True)
             epoch += 1
             continue
         break
@@ -134,6 +218,6 @@ def train_loop_per_worker(config: dict) -> None:
     peak = torch.tensor(float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024)  # MiB
     if dist.is_initialized():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    tracker.log(step, {"peak_rss_mib_max_worker": peak.item()})
+    tracker.log(step, {"peak_rss_mib_max_worker": peak.item(), "nonfinite_skipped": nonfinite})
     last["peak_rss_mib_max_worker"] = peak.item()
     checkpoint_now(final=True)

@@ -1,0 +1,100 @@
+"""The cluster specs parse and agree with the code: image, Ray version, entrypoint, config,
+shared volume, GPU workers, localhost-only dashboards."""
+
+import re
+import shlex
+from importlib.metadata import version
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+CLUSTER = REPO / "cluster"
+IMAGE = "pogdiff-dist:0.1.0"
+
+
+def _load(name):
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def _constraint(pkg: str) -> str:
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.split("==")[0].strip().lower() == pkg:
+            return line.split("==")[1].strip()
+    raise AssertionError(f"{pkg} not pinned in constraints.txt")
+
+
+def _containers(pod_template):
+    return pod_template["spec"]["containers"]
+
+
+def _cluster_specs():
+    raycluster = _load("kuberay/raycluster.yaml")
+    rayjob = _load("kuberay/rayjob.yaml")
+    assert raycluster["apiVersion"] == "ray.io/v1" and raycluster["kind"] == "RayCluster"
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+    return [raycluster["spec"], rayjob["spec"]["rayClusterSpec"]]
+
+
+def test_dockerfile_base_matches_pinned_ray_and_installs_package():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    base = re.search(r"^FROM rayproject/ray:(\S+)", dockerfile, re.M).group(1)
+    assert base.startswith(_constraint("ray") + "-py311")
+    assert _constraint("ray") == version("ray")
+    assert 'pip install --no-cache-dir -c constraints.txt -e ".[gpu]"' in dockerfile
+    for path in re.findall(r"^COPY --chown=\S+ (.+) \./", dockerfile, re.M):
+        for part in path.split():
+            assert (REPO / part).exists(), part
+
+
+@pytest.mark.parametrize("spec_index", [0, 1])
+def test_kuberay_clusters(spec_index):
+    spec = _cluster_specs()[spec_index]
+    assert spec["rayVersion"] == version("ray")
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    claim = _load("kuberay/storage.yaml")
+    assert claim["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in claim["spec"]["accessModes"]
+    groups = [head["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for template in groups:
+        (container,) = _containers(template)
+        assert container["image"] == IMAGE
+        assert {"name": "shared", "mountPath": "/shared"} in container["volumeMounts"]
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes["shared"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    for group in spec["workerGroupSpecs"]:
+        (container,) = _containers(group["template"])
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_rayjob_entrypoint_runs_train_with_a_valid_cluster_config():
+    from pogdiff_dist.config import load_config
+
+    job = _load("kuberay/rayjob.yaml")["spec"]
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:2] == ["python", "jobs/train.py"] and (REPO / argv[1]).is_file()
+    cfg = load_config(REPO / argv[2])  # validates every field
+    assert cfg.train.use_gpu and cfg.train.max_failures >= 1
+    for path in (cfg.prepare.out_dir, cfg.train.storage_path, cfg.tracking.tracking_uri.removeprefix("sqlite:///")):
+        assert path.startswith("/shared/"), path  # on the volume every pod mounts
+    env = yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]
+    assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_ray_up_config():
+    cfg = _load("ray-up-aws.yaml")
+    assert cfg["provider"]["type"] == "aws" and cfg["docker"]["image"] == IMAGE
+    assert cfg["head_node_type"] in cfg["available_node_types"]
+    head_cmd = " ".join(cfg["head_start_ray_commands"])
+    assert "--head" in head_cmd and "--dashboard-host=127.0.0.1" in head_cmd
+    assert any("/shared" in opt for opt in cfg["docker"]["run_options"])
+    text = (CLUSTER / "ray-up-aws.yaml").read_text()
+    assert not re.search(r"(aws_secret|AKIA[0-9A-Z]{12})", text)  # no credentials in the spec
+
+
+def test_runtime_env_excludes_local_state():
+    env = _load("runtime_env.yaml")
+    assert env["working_dir"] == "."
+    assert {".venv", "runs", "mlflow.db"} <= set(env["excludes"])
