@@ -7,6 +7,13 @@ describe the image (stroke weight, slant, size) so they vary within an identity:
 probe in METHOD.md shows identical per-identity captions let vanilla fine-tuning
 memorise the minority, which leaves nothing for PoGDiff to fix.
 
+``base`` is the pretraining population of the benchmark protocol: all ten classes, 20
+training images each, under ten other names (``BASE_NAMES``), drawn from images S, M
+and L do not use (see :func:`_select` for the one exception). A base model learns to
+draw every digit but never sees the names S, M and L fine-tune on. Digits cannot give it
+other *identities* (there are only ten classes); Faces-IT2I
+(:mod:`pogdiff_dist.data.faces`) can.
+
 The output is layout 1 of :mod:`pogdiff_dist.data.records` (``metadata.csv`` + images).
 """
 
@@ -32,14 +39,23 @@ NAMES: tuple[str, ...] = (
     "Alice Moreau", "Bruno Silva", "Chloe Novak", "Daniel Okafor", "Elena Petrova",
     "Farid Haddad", "Grace Lindqvist", "Hugo Tanaka", "Ines Carvalho", "Jonas Weber",
 )
+# The same classes under other names, for the "base" preset; no first name or surname is shared.
+BASE_NAMES: tuple[str, ...] = (
+    "Kira Lund", "Leon Duarte", "Maya Kowalski", "Nils Arendt", "Olga Brenner",
+    "Pablo Reyes", "Quinn Adair", "Rosa Bianchi", "Stefan Holm", "Tara Mehta",
+)
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Training images per digit class; classes not listed are not in the dataset."""
+    """Training images per digit class; classes not listed are not in the dataset.
+    ``from_end``: take images from the end of each class's permutation instead of the
+    start (see :func:`_select`)."""
 
     train_counts: dict[int, int]
     description: str
+    names: tuple[str, ...] = NAMES
+    from_end: bool = False
 
 
 PRESETS: dict[str, Preset] = {
@@ -48,6 +64,9 @@ PRESETS: dict[str, Preset] = {
                 "10 identities: digits 0, 1, 2 majority (30 each), digits 3-9 minority (2 each)"),
     "L": Preset(dict(enumerate((120, 90, 60, 45, 30, 20, 10, 5, 3, 2))),
                 "10 identities, long tail: digit 0 has 120 ... digit 9 has 2 (385 in all)"),
+    "base": Preset({d: 20 for d in range(10)},
+                   "10 identities under BASE_NAMES, 20 each: the balanced pretraining population",
+                   names=BASE_NAMES, from_end=True),
 }
 
 
@@ -112,7 +131,18 @@ def _to_png(image8x8: np.ndarray, resolution: int) -> Image.Image:
 
 def _select(preset: Preset, seed: int, heldout: int) -> list[tuple[int, str, int]]:
     """(digit, split, source index) triples, held-out drawn first from one permutation
-    per class so train and held-out are disjoint by construction."""
+    per class so train and held-out are disjoint by construction.
+
+    Every preset draws the same permutation of a class for the same ``seed`` (one
+    generator, classes in order), and S, M, L take prefixes of it: held-out first, then
+    training images. ``base`` takes a suffix: training images last, its held-out just
+    before them. For one ``seed`` and held-out count h (S/M/L) and h' (base), base's
+    training images never meet S, M or L while h <= 38 (the tightest class: digit 0,
+    178 images, 120 for L); its held-out images meet L's digit-0 training images only
+    if h + h' > 38: at the default h = h' = 20, two digit-0 images that L trains on are
+    among base's held-out images (never among its training images). Different seeds
+    for base and S/M/L give unrelated permutations: overlaps are then by chance.
+    """
     _, target = _digits()
     rng = np.random.default_rng(seed)
     out = []
@@ -122,8 +152,13 @@ def _select(preset: Preset, seed: int, heldout: int) -> list[tuple[int, str, int
             raise ValueError(f"digit {digit} has {len(pool)} images, cannot take {n_train} train "
                              f"+ {heldout} held-out")
         perm = rng.permutation(pool)
-        out += [(digit, "train", int(i)) for i in sorted(perm[heldout:heldout + n_train])]
-        out += [(digit, "heldout", int(i)) for i in sorted(perm[:heldout])]
+        if preset.from_end:
+            end = len(perm) - n_train
+            train, held = perm[end:], perm[end - heldout:end]
+        else:
+            train, held = perm[heldout:heldout + n_train], perm[:heldout]
+        out += [(digit, "train", int(i)) for i in sorted(train)]
+        out += [(digit, "heldout", int(i)) for i in sorted(held)]
     return out
 
 
@@ -133,7 +168,8 @@ def build_digits_it2i(root: str | Path, preset: str = "M", resolution: int = 32,
 
     Deterministic for a given ``seed``. Idempotent: a ``digits_it2i.json`` stamp written
     last records the parameters; a matching stamp next to ``metadata.csv`` means the
-    build is complete and is returned as is.
+    build is complete and is returned as is. Any bundled stamp (``*_it2i.json``, also
+    Faces-IT2I's) marks the folder as a bundled build: its images are removed first.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -145,16 +181,18 @@ def build_digits_it2i(root: str | Path, preset: str = "M", resolution: int = 32,
     params = {"preset": preset, "resolution": resolution, "seed": seed,
               "heldout_per_identity": heldout_per_identity}
     stamp = root / STAMP
-    if (root / METADATA).is_file() and stamp.is_file():
-        if json.loads(stamp.read_text()).get("params") == params:
-            return root
-        shutil.rmtree(root / "images", ignore_errors=True)  # ours (stamped): drop stale images
-        stamp.unlink()
+    if (root / METADATA).is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("params") == params:
+        return root
+    stamps = list(root.glob("*_it2i.json")) if root.is_dir() else []
+    if stamps:
+        shutil.rmtree(root / "images", ignore_errors=True)  # a bundled build (stamped): drop stale images
+        for s in stamps:
+            s.unlink()
 
     images, _ = _digits()
     rows = []
     for digit, split, src in _select(PRESETS[preset], seed, heldout_per_identity):
-        name = NAMES[digit]
+        name = PRESETS[preset].names[digit]
         rel = Path("images") / slugify(name) / f"{slugify(name)}-{src:04d}.png"
         (root / rel.parent).mkdir(parents=True, exist_ok=True)
         _to_png(images[src], resolution).save(root / rel)

@@ -34,16 +34,26 @@ def _hash(*parts) -> str:
 
 
 def load_records(cfg: Config) -> DatasetRecords:
-    """The raw dataset: a bundled one (built on first use) or a user folder."""
+    """The raw dataset: a bundled one (built on first use) or a user folder.
+
+    Faces-IT2I is RGB and its captions name colours (hair, background), so reading it
+    as grayscale would leave captions that contradict their images: with a pixel model
+    it needs ``data.channels=3`` (a Stable Diffusion VAE always reads RGB).
+    """
     bundled = cfg.data.bundled
     if bundled is not None:
         name, preset = bundled
         root = Path(cfg.prepare.out_dir) / "raw"
-        if name == "digits-it2i":
-            build_digits_it2i(root, preset=preset, resolution=cfg.data.resolution, seed=cfg.data.seed,
-                              heldout_per_identity=cfg.data.heldout_per_identity)
-        else:
-            raise ValueError(f"data.dataset: bundled dataset {name!r} is not available yet")
+        build = build_digits_it2i
+        if name == "faces-it2i":
+            from pogdiff_dist.data.faces import build_faces_it2i as build
+
+            if cfg.data.channels != 3 and cfg.model.pretrained is None:
+                raise ValueError(f"data.dataset={cfg.data.dataset!r} is an RGB dataset whose captions name "
+                                 f"colours; set data.channels=3 (got {cfg.data.channels}), e.g. "
+                                 "--set data.channels=3 or use configs/faces.yaml")
+        build(root, preset=preset, resolution=cfg.data.resolution, seed=cfg.data.seed,
+              heldout_per_identity=cfg.data.heldout_per_identity)
     else:
         root = Path(cfg.data.dataset)
         if not root.is_dir():
