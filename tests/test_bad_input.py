@@ -183,3 +183,28 @@ def test_every_field_is_checked():
         del raw[field]
         with pytest.raises(ValueError, match=f"missing field {field}"):
             collate(_stream([raw]))
+
+
+def test_encoder_producing_nan_names_the_images(tmp_path):
+    """A VAE that emits NaN (e.g. fp16 overflow) is stopped at prepare, naming the images."""
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from conftest import make_tiny_sd
+    from pogdiff_dist.data.encode import SampleEncoder
+
+    sd = make_tiny_sd(tmp_path / "sd")
+    vae = AutoencoderKL.from_pretrained(str(sd / "vae"))
+    with torch.no_grad():
+        vae.encoder.conv_in.bias.fill_(float("nan"))
+    vae.save_pretrained(str(sd / "vae"))
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(paths[-1])
+    enc = SampleEncoder(str(sd / "text_encoder"), str(sd / "tokenizer"), 8, 16, 3, vae_dir=str(sd / "vae"))
+    batch = {"index": np.arange(2), "key": np.array(["a", "b"]), "identity_id": np.zeros(2, np.int64),
+             "caption": np.array(["x", "y"]), "image": np.array(paths)}
+    with pytest.raises(ValueError, match=r"NaN/Inf in 'latent' for image\(s\) \[.*img0\.png.*img1\.png"):
+        enc(batch)

@@ -23,7 +23,7 @@ from pogdiff_dist.data.digits import build_digits_it2i
 from pogdiff_dist.data.encode import SampleEncoder
 from pogdiff_dist.data.neighbours import build_knn
 from pogdiff_dist.data.records import DatasetRecords, read_dataset
-from pogdiff_dist.data.shards import Manifest, attach_neighbours
+from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest, attach_neighbours, file_digest
 from pogdiff_dist.models import check_pretrained_dir, resolve_text_encoder_dir
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,10 @@ def run_prepare(cfg: Config) -> Manifest:
     channels = 3 if vae_dir else cfg.data.channels
 
     encoded = out / "encoded"
-    fp_encode = _hash(records_fingerprint(records), cfg.to_dict()["data"], cfg.to_dict()["model"], str(text_dir))
+    # data.on_bad is left out: records are re-read on every run, and the skipped ones change
+    # records_fingerprint; a dataset that read cleanly reads the same under either policy.
+    data_fp = {k: v for k, v in cfg.to_dict()["data"].items() if k != "on_bad"}
+    fp_encode = _hash(records_fingerprint(records), data_fp, cfg.to_dict()["model"], str(text_dir))
     stage = _Stage(out, "encode", fp_encode)
     if not stage.done():
         shutil.rmtree(encoded, ignore_errors=True)
@@ -178,7 +181,7 @@ def run_prepare(cfg: Config) -> Manifest:
         stage.finish(elbo_spread=float(elbo.max() - elbo.min()))
 
     shard_dir = out / "shards"
-    fp_shards = _hash(fp_knn, fp_den, cfg.prepare.samples_per_shard)
+    fp_shards = _hash(fp_knn, fp_den, cfg.prepare.samples_per_shard, SHARD_FORMAT)
     stage = _Stage(out, "shards", fp_shards)
     if not stage.done():
         t0 = time.time()
@@ -186,14 +189,19 @@ def run_prepare(cfg: Config) -> Manifest:
         tab = _collect(encoded, ["tokens", "length", "identity_id"])
         knn = np.load(out / "neighbours.npz")
         tables = dict(nbr_idx=knn["idx"], nbr_sim=knn["sims"], tokens=np.stack(tab["tokens"]),
-                      lengths=tab["length"], identity=tab["identity_id"], elbo=np.load(out / "elbo.npy"))
+                      lengths=tab["length"], identity=tab["identity_id"], elbo=np.load(out / "elbo.npy"),
+                      fingerprint=fp_shards)
         ref = ray.put(tables)
         ds = ray.data.read_parquet(str(encoded)).select_columns(["index", "key", "caption", "latent", "y"])
         ds = ds.map_batches(_AttachNeighbours, fn_constructor_args=([ref],), concurrency=1, batch_format="numpy")
         ds.write_webdataset(str(shard_dir), num_rows_per_file=cfg.prepare.samples_per_shard)
-        print(f"[prepare] shards: wrote {len(list(shard_dir.glob('*.tar')))} shard(s) in {time.time() - t0:.1f}s", flush=True)
-        stage.finish()
+        shards = sorted(shard_dir.glob("*.tar"))
+        print(f"[prepare] shards: wrote {len(shards)} shard(s) in {time.time() - t0:.1f}s", flush=True)
+        # sizes and checksums let training reject a truncated, corrupt or foreign shard by name
+        stage.finish(shard_bytes={p.name: p.stat().st_size for p in shards},
+                     shard_sha256={p.name: file_digest(p) for p in shards})
 
+    shard_info = json.loads(stage.marker.read_text())
     sample = ray.data.read_parquet(str(encoded)).select_columns(["latent", "y"]).take(1)[0]
     counts = records.counts("train")
     manifest = Manifest(
@@ -204,6 +212,7 @@ def run_prepare(cfg: Config) -> Manifest:
         text_encoder_dir=str(text_dir), tokenizer_dir=str(tok_dir), vae_dir=vae_dir,
         skipped=[list(s) for s in records.skipped], warnings=records.warnings,
         heldout=[{"image": str(r.image), "identity": r.identity} for r in records.heldout()],
+        shard_bytes=shard_info.get("shard_bytes", {}), shard_sha256=shard_info.get("shard_sha256", {}),
     )
     manifest.save(out)
     print(f"[prepare] done in {time.time() - t_start:.1f}s: {n} samples, {len(identities)} identities, "

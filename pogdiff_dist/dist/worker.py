@@ -38,9 +38,11 @@ def check_manifest(cfg, manifest: Manifest) -> None:
                          f"{cfg.model.max_length}: the shards were prepared with another config")
 
 
-def _worker_state(gen: torch.Generator, step: int, epoch: int, ledger: "EpochLedger") -> dict[str, torch.Tensor]:
+def _worker_state(gen: torch.Generator, step: int, epoch: int, ledger: "EpochLedger",
+                  epochs: list[dict]) -> dict[str, torch.Tensor]:
     return {"generator": gen.get_state(), "step": torch.tensor(step), "epoch": torch.tensor(epoch),
-            "epoch_rows_before_checkpoint": torch.tensor(ledger.rows + ledger.carried)}
+            "epoch_rows_before_checkpoint": torch.tensor(ledger.rows + ledger.carried),
+            "epochs_json": torch.frombuffer(bytearray(json.dumps(epochs).encode()), dtype=torch.uint8)}
 
 
 def _sum(values: list[float]) -> list[float]:
@@ -107,7 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine = Engine(unet, cfg, world)
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)  # per-rank noise, t and neighbour draws
 
-    step, epoch, carried = 0, 0, 0
+    step, epoch, carried, epochs = 0, 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     resumed = checkpoint is not None
     if checkpoint is not None:
@@ -116,7 +118,8 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_file(str(Path(d) / f"worker_rank{rank}.safetensors"))
         gen.set_state(state["generator"])
         step, epoch = int(state["step"]), int(state["epoch"])
-        carried = int(state.get("epoch_rows_before_checkpoint", torch.tensor(0)))
+        carried = int(state["epoch_rows_before_checkpoint"])
+        epochs = json.loads(bytes(state["epochs_json"].tolist()).decode())
         assert step == engine.global_step, (step, engine.global_step)
         print(f"[train] rank {rank} resumed at step {step} (lr {engine.lr:.3g})", flush=True)
 
@@ -128,15 +131,14 @@ def train_loop_per_worker(config: dict) -> None:
     samples_per_step = cfg.optim.batch_size * accum * world
     t_last, window_stats, window_wait, last = time.time(), [], 0.0, {}
     ledger = EpochLedger(carried)
-    epochs: list[dict] = []
-    nonfinite, nonfinite_run = 0, 0
+    nonfinite, nonfinite_run, checkpoint_due = 0, 0, False
 
     def checkpoint_now(final: bool) -> None:
         metrics = {"step": step, "epoch": epoch, **last, "nonfinite_skipped": nonfinite,
                    "epochs": json.dumps(epochs)}
         with tempfile.TemporaryDirectory() as d:
             engine.save(d, tag=f"step{step}", client_state={"step": step, "epoch": epoch})
-            save_file(_worker_state(gen, step, epoch, ledger), str(Path(d) / f"worker_rank{rank}.safetensors"))
+            save_file(_worker_state(gen, step, epoch, ledger, epochs), str(Path(d) / f"worker_rank{rank}.safetensors"))
             if final:
                 state = engine.export_state_dict()
                 if state is not None:
@@ -151,6 +153,9 @@ def train_loop_per_worker(config: dict) -> None:
                                               drop_last=False, local_shuffle_buffer_size=cfg.train.shuffle_buffer,
                                               local_shuffle_seed=cfg.train.seed * 7919 + epoch * 31 + rank):
             window_wait += time.time() - t_wait
+            if checkpoint_due:  # taken before this batch, so a resume re-reads from here
+                checkpoint_now(final=False)
+                checkpoint_due = False
             skipped: list[str] = []
             batch = collate(numpy_batch, on_bad=cfg.data.on_bad, skipped=skipped, fingerprint=manifest.fingerprint)
             ledger.add(len(numpy_batch["__key__"]), batch)
@@ -196,8 +201,9 @@ def train_loop_per_worker(config: dict) -> None:
                           f"(denoise {mean['loss_denoise']:.4f}, pog {mean['loss_pog']:.4f}) "
                           f"lr {engine.lr:.2e} {mean['samples_per_s']:.1f} samples/s", flush=True)
                 t_last, window_stats, window_wait, last = time.time(), [], 0.0, mean
-            if step % cfg.train.checkpoint_every == 0 and step < cfg.optim.max_steps:
-                checkpoint_now(final=False)
+            # Deferred to the next batch or the end of the epoch, so a checkpoint on an epoch's
+            # last step records the closed epoch instead of an epoch to re-read.
+            checkpoint_due = step % cfg.train.checkpoint_every == 0 and step < cfg.optim.max_steps
             if step >= cfg.optim.max_steps:
                 break
         else:
@@ -212,6 +218,9 @@ def train_loop_per_worker(config: dict) -> None:
                       f"samples ({record['epoch_skipped_bad']:.0f} skipped as bad, "
                       f"{record['epoch_not_delivered']:.0f} not delivered by the split)", flush=True)
             epoch += 1
+            if checkpoint_due:
+                checkpoint_now(final=False)
+                checkpoint_due = False
             continue
         break
 
