@@ -10,7 +10,17 @@ from dataclasses import dataclass
 
 import torch
 
-from pogdiff_dist.losses import log_density_normaliser, neighbour_weights, pogdiff_loss, psi_weights, vanilla_loss
+from pogdiff_dist.losses import (
+    cbdm_loss,
+    diffrop_loss,
+    log_density_normaliser,
+    neighbour_weights,
+    pogdiff_loss,
+    psi_weights,
+    t2h_loss,
+    t2h_targets,
+    vanilla_loss,
+)
 
 
 @dataclass
@@ -41,6 +51,12 @@ class DualConditionStep:
     [x_t; x_t] with conditions [y; y'] (``neighbor_grad="full"``), or from a y pass with
     autograd plus a y' pass without it (``"stop"``): batching the y' half and detaching
     would still pay its backward. Samples with psi = 0 (or a dropped caption) skip y'.
+
+    The baselines (METHOD.md "Baselines") share the same draws of t, eps and caption
+    dropout, so a seed gives every method the same x_t: CBDM (one [x_t; x_t] call with
+    [y; y']), T2H (one call, calibrated targets) and DiffROP (one call, pair penalty).
+    Every method reports ``loss_denoise`` (|eps_theta(x_t, y) - eps|^2) and ``loss_pog``
+    (the rest of the objective, so loss = loss_denoise + loss_pog).
     """
 
     def __init__(self, loss_cfg, noise_scheduler, text_encoder, uncond: torch.Tensor,
@@ -71,6 +87,13 @@ class DualConditionStep:
             loss = vanilla_loss(pred, eps)
             stats.update(loss_denoise=loss.mean().item(), loss_pog=0.0)
             return loss.mean(), stats
+        if self.cfg.method == "cbdm":
+            return self._cbdm(unet, batch, generator, dtype, x_t, t, eps, y, dropped)
+        if self.cfg.method == "t2h":
+            return self._t2h(unet, batch, generator, dtype, x_t, t, eps, y)
+        if self.cfg.method == "diffrop":
+            return self._diffrop(unet, batch, dtype, x_t, t, eps, y, dropped)
+        assert self.cfg.method == "pogdiff", self.cfg.method
 
         # Draw one neighbour per sample from Cat(w) over the first k (Eq. 8).
         w = neighbour_weights(batch.nbr_sim, self.cfg.k)
@@ -112,4 +135,77 @@ class DualConditionStep:
             psi_max=psi.max().item(),
             psi_zero_frac=(psi == 0).float().mean().item(),
         )
+        return loss.mean(), stats
+
+    def _cbdm(self, unet, batch, generator, dtype, x_t, t, eps, y, dropped):
+        """CBDM: h = eps(x_t, y) and h' = eps(x_t, y') from one UNet call on [x_t; x_t], both with autograd.
+
+        Data path: y' of sample i is the (pre-dropout) condition of another row j != i of
+        the same shuffled micro-batch, j uniform among the other rows. With a uniformly
+        shuffled stream this is a uniform draw from the dataset (CBDM's fine-tuning
+        choice) that reuses already-encoded hidden states: no extra text-encoder pass.
+        Rows whose caption was dropped (no condition to align) or with weight t / T * tau
+        = 0 skip the y' half, as do all rows of a single-sample batch.
+        """
+        b, device = len(batch), batch.x0.device
+        num_t = self.scheduler.config.num_train_timesteps
+        other = torch.zeros(b, dtype=torch.long, device=device)
+        if b > 1:
+            other = (torch.arange(b, device=device) + torch.randint(1, b, (b,), generator=generator, device=device)) % b
+        active = ((~dropped) & (t > 0) & (b > 1) & (self.cfg.cbdm_tau > 0)).nonzero().squeeze(1)
+        n_act = active.numel()
+        if n_act:
+            y_other = batch.y[other[active]].to(dtype)
+            out = unet(torch.cat([x_t, x_t[active]]).to(dtype), torch.cat([t, t[active]]),
+                       encoder_hidden_states=torch.cat([y.to(dtype), y_other])).sample
+            pred, pred_other = out[:b], out[b:]
+        else:
+            pred = unet(x_t.to(dtype), t, encoder_hidden_states=y.to(dtype)).sample
+        denoise = vanilla_loss(pred, eps)
+        reg = torch.zeros_like(denoise)
+        if n_act:
+            _, _, reg_act = cbdm_loss(pred[active], pred_other, eps[active], t[active], num_t, self.cfg.cbdm_tau)
+            reg = reg.index_put((active,), reg_act)
+        loss = denoise + reg
+        stats = dict(loss_denoise=denoise.mean().item(), loss_pog=reg.mean().item(), cbdm_active_frac=n_act / b)
+        return loss.mean(), stats
+
+    def _t2h(self, unet, batch, generator, dtype, x_t, t, eps, y):
+        """T2H: targets recalibrated towards denser-captioned batch samples (no gradient), then one UNet call.
+
+        The selection looks only at images (x_t, x0) and stored ELBOs, so it is applied
+        to dropped-caption rows too, as T2H also calibrates unconditional training.
+        """
+        target, j, transferred = t2h_targets(
+            batch.x0, x_t, eps, t, self.scheduler.alphas_cumprod, batch.elbo, generator)
+        pred = unet(x_t.to(dtype), t, encoder_hidden_states=y.to(dtype)).sample
+        loss, denoise, calibration = t2h_loss(pred, eps, target)
+        rows = torch.arange(len(batch), device=j.device)
+        stats = dict(
+            loss_denoise=denoise.mean().item(),
+            loss_pog=calibration.mean().item(),
+            t2h_other_frac=(j != rows).float().mean().item(),  # drew another sample
+            t2h_accept_frac=transferred.float().mean().item(),  # ... and passed the density rule
+        )
+        return loss.mean(), stats
+
+    def _diffrop(self, unet, batch, dtype, x_t, t, eps, y, dropped):
+        """DiffROP: one UNet call; the overlap penalty pairs this micro-batch's samples of different identities.
+
+        Dropped-caption rows are left out of every pair: their prediction is unconditional,
+        so pushing it away from another identity's would not separate identities.
+        """
+        if batch.identity is None:
+            raise ValueError("loss.method='diffrop' needs batch.identity (identity_id from the shards' meta.json); "
+                             "the batch has none")
+        pred = unet(x_t.to(dtype), t, encoder_hidden_states=y.to(dtype)).sample
+        valid = ~dropped
+        loss, denoise, overlap = diffrop_loss(
+            pred, eps, x_t, t, batch.identity, self.scheduler.alphas_cumprod, self.scheduler.config.num_train_timesteps,
+            self.cfg.diffrop_tau, self.cfg.diffrop_decay, valid=valid,
+        )
+        ids = batch.identity
+        has_partner = ((ids[:, None] != ids[None, :]) & valid[None, :]).any(1) & valid
+        stats = dict(loss_denoise=denoise.mean().item(), loss_pog=overlap.mean().item(),
+                     diffrop_partner_frac=has_partner.float().mean().item())
         return loss.mean(), stats
