@@ -37,12 +37,14 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
-def start_run(cfg, run_name: str | None = None, run_id: str | None = None) -> str:
-    """Create (or reopen, for ``--resume``) the run and log the config as params."""
+def start_run(cfg, run_name: str | None = None, run_id: str | None = None, parent_run_id: str | None = None) -> str:
+    """Create (or reopen, for ``--resume``) the run and log the config as params.
+    ``parent_run_id`` nests a new run under another (a sweep's trial under the sweep)."""
     uri = resolve_tracking_uri(cfg.tracking.resolved_uri())
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.tracking.experiment)
-    run = mlflow.start_run(run_id=run_id, run_name=run_name)
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id and run_id is None else None
+    run = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags)
     if run_id is None:
         mlflow.log_params(safe_params(cfg.flat()))
     mlflow.end_run(status="RUNNING")

@@ -66,7 +66,8 @@ def sample_grid(model_dir: Path, manifest: Manifest, cfg: Config, out: Path) -> 
     return out
 
 
-def run_train(cfg: Config, resume: bool = False) -> TrainOutcome:
+def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = None) -> TrainOutcome:
+    """``parent_run_id``: a new MLflow run is created as its child (a sweep trial)."""
     t0 = time.time()
     init_ray(cfg.ray)
     manifest = run_prepare(cfg)
@@ -81,7 +82,7 @@ def run_train(cfg: Config, resume: bool = False) -> TrainOutcome:
         run_id = json.loads((run_dir / RUN_STATE).read_text())["run_id"]
         start_run(cfg, run_id=run_id)
     else:
-        run_id = start_run(cfg, run_name=name)
+        run_id = start_run(cfg, run_name=name, parent_run_id=parent_run_id)
         (run_dir / RUN_STATE).write_text(json.dumps({"run_id": run_id, "tracking_uri": redact(uri)}))
     save_config(cfg, run_dir / "config.yaml")
 
