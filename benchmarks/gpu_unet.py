@@ -18,8 +18,8 @@ Goals (issue 5): vanilla >= 40% MFU on an H100; PoGDiff stop >= 0.72x vanilla im
 Without a CUDA device the GPU run exits with a message. What can be checked on CPU:
 
     .venv/bin/python benchmarks/gpu_unet.py --count-only              # params + FLOPs/image (meta device)
-    .venv/bin/python benchmarks/gpu_unet.py --device cpu --tiny --dtype fp32 --steps 3   # the code paths, tiny
-    .venv/bin/python benchmarks/gpu_unet.py --device cpu --tiny --dtype fp32 --steps 3 --engine deepspeed
+    .venv/bin/python benchmarks/gpu_unet.py --device cpu --tiny --dtype fp32 --steps 3 --threads 1  # code paths
+    .venv/bin/python benchmarks/gpu_unet.py --device cpu --tiny --dtype fp32 --steps 3 --threads 1 --engine deepspeed
 
 On a GPU machine:
 
@@ -231,12 +231,15 @@ def engine_rows(config: dict) -> None:
 
     args = argparse.Namespace(**config["args"])
     device = "cuda" if args.device == "cuda" else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device == "cuda":
         torch.cuda.set_device(ray.train.torch.get_device())
     torch.manual_seed(0)
     unet, text, scheduler = build_models(args.tiny, "cpu")
-    if args.channels_last:
-        unet = unet.to(memory_format=torch.channels_last)
+    # No channels_last weights here: DeepSpeed flattens parameters into one contiguous buffer
+    # and fails on channels_last conv weights ("self.stride(-1) must be 1 to view Float as
+    # Byte"); only the latents are channels_last under the engine.
     text.model.to(device)
     ctx = (TINY_SHAPES if args.tiny else SD15_SHAPES)["ctx"]
     steps = steppers(scheduler, text, ctx, device)
@@ -248,6 +251,8 @@ def engine_rows(config: dict) -> None:
     rows = []
     for b in args.batch_sizes:
         batch = make_batch(b, args.tiny, vocab, device)
+        if args.channels_last:
+            batch.x0 = batch.x0.contiguous(memory_format=torch.channels_last)
 
         def runner(step):
             def fn():
@@ -347,6 +352,7 @@ def main() -> None:
                    help="the card's dense bf16 peak for MFU (H100 SXM: 989; A100: 312; H200: 989)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=12, help="timed steps per case (in 3 interleaved rounds)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--tiny", action="store_true", help="a tiny UNet/text model with SD's layout (code-path check)")
     p.add_argument("--count-only", action="store_true", help="params and FLOPs/image of the SD config, no GPU")
     p.add_argument("--out", default=None, help="JSON path (default: results/gpu_unet.json on a real GPU run)")
@@ -364,6 +370,8 @@ def main() -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         no_cuda_exit("gpu_unet.py")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

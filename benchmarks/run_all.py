@@ -25,7 +25,7 @@ from _common import BENCH, REPO, write_result
 SUITE = {  # name -> (arguments, quick arguments, time limit in seconds)
     "step_cost": ([], ["--reps", "2"], 900),
     "sd15_flops": (["--count-only"], ["--count-only"], 300),
-    "knn_build": ([], ["--sizes", "10000", "--reps", "2"], 1200),
+    "knn_build": (["--threads", "1"], ["--threads", "1", "--sizes", "10000", "--reps", "2"], 1200),
     "input_pipeline": ([], ["--epochs", "2", "--steps", "8"], 1500),
     "zero_memory": ([], [], 1500),
 }
