@@ -166,12 +166,13 @@ def train_loop_per_worker(config: dict) -> None:
             # Every rank must agree to step (the gradient all-reduce would hang otherwise):
             # a rank with nothing left to train on, or a non-finite loss anywhere, skips the step on all.
             loss, stats = stepper(engine, batch, gen, dtype=engine.dtype) if batch is not None else (None, {})
-            ok = torch.tensor(float(loss is not None and bool(torch.isfinite(loss))))
+            finite_here = loss is None or bool(torch.isfinite(loss))
+            flags = torch.tensor([float(loss is not None), float(finite_here)])  # [has a batch, finite]
             if dist.is_initialized():
-                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            if not ok:
-                if batch is not None and loss is not None and not torch.isfinite(loss):
-                    nonfinite, nonfinite_run = nonfinite + 1, nonfinite_run + 1
+                dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+            if not flags[1]:  # a non-finite loss on some rank: every rank skips and counts it
+                nonfinite, nonfinite_run = nonfinite + 1, nonfinite_run + 1
+                if not finite_here:
                     where = (f"non-finite loss {loss.item()} at step {step + 1} on rank {rank} "
                              f"(samples {batch.index.tolist()}; {stats})")
                     if cfg.train.on_nonfinite == "raise" or nonfinite_run >= cfg.train.max_nonfinite:
@@ -179,7 +180,12 @@ def train_loop_per_worker(config: dict) -> None:
                                else f"{nonfinite_run} non-finite steps in a row (train.max_nonfinite)")
                         raise FloatingPointError(f"{where}; stopping: {why}")
                     print(f"[train] skipped step: {where}", flush=True)
+                elif cfg.train.on_nonfinite == "raise" or nonfinite_run >= cfg.train.max_nonfinite:
+                    raise FloatingPointError(f"non-finite loss on another rank at step {step + 1}; stopping")
                 tracker.log(step, {"nonfinite_skipped": nonfinite})
+                t_wait = time.time()
+                continue
+            if not flags[0]:  # some rank has nothing left to train on in this batch
                 t_wait = time.time()
                 continue
             nonfinite_run = 0
