@@ -31,7 +31,7 @@ def _one_of(name: str, value: Any, options: tuple) -> None:
 
 BUNDLED_DATASETS = {  # "<name>:<preset>" -> presets; "base" is the balanced pretraining population
     "digits-it2i": ("S", "M", "L", "base"),
-    "faces-it2i": ("S", "M", "L", "base"),
+    "faces-it2i": ("S", "M", "L", "base", "val"),
 }
 
 
@@ -39,7 +39,7 @@ BUNDLED_DATASETS = {  # "<name>:<preset>" -> presets; "base" is the balanced pre
 class DataConfig:
     """Where the raw dataset comes from and how images are read."""
 
-    dataset: str = "digits-it2i:M"  # "<digits-it2i|faces-it2i>:<S|M|L|base>" or a local dataset folder
+    dataset: str = "digits-it2i:M"  # "<digits-it2i|faces-it2i>:<S|M|L|base|val>" or a local dataset folder
     resolution: int = 32
     channels: int = 1  # pixel channels read from images (3 for RGB / Stable Diffusion)
     heldout_per_identity: int = 20  # bundled dataset only: images kept out of training

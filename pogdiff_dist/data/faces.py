@@ -380,6 +380,9 @@ PRESETS: dict[str, Preset] = {
                 "10 identities: 3 majority (30 each), 7 minority (2 each), 104 images"),
     "L": Preset(_counts(TARGET_NAMES, _L_COUNTS),
                 f"16 identities, long tail: 100 ... 2 ({sum(_L_COUNTS)} images)"),
+    # identities 11-16 (not in S or M, not in base): choose hyperparameters here, report on M
+    "val": Preset(_counts(TARGET_NAMES[10:16], (30,) * 2 + (2,) * 4),
+                  "6 other identities: 2 majority (30 each), 4 minority (2 each): the validation split for M"),
     "base": Preset(_counts(BASE_NAMES, (20,) * len(BASE_NAMES)),
                    f"{len(BASE_NAMES)} other identities, 20 images each: the balanced pretraining population"),
 }

@@ -1,0 +1,262 @@
+"""The reproduction experiment (issue 3): does PoGDiff help the minority identities?
+
+Protocol, the paper's (its dataset criterion 2 needs a baseline that fails):
+
+1. pretrain a base model with the vanilla loss on a balanced population of *other*
+   identities with other names (``<dataset>:base``);
+2. baseline check: fine-tune it with vanilla on the imbalanced set (``<dataset>:M``) whose
+   names it never saw, and report minority vs majority identity accuracy first;
+3. validation: compare the PoGDiff variants that matter (neighbor_grad full/stop, psi_den
+   literal/tempered/capped, a2) on ``<dataset>:val`` (other identities again: nothing is
+   chosen on the test identities' generated images) and pick one;
+4. fine-tune every method (vanilla, CBDM, T2H, DiffROP, PoGDiff and its ablations) with an
+   identical budget and several seeds, evaluate all of them, and write the table
+   (rows = methods, columns = metric x all/few, mean +- std over seeds);
+5. the same comparison trained from scratch on M, as a second reported setting.
+
+    .venv/bin/python benchmarks/reproduce.py --dataset faces-it2i --budget cpu
+    .venv/bin/python benchmarks/reproduce.py --dataset digits-it2i --budget cpu --seeds 0 1
+
+Every finished run is cached under ``--out`` (model + metrics.json), so an interrupted
+experiment resumes where it stopped; ``--budget gpu`` takes the bigger budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pogdiff_dist.config import Config, load_config  # noqa: E402
+
+# Identical budgets per method; "cpu" fits this 2-core machine, "gpu" is the real thing.
+BUDGETS = {
+    "cpu": dict(resolution=24, unet="tiny", base_steps=900, finetune_steps=150, scratch_steps=600, batch_size=8,
+                eval_images=8, eval_steps=25, lr=5e-4, warmup=20,
+                variants=["stop, literal psi_den", "stop, psi_den T=50, cap 1"], scratch_methods=["vanilla", "PoGDiff"]),
+    "smoke": dict(resolution=16, unet="tiny", base_steps=4, finetune_steps=2, scratch_steps=2, batch_size=4,
+                  eval_images=2, eval_steps=2, lr=5e-4, warmup=2,  # checks the flow end to end in minutes
+                  variants=["stop, literal psi_den"], scratch_methods=["vanilla", "PoGDiff"]),
+    "gpu": dict(resolution=32, unet="small", base_steps=12000, finetune_steps=1500, scratch_steps=6000, batch_size=16,
+                eval_images=20, eval_steps=50, lr=2e-4, warmup=200, variants=None, scratch_methods=None),
+}
+
+# The tested methods, as config overrides on top of the chosen PoGDiff variant.
+def methods(pogdiff: dict) -> dict[str, dict]:
+    return {
+        "vanilla": {"loss.method": "vanilla"},
+        "CBDM": {"loss.method": "cbdm"},
+        "T2H": {"loss.method": "t2h"},
+        "DiffROP": {"loss.method": "diffrop"},
+        "PoGDiff": {"loss.method": "pogdiff", **pogdiff},
+        "PoGDiff w/o psi_img": {"loss.method": "pogdiff", **pogdiff, "loss.use_psi_img": False},
+        "PoGDiff w/o psi_den": {"loss.method": "pogdiff", **pogdiff, "loss.use_psi_den": False},
+    }
+
+
+# The validation study: the variants that matter in practice (issue 3).
+VARIANTS = {
+    "full, literal psi_den": {"loss.neighbor_grad": "full"},
+    "stop, literal psi_den": {"loss.neighbor_grad": "stop"},
+    "stop, psi_den T=50, cap 1": {"loss.neighbor_grad": "stop", "loss.den_temperature": 50.0, "loss.psi_cap": 1.0},
+    "stop, psi_den T=50, cap 1, a2=4": {"loss.neighbor_grad": "stop", "loss.den_temperature": 50.0,
+                                        "loss.psi_cap": 1.0, "loss.a2": 4.0},
+}
+METRICS = ("accuracy", "grecall", "dino", "fid")
+SELECT_ON = "accuracy_few"
+
+
+class Experiment:
+    def __init__(self, dataset: str, budget: str, out: Path, seeds: list[int]):
+        self.dataset, self.b, self.out, self.seeds = dataset, BUDGETS[budget], out, seeds
+        self.channels = 3 if dataset.startswith("faces") else 1
+        self.log = out / "log.jsonl"
+
+    def config(self, preset: str, name: str, overrides: dict) -> Config:
+        b = self.b
+        base = {
+            "data.dataset": f"{self.dataset}:{preset}", "data.resolution": b["resolution"],
+            "data.channels": self.channels, "data.heldout_per_identity": 10,
+            "model.unet": b["unet"], "model.max_length": 32,
+            "prepare.out_dir": str(self.out / f"prepared-{preset}"), "prepare.k_max": 10,
+            "optim.batch_size": b["batch_size"], "optim.lr": b["lr"], "optim.warmup_steps": b["warmup"],
+            "train.name": name, "train.storage_path": str(self.out / "runs"),
+            "train.checkpoint_every": 10_000, "train.log_every": 25, "train.sample_steps": 10,
+            "train.samples_per_prompt": 2,
+            "tracking.tracking_uri": f"sqlite:///{self.out / 'mlflow.db'}",
+            "tracking.experiment": f"reproduce-{self.dataset}",
+        }
+        return load_config(None, {**base, **overrides})
+
+    def train(self, preset: str, name: str, overrides: dict) -> Path:
+        """Train (or reuse a finished run) and return its exported model directory."""
+        from pogdiff_dist.dist.train import run_train
+
+        model = self.out / "runs" / name / "model"
+        if (model / "model_index.json").is_file():
+            return model
+        t0 = time.time()
+        outcome = run_train(self.config(preset, name, overrides))
+        self._log({"event": "trained", "name": name, "seconds": time.time() - t0, **outcome.metrics})
+        return outcome.model_dir
+
+    def evaluate(self, preset: str, model: Path) -> dict:
+        """Fixed-seed evaluation of every identity (cached next to the model)."""
+        from pogdiff_dist.evaluation.evaluate import evaluate_model
+
+        cached = model.parent / "eval.json"
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        t0 = time.time()
+        res = evaluate_model(model, self.out / f"prepared-{preset}", num_images=self.b["eval_images"],
+                             steps=self.b["eval_steps"], seed=1234)
+        row = {"summary": res["summary"], "per_identity": res["per_identity"],
+               "judge_accuracy_on_real": res["classifier"].get("accuracy_on_real_heldout"),
+               "seconds": time.time() - t0}
+        cached.write_text(json.dumps(row, indent=1, default=float))
+        return row
+
+    def checkpoint(self, results: dict) -> None:
+        """Write the table so far (a long experiment can be read while it runs)."""
+        (self.out / "results.json").write_text(json.dumps(results, indent=1))
+        (self.out / "table.md").write_text(markdown(results))
+
+    def _log(self, record: dict) -> None:
+        with self.log.open("a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+    # -- the protocol -------------------------------------------------------------------
+    def base_model(self) -> Path:
+        steps = self.b["base_steps"]
+        return self.train("base", "base", {"loss.method": "vanilla", "optim.max_steps": steps,
+                                           "train.checkpoint_every": max(100, steps // 4)})
+
+    def finetune(self, preset: str, label: str, overrides: dict, seed: int, init: Path | None) -> dict:
+        steps = self.b["finetune_steps"] if init is not None else self.b["scratch_steps"]
+        tag = "ft" if init is not None else "scratch"
+        slug = label.lower().replace(" ", "-").replace("/", "").replace(",", "").replace("=", "")
+        name = f"{tag}-{preset}-{slug}-s{seed}"
+        extra = {"model.init_unet": str(init)} if init is not None else {}
+        model = self.train(preset, name, {**overrides, **extra, "optim.max_steps": steps, "train.seed": seed})
+        return self.evaluate(preset, model)
+
+    def run(self, protocols: list[str], skip_validation: bool) -> dict:
+        results: dict = {"dataset": self.dataset, "budget": self.b, "seeds": self.seeds, "settings": {}}
+        base = self.base_model() if "finetune" in protocols else None
+
+        chosen, validation = dict(VARIANTS["stop, psi_den T=50, cap 1"]), {}
+        if not skip_validation and base is not None:
+            variants = {k: VARIANTS[k] for k in (self.b["variants"] or VARIANTS)}
+            for label, ov in {"vanilla": {"loss.method": "vanilla"}, **variants}.items():
+                runs = [self.finetune("val", label, {"loss.method": "pogdiff", **ov} if label != "vanilla" else ov,
+                                      s, base) for s in self.seeds[:1]]
+                validation[label] = _aggregate(runs)
+            best = max(variants, key=lambda k: _mean(validation[k], SELECT_ON))
+            chosen = dict(VARIANTS[best])
+            results["validation"] = {"split": f"{self.dataset}:val", "select_on": SELECT_ON, "chosen": best,
+                                     "rows": validation}
+            print(f"[reproduce] validation chose PoGDiff variant {best!r}", flush=True)
+            self.checkpoint(results)
+        results["pogdiff_variant"] = chosen
+
+        for protocol in protocols:
+            init = base if protocol == "finetune" else None
+            todo = {label: ov for label, ov in methods(chosen).items()
+                    if not (protocol == "scratch" and self.b["scratch_methods"]
+                            and label not in self.b["scratch_methods"])}
+            runs: dict[str, list] = {label: [] for label in todo}
+            for seed in self.seeds:  # seed-major: a complete table for the first seed comes first
+                for label, ov in todo.items():
+                    runs[label].append(self.finetune("M", label, ov, seed, init))
+                    print(f"[reproduce] {protocol} {label} seed {seed}: " + _fmt_row(_aggregate(runs[label][-1:])),
+                          flush=True)
+                results["settings"][protocol] = {k: _aggregate(v) for k, v in runs.items() if v}
+                results["settings_seeds"] = {protocol: self.seeds[: self.seeds.index(seed) + 1]}
+                self.checkpoint(results)
+        return results
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    out = {"n": len(runs)}
+    for key in runs[0]["summary"]:
+        vals = [r["summary"][key] for r in runs if r["summary"][key] is not None and not _isnan(r["summary"][key])]
+        if vals:
+            out[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "values": vals}
+    out["judge_accuracy_on_real"] = runs[0].get("judge_accuracy_on_real")
+    return out
+
+
+def _isnan(x) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def _mean(row: dict, key: str) -> float:
+    return row.get(key, {}).get("mean", -math.inf)
+
+
+def _fmt_row(row: dict) -> str:
+    return " ".join(f"{k}={row[k]['mean']:.3f}" for k in (f"{m}_{s}" for m in METRICS for s in ("few", "all")) if k in row)
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Reproduction: {results['dataset']} (budget {results['budget']})", ""]
+    cols = [f"{m}_{s}" for m in METRICS for s in ("all", "few")]
+    arrows = {"accuracy": "↑", "grecall": "↑", "dino": "↑", "fid": "↓"}
+    header = "| method | " + " | ".join(f"{c.split('_')[0]} {arrows[c.split('_')[0]]} ({c.split('_')[1]})"
+                                       for c in cols) + " |"
+    sep = "|---" * (len(cols) + 1) + "|"
+
+    def table(rows: dict) -> list[str]:
+        out = [header, sep]
+        for label, row in rows.items():
+            cells = [f"{row[c]['mean']:.3f} ± {row[c]['std']:.3f}" if c in row else "n/a" for c in cols]
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        return out
+
+    if "validation" in results:
+        v = results["validation"]
+        lines += [f"## Validation on {v['split']} (seed {results['seeds'][0]}; chosen by {v['select_on']}: "
+                  f"**{v['chosen']}**)", ""] + table(v["rows"]) + [""]
+    for protocol, rows in results["settings"].items():
+        title = ("Fine-tuning a base model pretrained on other identities (the paper's protocol)"
+                 if protocol == "finetune" else "From scratch on the imbalanced set")
+        seeds = results.get("settings_seeds", {}).get(protocol, results["seeds"])
+        lines += [f"## {title}: {results['dataset']}:M, seeds {seeds}", ""] + table(rows) + [""]
+        van = rows.get("vanilla", {})
+        if "accuracy_few" in van and "accuracy_all" in van:
+            lines.append(f"Baseline check: vanilla few-shot identity accuracy {van['accuracy_few']['mean']:.3f} "
+                         f"vs all identities {van['accuracy_all']['mean']:.3f}.")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="faces-it2i", choices=["faces-it2i", "digits-it2i"])
+    p.add_argument("--budget", default="cpu", choices=sorted(BUDGETS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--protocols", nargs="+", default=["finetune", "scratch"], choices=["finetune", "scratch"])
+    p.add_argument("--skip-validation", action="store_true", help="use the default PoGDiff variant")
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/reproduce-<dataset>-<budget>")
+    args = p.parse_args(argv)
+    out = args.out or REPO / "benchmarks" / "results" / f"reproduce-{args.dataset}-{args.budget}"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    results = Experiment(args.dataset, args.budget, out, args.seeds).run(args.protocols, args.skip_validation)
+    results["wall_seconds"] = time.time() - t0
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(markdown(results))
+    print(markdown(results))
+    print(f"[reproduce] {results['wall_seconds'] / 60:.1f} min; table: {out / 'table.md'}; json: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
