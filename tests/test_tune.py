@@ -1,0 +1,202 @@
+"""Sweeps: the sweep file's validation (fast, no Ray) and a real two-trial sweep on a local
+Ray cluster in which ASHA stops one trial after its first rung."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pogdiff_dist.config import load_config
+from pogdiff_dist.dist.tune import (
+    EVAL_KEYS,
+    Param,
+    SweepSpec,
+    TrialRow,
+    build_search_alg,
+    check_space,
+    fit_concurrency,
+    load_sweep,
+    pick_best,
+    spec_from_dict,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sweep_file(tmp_path, **changes):
+    d = yaml.safe_load((REPO / "configs" / "sweeps" / "psi.yaml").read_text())
+    for k, v in changes.items():
+        if k.startswith("space."):
+            key = k.removeprefix("space.")
+            if v is None:
+                d["space"].pop(key)
+            else:
+                d["space"][key] = v
+        else:
+            d[k] = v
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_bundled_sweep_file_loads():
+    spec, base = load_sweep(REPO / "configs" / "sweeps" / "psi.yaml")
+    assert spec.name == "psi" and spec.metric == "eval/accuracy_few" and spec.mode == "max"
+    assert spec.keys == ["loss.a1", "loss.a2", "loss.a3", "loss.k", "optim.lr", "loss.neighbor_grad"]
+    assert spec.rungs == (100, 200, 300) and spec.search_alg == "optuna" and spec.scheduler.type == "asha"
+    k = next(p for p in spec.space if p.key == "loss.k")
+    assert (k.low, k.high) == (1, 20) and base.prepare.k_max == 20
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"space.loss.alpha": {"type": "uniform", "low": 0, "high": 1}}, "space key 'loss.alpha' is not a config key"),
+    ({"space.data.resolution": {"type": "choice", "values": [16, 32]}}, "changes the prepared data"),
+    ({"space.optim.max_steps": {"type": "randint", "low": 1, "high": 9}}, "set per rung"),
+    ({"space.loss.k": {"type": "randint", "low": 1, "high": 21}}, "loss.k=21 is larger than prepare.k_max=20"),
+    ({"space.loss.neighbor_grad": {"type": "choice", "values": ["full", "half"]}},
+     "space key 'loss.neighbor_grad': value 'half'"),
+    ({"space.loss.a1": {"type": "loguniform", "low": 0, "high": 2}}, "loguniform needs low > 0"),
+    ({"space.loss.a1": {"type": "normal", "low": 0, "high": 2}}, "space.loss.a1.type must be one of"),
+    ({"space.loss.a1": {"type": "grid", "values": [1, 2]}}, "type grid needs search_alg: random"),
+    ({"metric": "eval/accuracy_rare"}, "metric must be one of"),
+    ({"rungs": [200, 100]}, "rungs must be increasing"),
+    ({"scheduler": {"type": "asha", "grace_period": 4}}, "grace_period (4) is more rungs"),
+    ({"scheduler": {"type": "asha", "patience": 4}}, "scheduler: unknown field(s) ['patience']"),
+    ({"overrides": {"optim.schedule": "cosine"}}, "optim.schedule=cosine"),
+])
+def test_sweep_file_errors_name_the_key(tmp_path, change, message):
+    with pytest.raises(ValueError) as e:
+        load_sweep(_sweep_file(tmp_path, **change))
+    assert message in str(e.value)
+
+
+def test_k_range_checked_against_the_prepared_k_max():
+    spec, base = load_sweep(REPO / "configs" / "sweeps" / "psi.yaml")
+    check_space(spec, base, k_max=20)
+    with pytest.raises(ValueError, match="goes up to 20 but the prepared data stores k_max=12"):
+        check_space(spec, base, k_max=12)
+
+
+def test_search_space_conversion():
+    p = Param.parse("loss.k", {"type": "randint", "low": 1, "high": 5})
+    dist = p.to_tune()  # both ends included: Tune's randint excludes its upper end
+    assert (dist.lower, dist.upper) == (1, 6)
+    assert sorted({dist.sample() for _ in range(400)}) == [1, 2, 3, 4, 5]
+    lr = Param.parse("optim.lr", {"type": "loguniform", "low": "1e-5", "high": 1e-3})  # YAML's 1e-5 is a string
+    assert (lr.low, lr.high) == (1e-5, 1e-3)
+
+    spec, _ = load_sweep(REPO / "configs" / "sweeps" / "psi.yaml")
+    searcher = build_search_alg(spec, max_concurrent=1)
+    # Optuna accepts every distribution of the bundled space (raises otherwise)
+    assert searcher.set_search_properties(spec.metric, spec.mode, {p.key: p.to_tune() for p in spec.space})
+    suggestion = searcher.suggest("t0")
+    assert set(suggestion) == set(spec.keys) and 1 <= suggestion["loss.k"] <= 20
+    assert 0.25 <= suggestion["loss.a1"] <= 4 and suggestion["loss.neighbor_grad"] in ("full", "stop")
+
+
+def test_concurrency_fits_the_cluster():
+    spec, base = load_sweep(REPO / "configs" / "sweeps" / "psi.yaml")  # 2 workers x 1 CPU, trial 0.5 CPU
+    assert fit_concurrency(base, spec, {"CPU": 4.0}) == 1  # this machine: 4 logical CPUs, 1 kept for Ray Data
+    assert fit_concurrency(base, spec, {"CPU": 32.0}) == 12  # floor(31 / 2.5)
+    gpu = base.with_overrides({"train.use_gpu": True})
+    assert fit_concurrency(gpu, spec, {"CPU": 32.0, "GPU": 4.0}) == 2  # 2 GPUs per trial
+
+
+def test_best_is_the_last_rung_value_ties_to_the_longer_trial():
+    rows = [TrialRow("a", "stopped_early", {}, 100, 1, 0.5, {}, "r1"),
+            TrialRow("b", "completed", {}, 300, 3, 0.5, {}, "r2"),
+            TrialRow("c", "error", {}, 100, 1, 0.9, {}, "r3", "boom"),
+            TrialRow("d", "completed", {}, 300, 3, None, {}, "r4")]
+    assert pick_best(rows, "max").trial_id == "b"
+    assert pick_best(rows, "min").trial_id == "b"
+    rows[0].value = 0.7
+    assert pick_best(rows, "max").trial_id == "a" and pick_best(rows, "min").trial_id == "b"
+
+
+@pytest.mark.integration
+def test_sweep_stops_a_trial_records_mlflow_and_writes_best_config(ray_local, tiny_cfg, prepared, monkeypatch):
+    """Two grid trials over loss.a3 with rungs at steps 1 and 2, objective loss_pog (min),
+    ASHA(grace 1, reduction 2, max 2 rungs), one trial at a time.
+
+    Why the stop is deterministic: both trials start from the same seed, so at step 1
+    their weights, batches, noise and neighbour draws are identical; psi is proportional
+    to 1/a3 (Eq. 11), so the step-1 loss_pog of a3=0.001 is exactly 10^6 times that of
+    a3=1000. ASHA lets the first trial to reach a rung continue (nothing to compare
+    with); the second is below the rung's cutoff and stopped. A real sweep uses
+    eval/accuracy_few; the evaluation still runs and is logged here at every rung."""
+    from mlflow.tracking import MlflowClient
+
+    from pogdiff_dist.dist.tune import run_sweep
+
+    base = tiny_cfg.with_overrides({"train.caption_dropout": 0.0})  # every sample has its y' term
+    spec = spec_from_dict({
+        "metric": "loss_pog", "mode": "min", "num_samples": 1, "rungs": [1, 2], "search_alg": "random",
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "eval": {"num_images": 2, "steps": 2},
+        "space": {"loss.a3": {"type": "grid", "values": [1000.0, 0.001]}},
+    }, name="grid-a3")
+    out = run_sweep(spec, base)
+
+    by_a3 = {r.params["loss.a3"]: r for r in out.rows}
+    good, bad = by_a3[1000.0], by_a3[0.001]
+    assert (good.status, good.steps, good.rungs_done) == ("completed", 2, 2)
+    assert (bad.status, bad.steps, bad.rungs_done) == ("stopped_early", 1, 1)
+    assert out.best is good and good.value == pytest.approx(good.metrics["loss_pog"])
+
+    client = MlflowClient(out.tracking_uri)
+    parent = client.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["pogdiff.kind"] == "sweep"
+    assert parent.data.params["sweep.space_keys"] == "loss.a3" and parent.data.params["sweep.metric"] == "loss_pog"
+    assert parent.data.metrics["sweep/num_trials"] == 2 and parent.data.metrics["sweep/num_stopped_early"] == 1
+    assert parent.data.metrics["sweep/num_completed"] == 1 and parent.data.metrics["sweep/num_failed"] == 0
+    assert parent.data.metrics["best/loss_pog"] == pytest.approx(good.value)
+    assert parent.data.tags["sweep.best_run_id"] == good.run_id and parent.data.tags["sweep.failed_trials"] == "none"
+    assert {a.path for a in client.list_artifacts(out.parent_run_id)} >= {"best_config.yaml", "trials.csv"}
+
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{out.parent_run_id}'")
+    assert sorted(c.info.run_id for c in children) == sorted([good.run_id, bad.run_id])
+    for row in (good, bad):
+        child = client.get_run(row.run_id)
+        assert child.info.run_name == f"trial-{row.trial_id}" and child.info.status == "FINISHED"
+        assert float(child.data.params["loss.a3"]) == row.params["loss.a3"]
+        assert child.data.params["loss.method"] == "pogdiff" and child.data.params["optim.max_steps"] == "1"
+        assert child.data.tags["sweep.status"] == row.status and child.data.tags["sweep.trial_id"] == row.trial_id
+        assert child.data.metrics["final_step"] == row.steps
+        assert {a.path for a in client.list_artifacts(row.run_id)} >= {"samples.png", "eval"}
+        assert {a.path for a in client.list_artifacts(row.run_id, "eval")} >= {"eval/metrics.json"}
+        # the rung evaluation: one value per rung reached, at that rung's step
+        for key in EVAL_KEYS:
+            if key.startswith(("eval/accuracy", "eval/grecall", "eval/dino")):
+                hist = client.get_metric_history(row.run_id, key)
+                assert [m.step for m in hist] == list(range(1, row.steps + 1)), key
+                assert all(-1 <= m.value <= 1 for m in hist)
+    curve = {r.params["loss.a3"]: {m.step: m.value for m in client.get_metric_history(r.run_id, "loss_pog")}
+             for r in out.rows}
+    assert sorted(curve[1000.0]) == [1, 2] and sorted(curve[0.001]) == [1]  # the stopped trial was not continued
+    assert curve[1000.0][1] > 0 and curve[0.001][1] / curve[1000.0][1] == pytest.approx(1e6, rel=1e-4)
+    denoise = {r.params["loss.a3"]: client.get_metric_history(r.run_id, "loss_denoise")[0].value for r in out.rows}
+    assert denoise[1000.0] == pytest.approx(denoise[0.001], rel=1e-6)  # same start, same batch: only psi differs
+
+    # The best config: what the best trial ran, accepted as-is by jobs/train.py.
+    cfg = load_config(out.best_config)
+    assert cfg.loss.a3 == 1000.0 and cfg.optim.max_steps == 2 and cfg.train.name == "grid-a3-best"
+    assert cfg.with_overrides({"loss.a3": base.loss.a3, "optim.max_steps": base.optim.max_steps,
+                               "train.name": base.train.name}) == base
+    spec_train = importlib.util.spec_from_file_location("jobs_train", REPO / "jobs" / "train.py")
+    jobs_train = importlib.util.module_from_spec(spec_train)
+    spec_train.loader.exec_module(jobs_train)
+    seen = []
+    monkeypatch.setattr(jobs_train, "run_train", lambda c, resume=False: seen.append(c))
+    assert jobs_train.main([str(out.best_config)]) == 0 and seen == [cfg]
+    assert len((out.sweep_dir / "trials.csv").read_text().strip().splitlines()) == 3
+
+    # --resume (Tuner.restore) of the finished sweep: same parent run, no trial runs again.
+    again = run_sweep(spec, base, resume=True)
+    assert again.parent_run_id == out.parent_run_id and again.sweep_dir == out.sweep_dir
+    assert [(r.trial_id, r.status, r.steps) for r in again.rows] == [(r.trial_id, r.status, r.steps) for r in out.rows]
+    assert len(client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{out.parent_run_id}'")) == 2
+    assert math.isclose(load_config(again.best_config).loss.a3, 1000.0)
+    assert client.get_run(out.parent_run_id).info.status == "FINISHED"
