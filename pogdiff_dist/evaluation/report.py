@@ -1,0 +1,147 @@
+"""Evaluation outputs: metrics.json, the generated images, per-identity grids, a plot of
+each metric against training-set frequency, and the MLflow record.
+
+Layout of ``out_dir``::
+
+    metrics.json                      every number (summary, per identity, what was used)
+    metrics_vs_frequency.png          each metric per identity vs #training images (log x)
+    grids/<identity>.png              generated images (top) and training images (bottom)
+    images/<identity>/<identity>-NNN.png   every generated image, lossless
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pogdiff_dist.data.records import slugify
+
+METRIC_LABELS = {"fid": "FID (lower is better)", "dino": "DINO score (cosine)", "grecall": "gRecall",
+                 "accuracy": "identity accuracy"}
+
+
+def _json_safe(x):
+    """NaN -> None, numpy scalars -> Python: metrics.json stays strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def save_images(out_dir: Path, generated: dict[str, np.ndarray]) -> Path:
+    root = Path(out_dir) / "images"
+    for name, images in generated.items():
+        folder = root / slugify(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        for j, im in enumerate(images):
+            Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(folder / f"{slugify(name)}-{j:03d}.png")
+    return root
+
+
+def load_saved_images(images_dir: str | Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Read back what :func:`save_images` wrote (``uint8 [n, H, W, C]`` per identity)."""
+    out = {}
+    for name in names:
+        files = sorted((Path(images_dir) / slugify(name)).glob("*.png"))
+        arrays = [np.asarray(Image.open(f)) for f in files]
+        out[name] = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
+    return out
+
+
+def identity_grid(name: str, generated: np.ndarray, train: np.ndarray, row: dict) -> Image.Image:
+    """Two rows: the generated images, then (up to as many) training images."""
+    from pogdiff_dist.pipeline import image_grid
+
+    cols = max(len(generated), 1)
+    shown = train[:cols]
+    blank = np.full((1, *generated.shape[1:]), 255, np.uint8)
+    tiles = [generated, *([blank] * (cols - len(generated)))]
+    tiles += [shown.astype(np.uint8)] if len(shown) else []
+    tiles += [blank] * (cols - len(shown))
+    acc = row.get("accuracy")
+    acc_txt = "n/a" if acc is None or (isinstance(acc, float) and math.isnan(acc)) else f"{acc:.2f}"
+    labels = [f"{name}\ngenerated\nacc {acc_txt}", f"training\n{row.get('train_count')} images"]
+    return image_grid(np.concatenate(tiles), rows=2, labels=labels)
+
+
+def plot_vs_frequency(results: dict, path: Path) -> Path:
+    """One panel per metric: each identity at its training-set size (log x), few-shot
+    identities marked, with the all / few averages as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    per = results["per_identity"]
+    names = list(per)
+    x = np.array([max(per[n]["train_count"], 1) for n in names], dtype=float)
+    few = np.array([per[n]["few_shot"] for n in names])
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, metric in zip(axes.ravel(), METRIC_LABELS):
+        y = np.array([np.nan if per[n][metric] is None else per[n][metric] for n in names], dtype=float)
+        ax.scatter(x[~few], y[~few], label="majority", color="tab:blue")
+        ax.scatter(x[few], y[few], label="few-shot", color="tab:red", marker="s")
+        for key, style in (("all", "-"), ("few", "--")):
+            v = results["summary"].get(f"{metric}_{key}")
+            if v is not None:
+                ax.axhline(v, color="gray", linestyle=style, linewidth=1, label=f"mean ({key}) {v:.3g}")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(set(x.tolist())))  # label the training-set sizes present, plainly
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(x.min() / 1.5, x.max() * 1.5)
+        ax.set_xlabel("training images of the identity")
+        if metric in ("grecall", "accuracy"):
+            ax.set_ylim(-0.05, 1.05)  # fractions: a flat 0 should look like 0, not like the full range
+        ax.set_title(METRIC_LABELS[metric])
+        ax.legend(fontsize=7)
+    fig.suptitle(f"per-identity metrics vs training frequency (encoder: {results.get('encoder')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(out_dir: str | Path, results: dict, generated: dict[str, np.ndarray], real) -> dict[str, Path]:
+    """Write everything under ``out_dir``; returns the paths by kind."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = save_images(out, generated)
+    grids = out / "grids"
+    grids.mkdir(exist_ok=True)
+    for name in results["identities"]:
+        identity_grid(name, generated[name], real.train.get(name, generated[name][:0]),
+                      results["per_identity"][name]).save(grids / f"{slugify(name)}.png")
+    plot = plot_vs_frequency(results, out / "metrics_vs_frequency.png")
+    paths = {"metrics": out / "metrics.json", "plot": plot, "grids": grids, "images": images}
+    results = dict(results, outputs={k: str(v) for k, v in paths.items()})
+    (out / "metrics.json").write_text(json.dumps(_json_safe(results), indent=1))
+    return paths
+
+
+def log_to_mlflow(tracking_uri: str, run_id: str, results: dict, paths: dict[str, Path]) -> list[str]:
+    """``eval/<metric>_{all,few}`` metrics and the outputs (but not every image) as
+    artifacts under ``eval/`` of an existing run; returns the metric keys logged."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    client.get_run(run_id)  # fails early, with MLflow's message, for an unknown run
+    keys = []
+    for k, v in results["summary"].items():
+        if v is not None and math.isfinite(v):
+            client.log_metric(run_id, f"eval/{k}", float(v))
+            keys.append(f"eval/{k}")
+    client.log_artifact(run_id, str(paths["metrics"]), artifact_path="eval")
+    client.log_artifact(run_id, str(paths["plot"]), artifact_path="eval")
+    client.log_artifacts(run_id, str(paths["grids"]), artifact_path="eval/grids")
+    return keys

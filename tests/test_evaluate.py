@@ -1,0 +1,212 @@
+"""The evaluation job end to end on a local Ray cluster: a tiny exported model (untrained,
+so the numbers are those of noise, but every code path is real), the bundled Digits-IT2I
+(digit CNN) and a user folder dataset (nearest centroid)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+METRICS = ("fid", "dino", "grecall", "accuracy")
+RANGES = {"fid": (0, math.inf), "dino": (-1, 1), "grecall": (0, 1), "accuracy": (0, 1)}
+
+
+def export_tiny_model(out, model_cfg, manifest):
+    """What run_train exports, with a fresh tiny UNet instead of a trained one."""
+    import torch
+
+    from pogdiff_dist.models import ModelSpec, TextEncoder, build_noise_scheduler, build_unet
+    from pogdiff_dist.pipeline import export_pipeline
+
+    torch.manual_seed(0)
+    c, size = manifest.latent_shape[0], manifest.latent_shape[1]
+    unet = build_unet(model_cfg, ModelSpec(c, size, manifest.text_shape[1]))
+    text = TextEncoder(manifest.text_encoder_dir, manifest.tokenizer_dir, model_cfg.max_length)
+    return export_pipeline(out, unet, build_noise_scheduler(model_cfg), text)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tiny_cfg, prepared):
+    return export_tiny_model(tmp_path_factory.mktemp("model") / "model", tiny_cfg.model, prepared)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """Shared with tests/test_metrics.py within a session: the 16-px digit CNN is trained once."""
+    return tmp_path_factory.getbasetemp() / "eval_cache"
+
+
+def _cos(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _check_complete(results):
+    s = results["summary"]
+    for m in METRICS:
+        lo, hi = RANGES[m]
+        for part in ("all", "few"):
+            v = s[f"{m}_{part}"]
+            assert v is not None and lo - 1e-9 <= v <= hi + 1e-9, (m, part, v)
+        for name, row in results["per_identity"].items():
+            assert lo - 1e-9 <= row[m] <= hi + 1e-9, (name, m, row[m])
+        # the averages are the means over identities of the per-identity numbers
+        assert s[f"{m}_all"] == pytest.approx(np.mean([r[m] for r in results["per_identity"].values()]))
+        few = results["few_shot_identities"]
+        assert s[f"{m}_few"] == pytest.approx(np.mean([results["per_identity"][n][m] for n in few]))
+
+
+def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_model, cache_dir, tmp_path, capsys):
+    import importlib.util
+
+    from mlflow.tracking import MlflowClient
+
+    from pogdiff_dist.evaluation import EvalConfig, compute_metrics, generate_identity, load_pipeline
+    from pogdiff_dist.evaluation.classifiers import DigitsClassifier
+    from pogdiff_dist.evaluation.features import ImageEncoder, load_real_images
+    from pogdiff_dist.evaluation.report import load_saved_images
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("jobs_evaluate", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+
+    uri = tiny_cfg.tracking.tracking_uri
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("eval-test")).info.run_id
+    out = tmp_path / "eval"
+    prepared_dir = Path(tiny_cfg.prepare.out_dir)
+    assert job.main(["--model", str(tiny_model), "--prepared", str(prepared_dir), "--mlflow-run", run_id,
+                     "--tracking-uri", uri, "--steps", "2", "--num-images", "3", "--out", str(out),
+                     "--cache-dir", str(cache_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "generated 2/2" in printed and str(out / "metrics.json") in printed
+
+    results = json.loads((out / "metrics.json").read_text())
+    _check_complete(results)
+    assert results["identities"] == ["Alice Moreau", "Bruno Silva"]
+    assert results["few_shot_identities"] == ["Bruno Silva"]  # 2 training images vs 30
+    assert results["classifier"]["classifier"] == "digits-cnn"
+    assert results["classifier"]["accuracy_on_real_heldout"] >= 0.75  # 4 held-out digits, 0 and 1
+    assert results["reference_sets"]["grecall"] == "training images"
+    for name, row in results["per_identity"].items():
+        assert row["reference"] == "heldout" and row["num_reference"] == 2  # tiny.yaml: 2 held out
+        assert row["num_train"] == row["train_count"] and row["num_generated"] == 3
+    assert results["per_identity"]["Alice Moreau"]["train_count"] == 30
+
+    # Every per-identity number is recomputed from the saved PNGs.
+    names = results["identities"]
+    saved = load_saved_images(out / "images", names)
+    assert all(saved[n].shape == (3, 16, 16, 1) for n in names)
+    manifest = prepared
+    real = load_real_images(prepared_dir, manifest, 16, 1)
+    cfg = EvalConfig(num_images=3, steps=2)  # what the job ran with
+    again = compute_metrics(saved, real, manifest, cfg, cache_dir=cache_dir)
+    enc = ImageEncoder("pixels")
+    clf = DigitsClassifier.load_or_train(cache_dir, 16)
+    for n in names:
+        row = results["per_identity"][n]
+        for m in METRICS:
+            assert again["per_identity"][n][m] == pytest.approx(row[m], rel=1e-9, abs=1e-12), (n, m)
+        g, held, train = enc(saved[n]), enc(real.heldout[n]), enc(real.train[n])
+        assert row["dino"] == pytest.approx(np.mean([[_cos(a, b) for b in held] for a in g]), rel=1e-5)
+        covered = sum(any(_cos(g[i], train[j]) >= 0.7 for i in range(len(g))) for j in range(len(train)))
+        assert row["covered"] == covered and row["grecall"] == pytest.approx(covered / len(train))
+        digit = {"Alice Moreau": 0, "Bruno Silva": 1}[n]
+        assert row["accuracy"] == pytest.approx(np.mean(clf.predict_digits(saved[n]) == digit))
+
+    # Known cases through the same code: "generating" the training images themselves covers
+    # every training image and is read as the right digit; the held-out images themselves
+    # give FID 0 against themselves.
+    copies = compute_metrics({n: real.train[n] for n in names}, real, manifest, cfg, cache_dir=cache_dir)
+    assert copies["summary"]["grecall_all"] == 1.0 and copies["summary"]["grecall_few"] == 1.0
+    assert copies["summary"]["accuracy_all"] >= 0.95
+    assert copies["summary"]["dino_all"] > results["summary"]["dino_all"]
+    held = compute_metrics({n: real.heldout[n] for n in names}, real, manifest, cfg, cache_dir=cache_dir)
+    assert held["summary"]["fid_all"] == pytest.approx(0.0, abs=1e-6)
+
+    # The job spread the identities over 2 Ray actors; one identity made alone, in this
+    # process (what a Tune trial runs), gives the same images: seeds are per identity.
+    alone = generate_identity(load_pipeline(tiny_model), "Bruno Silva", cfg)
+    np.testing.assert_array_equal(alone, saved["Bruno Silva"])
+    assert not np.array_equal(saved["Alice Moreau"], saved["Bruno Silva"])
+
+    for n in ("alice_moreau", "bruno_silva"):
+        assert (out / "grids" / f"{n}.png").stat().st_size > 0
+    assert (out / "metrics_vs_frequency.png").stat().st_size > 1000
+
+    run = client.get_run(run_id)
+    for m in METRICS:
+        for part in ("all", "few"):
+            assert run.data.metrics[f"eval/{m}_{part}"] == pytest.approx(results["summary"][f"{m}_{part}"])
+    logged = {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert {"eval/metrics.json", "eval/metrics_vs_frequency.png", "eval/grids"} <= logged
+
+
+def test_resolve_source_from_mlflow_run(tiny_cfg, prepared, tiny_model, tmp_path, monkeypatch):
+    """--mlflow-run alone: the run folder from its params (relative storage path), checked by
+    pogdiff_run.json; the prepared dir from its config.yaml."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from pogdiff_dist.config import save_config
+    from pogdiff_dist.dist.evaluate import RUN_STATE, resolve_source
+    from pogdiff_dist.dist.train import RUN_STATE as TRAIN_RUN_STATE
+
+    assert RUN_STATE == TRAIN_RUN_STATE
+    uri = tiny_cfg.tracking.tracking_uri
+    client = MlflowClient(uri)
+    exp = client.create_experiment("resolve-test")
+    run_id = client.create_run(exp, run_name="evrun").info.run_id
+    client.log_param(run_id, "train.storage_path", "runs")
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "runs" / "evrun"
+    shutil.copytree(tiny_model, run_dir / "model")
+    (run_dir / RUN_STATE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    save_config(tiny_cfg.with_overrides({"train.storage_path": "runs"}), run_dir / "config.yaml")
+
+    src = resolve_source(mlflow_run=run_id, tracking_uri=uri)
+    assert src.model_dir == run_dir / "model" and src.run_id == run_id
+    assert src.prepared_dir == Path(tiny_cfg.prepare.out_dir).absolute()
+    # --model inside a run folder finds the prepared dir too, and logs nowhere
+    src2 = resolve_source(model=str(run_dir / "model"))
+    assert src2.prepared_dir == src.prepared_dir and src2.run_id is None
+    with pytest.raises(ValueError, match="--prepared"):
+        resolve_source(model=str(tiny_model))
+    other = client.create_run(exp, run_name="elsewhere").info.run_id
+    with pytest.raises(ValueError, match="cannot find the folder"):
+        resolve_source(mlflow_run=other, tracking_uri=uri)
+
+
+def test_user_folder_dataset_nearest_centroid(ray_local, tiny_cfg, tmp_path):
+    """A folder-per-identity dataset (no held-out split): nearest-centroid classifier, FID and
+    DINO against training images, through evaluate_model (the Tune-trial API)."""
+    from PIL import Image
+
+    from pogdiff_dist.dist.prepare import run_prepare
+    from pogdiff_dist.evaluation import evaluate_model
+    from pogdiff_dist.evaluation.classifiers import render_digits
+
+    images, labels = render_digits(16)
+    root = tmp_path / "folders"
+    for name, digit, n in (("Vera Stone", 0, 10), ("Omar Field", 7, 8), ("Lea Brook", 4, 2)):
+        (root / name).mkdir(parents=True)
+        for j, im in enumerate(images[labels == digit][:n]):
+            Image.fromarray(im[..., 0]).save(root / name / f"{j}.png")
+    cfg = tiny_cfg.with_overrides({"data.dataset": str(root), "prepare.out_dir": str(tmp_path / "prepared"),
+                                   "prepare.k_max": 3, "loss.k": 3, "prepare.density_epochs": 2,
+                                   "prepare.num_encoders": 1})
+    manifest = run_prepare(cfg)
+    model = export_tiny_model(tmp_path / "model", cfg.model, manifest)
+    results = evaluate_model(model, cfg.prepare.out_dir, num_images=2, steps=2, out_dir=tmp_path / "eval")
+    _check_complete(results)
+    assert results["classifier"]["classifier"] == "nearest-centroid"
+    assert results["few_shot_identities"] == ["Lea Brook"]
+    assert all(r["reference"] == "train" for r in results["per_identity"].values())
+    assert results["per_identity"]["Vera Stone"]["num_train"] == 10
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["summary"] == pytest.approx(results["summary"])
+    assert (tmp_path / "eval" / "grids" / "lea_brook.png").is_file()
