@@ -5,7 +5,9 @@ over N random unit vectors of d = 384 (the MiniLM text / image embedding size), 
 against the least any exact method must do on the same machine: one ``Z @ Z.T`` block at
 a time and ``torch.topk`` of k + 1 per row. Also times FAISS alone (add + search, no
 wrapper) to attribute any gap to build_knn's own code or to FAISS. Target: build_knn
-within 1.5x of the lower bound.
+within 1.5x of the lower bound. At one thread (the suite's setting: on a shared machine,
+OpenMP threads waiting for a descheduled sibling make multi-threaded timings meaningless)
+the ratio is judged on process CPU time, with wall time kept beside it.
 
 The lower bound and the raw FAISS search scale linearly in the number of query rows, so
 at large N they are timed on the first ``--query-frac`` of the rows and scaled up (the
@@ -46,10 +48,11 @@ def faiss_search(z: np.ndarray, k: int, rows: int) -> None:
     index.search(z[:rows], k + 1)
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def bench(n: int, d: int, k: int, reps: int, query_frac: float) -> dict:
@@ -58,22 +61,34 @@ def bench(n: int, d: int, k: int, reps: int, query_frac: float) -> dict:
     rows = n if query_frac >= 1 else max(1024, int(n * query_frac))
     scale = n / rows
     matmul_topk(zt, k, min(rows, 2048))  # warm-up
-    times: dict[str, list[float]] = {"build_knn": [], "faiss_search": [], "matmul_topk": []}
+    cases = {"build_knn": (lambda: build_knn(z, k, use_gpu=False), 1.0),
+             "faiss_search": (lambda: faiss_search(z, k, rows), scale),
+             "matmul_topk": (lambda: matmul_topk(zt, k, rows), scale)}
+    wall: dict[str, list[float]] = {key: [] for key in cases}
+    cpu: dict[str, list[float]] = {key: [] for key in cases}
     for _ in range(reps):  # interleaved
-        times["build_knn"].append(timed(lambda: build_knn(z, k, use_gpu=False)))
-        times["faiss_search"].append(timed(lambda: faiss_search(z, k, rows)) * scale)
-        times["matmul_topk"].append(timed(lambda: matmul_topk(zt, k, rows)) * scale)
-    med = {key: statistics.median(v) for key, v in times.items()}
+        for key, (fn, mult) in cases.items():
+            w, c = timed(fn)
+            wall[key].append(w * mult)
+            cpu[key].append(c * mult)
+    med = {key: statistics.median(v) for key, v in wall.items()}
+    med_cpu = {key: statistics.median(v) for key, v in cpu.items()}
     flops = 2.0 * n * n * d
+    # With one thread, CPU time is the work done, whatever else the machine runs; the
+    # target is judged on it when threads == 1 (wall-clock figures are kept beside it).
+    single = torch.get_num_threads() == 1 and faiss.omp_get_max_threads() == 1
+    judged = med_cpu if single else med
+    ratio = judged["build_knn"] / judged["matmul_topk"]
     return {
         "n": n, "d": d, "k": k, "reps": reps, "query_rows_timed": rows, "scaled_by": scale,
-        "median_s": med, "all_s": times,
-        "build_over_lower_bound": med["build_knn"] / med["matmul_topk"],
-        "faiss_over_lower_bound": med["faiss_search"] / med["matmul_topk"],
-        "wrapper_overhead_s": med["build_knn"] - med["faiss_search"],
-        "gemm_gflops": {key: flops / v / 1e9 for key, v in med.items()},
-        "target": {"value": med["build_knn"] / med["matmul_topk"], "target": "<= 1.5",
-                   "met": bool(med["build_knn"] / med["matmul_topk"] <= 1.5)},
+        "median_s": med, "all_s": wall, "cpu_median_s": med_cpu, "all_cpu_s": cpu,
+        "judged_on": "cpu_time" if single else "wall",
+        "build_over_lower_bound": ratio,
+        "build_over_lower_bound_wall": med["build_knn"] / med["matmul_topk"],
+        "faiss_over_lower_bound": judged["faiss_search"] / judged["matmul_topk"],
+        "wrapper_overhead_s": judged["build_knn"] - judged["faiss_search"],
+        "gemm_gflops": {key: flops / v / 1e9 for key, v in judged.items()},
+        "target": {"value": ratio, "target": "<= 1.5", "met": bool(ratio <= 1.5)},
     }
 
 
@@ -98,11 +113,12 @@ def main() -> None:
         frac = args.query_frac[min(i, len(args.query_frac) - 1)]
         r = bench(n, args.d, args.k, reps, frac)
         rows.append(r)
-        m = r["median_s"]
-        print(f"N={n}: build_knn {m['build_knn']:.2f}s  faiss {m['faiss_search']:.2f}s  "
+        m = r["cpu_median_s"] if r["judged_on"] == "cpu_time" else r["median_s"]
+        print(f"N={n} ({r['judged_on']}): build_knn {m['build_knn']:.2f}s  faiss {m['faiss_search']:.2f}s  "
               f"matmul+topk {m['matmul_topk']:.2f}s  -> build_knn {r['build_over_lower_bound']:.2f}x lower bound "
               f"({'MET' if r['target']['met'] else 'MISSED'} <= 1.5)", flush=True)
-    write_result("knn_build", {"config": vars(args), "threads": threads, "rows": rows}, args.out)
+        # after every size, so a time limit hit at a larger N keeps the smaller ones
+        write_result("knn_build", {"config": vars(args), "threads": threads, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -36,10 +36,12 @@ def targets_rows(res: dict) -> list[list]:
     if sc:
         names = {"full_le_2.0x": "full step <= 2.0x vanilla", "full_faster_than_two_calls": "full: batched faster than two calls",
                  "stop_le_1.40x": "stop step <= 1.40x vanilla", "extra_cost_shrinks_by_f": "extra cost shrinks by f (psi = 0)"}
+        on_cpu = sc["config"]["threads"] == 1  # single-threaded: judged on process CPU time
         for key, label in names.items():
             t = sc["targets"][key]
-            rows.append([label, t["target"], f"{t['value']:.3f}", mark(t["met"]),
-                         f"{t['cpu_value']:.3f} ({'met' if t['cpu_met'] else 'missed'})"])
+            judged = (t["cpu_value"], t["cpu_met"]) if on_cpu else (t["value"], t["met"])
+            rows.append([label, t["target"], f"{judged[0]:.3f}", mark(judged[1]),
+                         f"{t['value']:.3f} ({'met' if t['met'] else 'missed'})" if on_cpu else f"{t['cpu_value']:.3f}"])
     if pipe:
         for key, label in (("stream_ge_3x_consumption", "stream >= 3x training consumption"),
                            ("data_wait_lt_5pct", "data wait < 5% of step time")):
@@ -49,7 +51,7 @@ def targets_rows(res: dict) -> list[list]:
         for r in knn["rows"]:
             t = r["target"]
             rows.append([f"build_knn within 1.5x of matmul+topk, N={r['n']:,}", t["target"], f"{t['value']:.2f}",
-                         mark(t["met"]), ""])
+                         mark(t["met"]), f"{r.get('build_over_lower_bound_wall', t['value']):.2f}"])
     rows.append(["GPU: vanilla >= 40% MFU (H100), stop >= 0.72x vanilla, faiss 1M x 768 < 60 s", "", "not measured",
                  "n/a (no GPU in this session)", ""])
     return rows
@@ -60,14 +62,17 @@ def render_md(res: dict) -> str:
     md = ["# CPU benchmark summary", "",
           f"Command: `{run.get('command', '.venv/bin/python benchmarks/run_all.py')}`"
           + (f" ({run['total_s'] / 60:.1f} min, {run.get('when', '')})" if run.get("total_s") else ""), "",
-          "Measured side by side on a shared 2-core CPU machine while other jobs ran: medians over repetitions, "
-          "ratios to a reference measured in the same process. Wall-clock medians decide the targets; "
-          "process-CPU-time ratios (one torch thread) are shown as a cross-check less disturbed by the load.", ""]
+          "Measured side by side on a shared 2-core CPU machine while other jobs ran (load averages below): "
+          "medians over repetitions, ratios to a reference measured in the same process, wall-clock and "
+          "process CPU time.", ""]
     if run.get("benchmarks"):
         md += table(["benchmark", "status", "seconds", "load avg (1 min) at start"],
                     [[b["name"], b["status"], b["seconds"], b.get("loadavg_start", "")] for b in run["benchmarks"]])
     md += ["## Targets", ""]
-    md += table(["target", "goal", "measured (wall)", "", "CPU-time cross-check"], targets_rows(res))
+    md += ["Single-threaded benchmarks (step cost, k-NN) are judged on process CPU time, which other jobs on the "
+           "machine do not inflate; their wall-clock medians are in the last column. The input-pipeline figures "
+           "are wall-clock (several processes).", ""]
+    md += table(["target", "goal", "measured", "", "wall-clock median"], targets_rows(res))
 
     sc = res.get("step_cost")
     if sc:
@@ -78,13 +83,19 @@ def render_md(res: dict) -> str:
         fl = sc["flops"]
         rows = []
         for k, v in sc["median_s"].items():
-            rows.append([k, v * 1e3, sc["ratio_to_vanilla"][k], sc["cpu_ratio_to_vanilla"][k], sc["iqr_over_median"][k],
-                         fl["per_step"][k] / 1e9 if k in fl["per_step"] else "",
-                         fl["achieved_gflops"][k] if k in fl["achieved_gflops"] else ""])
-        md += table(["case", "median ms", "x vanilla (wall)", "x vanilla (CPU time)", "IQR / median", "GFLOP / step",
-                     "achieved GFLOP/s"], rows)
-        md += [f"Matmul reference at the same thread count: {fl['sgemm_gflops']:.1f} GFLOP/s (sgemm 1024^3); "
-               f"vanilla step reaches {fl['utilisation_vs_sgemm']['vanilla']:.0%} of it. FLOP ratios to vanilla: "
+            gf = fl["per_step"].get(k)
+            rows.append([k, sc["cpu_median_s"][k] * 1e3, v * 1e3, sc["cpu_ratio_to_vanilla"][k], sc["ratio_to_vanilla"][k],
+                         sc["iqr_over_median"][k], gf / 1e9 if gf else "",
+                         gf / sc["cpu_median_s"][k] / 1e9 if gf else "", gf / v / 1e9 if gf else ""])
+        md += table(["case", "CPU ms", "wall ms", "x vanilla (CPU time)", "x vanilla (wall)", "wall IQR / median",
+                     "GFLOP / step", "GFLOP per CPU-s", "GFLOP per wall-s"], rows)
+        van_cpu = fl["per_step"]["vanilla"] / sc["cpu_median_s"]["vanilla"] / 1e9
+        sg = fl.get("sgemm_gflops_per_cpu_s")
+        md += [f"Matmul reference at the same thread count (sgemm 1024^3): {fl['sgemm_gflops']:.1f} GFLOP per wall-second"
+               + (f", {sg:.1f} per CPU-second" if sg else "")
+               + f"; the vanilla step does {van_cpu:.1f} GFLOP per CPU-second"
+               + (f" ({van_cpu / sg:.0%} of sgemm). " if sg else ". ")
+               + "FLOP ratios to vanilla: "
                + ", ".join(f"{k} {v:.2f}x" for k, v in fl["ratio_to_vanilla"].items()) + ".", ""]
         rows = [[f, sc["extra_cost_rel"]["full"][f], sc["extra_cost_rel"]["stop"][f],
                  sc["cpu_extra_cost_rel"]["full"][f], sc["cpu_extra_cost_rel"]["stop"][f], 1 - float(f)]
@@ -129,20 +140,31 @@ def render_md(res: dict) -> str:
     knn = res.get("knn_build")
     if knn:
         md += [f"## 4. Neighbour index on CPU (d = {knn['rows'][0]['d']}, k = {knn['rows'][0]['k']}, "
-               f"threads {knn['threads']})", ""]
-        md += table(["N", "build_knn s", "FAISS alone s", "matmul+topk s", "build / lower bound", "query rows timed (bound)"],
-                    [[r["n"], r["median_s"]["build_knn"], r["median_s"]["faiss_search"], r["median_s"]["matmul_topk"],
-                      r["build_over_lower_bound"], f"{r['query_rows_timed']:,} (x{r['scaled_by']:.0f})"]
+               f"threads {knn['threads']}; CPU seconds, wall seconds in brackets)", ""]
+
+        def both(r, key):
+            cpu = r.get("cpu_median_s", {}).get(key)
+            return f"{cpu:.1f} ({r['median_s'][key]:.1f})" if cpu is not None else f"({r['median_s'][key]:.1f})"
+        md += table(["N", "build_knn", "FAISS alone", "matmul+topk", "build / lower bound", "reps",
+                     "query rows timed (bound, FAISS alone)"],
+                    [[r["n"], both(r, "build_knn"), both(r, "faiss_search"), both(r, "matmul_topk"),
+                      r["build_over_lower_bound"], r["reps"], f"{r['query_rows_timed']:,} (x{r['scaled_by']:.0f})"]
                      for r in knn["rows"]])
     zm = res.get("zero_memory")
     if zm:
         n = zm["rows"][0]["params"]
         md += [f"## 5. Memory per worker, ZeRO stages ({zm['workers']} workers, {n / 1e6:.1f}M-param UNet, fp32 AdamW)", ""]
+        md += ["Model: 16 bytes/param at stage 0 (fp32 weights 4 + grads 4 + Adam m,v 8), optimiser states / N at "
+               "stage 1, also gradients at 2, also weights at 3. Measured per worker above its RSS before the model "
+               "was built: weights, fp32 master and Adam states read off the engine; RSS after the steps, after "
+               "malloc_trim (freed heap returned to the OS), and at the peak.", ""]
         md += table(["stage", "model MiB", "model + fp32 master", "weights", "fp32 master", "Adam m,v",
-                     "steady RSS +MiB", "peak RSS +MiB", "steady bytes/param", "step s"],
+                     "RSS after steps", "RSS after trim", "peak RSS", "bytes/param (trimmed)", "step s"],
                     [[r["stage"], r["model_mib"], r["model_plus_master_mib"], r["weights_mib"], r["master_mib"],
-                      r["adam_states_mib"], r["steady_rss_delta_mib"], r["peak_rss_delta_mib"],
-                      r["measured_bytes_per_param_steady"], r["median_step_s"]] for r in zm["rows"]])
+                      r["adam_states_mib"], r["steady_rss_delta_mib"], r.get("trimmed_rss_delta_mib", ""),
+                      r["peak_rss_delta_mib"],
+                      r.get("measured_bytes_per_param_trimmed", r["measured_bytes_per_param_steady"]),
+                      r["median_step_s"]] for r in zm["rows"]])
     sc_ = res.get("scaling")
     if sc_:
         md += ["## 6. Scaling (real run_train, PoGDiff full, ZeRO-2, batch 8 per worker)", ""]
@@ -190,10 +212,11 @@ def render_png(res: dict, path: Path) -> None:
         x = range(len(labels))
         for i, (key, lab) in enumerate((("build_knn", "build_knn"), ("faiss_search", "FAISS alone"),
                                         ("matmul_topk", "matmul+topk bound"))):
-            ax.bar([j + (i - 1) * 0.27 for j in x], [r["median_s"][key] for r in knn["rows"]], 0.27, label=lab)
+            ax.bar([j + (i - 1) * 0.27 for j in x], [r.get("cpu_median_s", r["median_s"])[key] for r in knn["rows"]],
+                   0.27, label=lab)
         ax.set_yscale("log")
         ax.set_xticks(list(x), labels)
-        ax.set_ylabel("seconds")
+        ax.set_ylabel("CPU seconds (1 thread)" if "cpu_median_s" in knn["rows"][0] else "seconds")
         ax.set_title("k-NN build (d=384, k=20)")
         ax.legend(fontsize=7)
     ax = axes[1, 0]
@@ -201,9 +224,13 @@ def render_png(res: dict, path: Path) -> None:
     if zm:
         stages = [r["stage"] for r in zm["rows"]]
         x = range(len(stages))
-        for i, (key, lab) in enumerate((("model_mib", "model 16 B/param / N"), ("model_plus_master_mib", "+ fp32 master"),
-                                        ("steady_rss_delta_mib", "steady RSS"), ("peak_rss_delta_mib", "peak RSS"))):
-            ax.bar([j + (i - 1.5) * 0.2 for j in x], [r[key] for r in zm["rows"]], 0.2, label=lab)
+        bars = [("model_mib", "model (16 B/param, by stage)"), ("model_plus_master_mib", "+ fp32 master"),
+                ("steady_rss_delta_mib", "RSS after steps"), ("trimmed_rss_delta_mib", "RSS after trim"),
+                ("peak_rss_delta_mib", "peak RSS")]
+        bars = [b for b in bars if b[0] in zm["rows"][0]]
+        w = 0.8 / len(bars)
+        for i, (key, lab) in enumerate(bars):
+            ax.bar([j + (i - (len(bars) - 1) / 2) * w for j in x], [r[key] for r in zm["rows"]], w, label=lab)
         ax.set_xticks(list(x), [f"ZeRO-{s}" for s in stages])
         ax.set_ylabel("MiB per worker (above baseline)")
         ax.set_title(f"Memory, {zm['workers']} workers, {zm['rows'][0]['params'] / 1e6:.0f}M params")

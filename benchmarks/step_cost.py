@@ -88,16 +88,18 @@ class TwoCalls:
         return SimpleNamespace(sample=torch.cat([first, second]))
 
 
-def sgemm_gflops(n: int = 1024, reps: int = 5) -> float:
-    """Achievable matmul GFLOP/s at the current thread count (the 'peak' for utilisation)."""
+def sgemm_gflops(n: int = 1024, reps: int = 5) -> tuple[float, float]:
+    """Achievable matmul GFLOP/s at the current thread count (the 'peak' for utilisation),
+    per wall-second and per CPU-second."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e9
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return 2 * n**3 / statistics.median(wall) / 1e9, 2 * n**3 / statistics.median(cpu) / 1e9
 
 
 def build(args, text):
@@ -169,14 +171,16 @@ def measure(args, reps: int, with_flops: bool, only: tuple[str, ...] | None = No
                 cases[name]()
             unet.zero_grad(set_to_none=True)
             flops[name] = counter.get_total_flops()
-        peak = sgemm_gflops()
+        peak, peak_cpu = sgemm_gflops()
         out["flops"] = {
             "per_step": flops,
             "per_sample": {k: v / b for k, v in flops.items()},
             "ratio_to_vanilla": {k: v / flops["vanilla"] for k, v in flops.items()},
             "achieved_gflops": {k: v / med[k] / 1e9 for k, v in flops.items()},
-            "sgemm_gflops": peak,
+            "achieved_gflops_per_cpu_s": {k: v / med_cpu[k] / 1e9 for k, v in flops.items()},
+            "sgemm_gflops": peak, "sgemm_gflops_per_cpu_s": peak_cpu,
             "utilisation_vs_sgemm": {k: v / med[k] / 1e9 / peak for k, v in flops.items()},
+            "utilisation_vs_sgemm_cpu": {k: v / med_cpu[k] / 1e9 / peak_cpu for k, v in flops.items()},
         }
     return out
 
@@ -242,6 +246,9 @@ def main() -> None:
 
     r = measure(args, args.reps, with_flops=True)
     r["targets"] = targets(r)
+    # One thread: process CPU time is the work done whatever else runs on the machine, so
+    # the targets are judged on it; wall-clock medians are kept beside it.
+    r["targets_judged_on"] = "cpu_time" if args.threads == 1 else "wall"
     write_result("step_cost", {"config": vars(args), **r}, args.out)
     print(f"{'case':<18}{'median ms':>10}{'x vanilla':>10}{'IQR/med':>9}{'CPU x van':>10}{'GFLOP':>9}{'GFLOP/s':>9}")
     fl = r["flops"]
@@ -250,7 +257,8 @@ def main() -> None:
         print(f"{k:<18}{v * 1e3:>10.1f}{r['ratio_to_vanilla'][k]:>10.2f}{r['iqr_over_median'][k]:>9.2f}"
               f"{r['cpu_ratio_to_vanilla'][k]:>10.2f}"
               + (f"{gf / 1e9:>9.2f}{fl['achieved_gflops'][k]:>9.1f}" if gf else ""))
-    print(f"sgemm at {args.threads} thread(s): {fl['sgemm_gflops']:.1f} GFLOP/s")
+    print(f"sgemm at {args.threads} thread(s): {fl['sgemm_gflops']:.1f} GFLOP/s "
+          f"({fl['sgemm_gflops_per_cpu_s']:.1f} per CPU-second)")
     for name, t in r["targets"].items():
         print(f"target {name}: {t['value']:.3f} ({t['target']}) {'MET' if t['met'] else 'MISSED'}"
               f" [CPU time: {t['cpu_value']:.3f} {'met' if t['cpu_met'] else 'missed'}]")

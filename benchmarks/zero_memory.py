@@ -14,7 +14,8 @@ stage 3 also the weights:
     stage 0: 16 P     stage 1: (8 + 8/N) P     stage 2: (4 + 12/N) P     stage 3: 16 P / N
 
 Measured per worker: RSS above the worker's RSS before the model was built, at steady
-state after the steps and at the peak (ru_maxrss, which includes transients such as
+state after the steps, again after ``malloc_trim`` (freed heap pages returned to the OS),
+and at the peak (ru_maxrss, which includes transients such as
 DeepSpeed's flattening copies and the full model built before ZeRO-3 partitions it), and
 this rank's weights, fp32 master copy and Adam states read off the engine (DeepSpeed's
 ZeRO-1/2 optimisers clone an fp32 master partition even when the weights are fp32: 4/N
@@ -90,6 +91,18 @@ def memory_loop(config: dict) -> None:
                      if torch.is_tensor(v) and v.numel() > 1)
         return {"weights_mib": weights / 2**20, "master_mib": master / 2**20, "adam_states_mib": states / 2**20}
 
+    if config.get("zero_overrides"):  # investigation: extra zero_optimization keys on top of the engine's config
+        import pogdiff_dist.dist.engine as engine_module
+
+        generate = engine_module.deepspeed_config
+
+        def with_overrides(optim, train, world_size):
+            ds = generate(optim, train, world_size)
+            ds["zero_optimization"].update(config["zero_overrides"])
+            return ds
+
+        engine_module.deepspeed_config = with_overrides
+
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -114,11 +127,19 @@ def memory_loop(config: dict) -> None:
         engine.backward_step(loss)
         step_s.append(tm.perf_counter() - t0)
     gc.collect()
+    steady = rss()
+    # Hand freed heap memory back to the OS: what remains is what the process still holds.
+    # (glibc raises its mmap threshold after large frees, so later medium tensors, e.g.
+    # ZeRO-3's per-layer gathers, come from the heap and stay in RSS after being freed.)
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     out = {
         "rank": rank, "world": world, "stage": cfg.train.zero_stage, "params": params,
         "base_rss_mib": base_rss, "base_peak_mib": base_peak,
         "built_rss_delta_mib": built_rss - base_rss, "init_rss_delta_mib": init_rss - base_rss,
-        "steady_rss_delta_mib": rss() - base_rss, "peak_rss_delta_mib": peak() - base_rss,
+        "steady_rss_delta_mib": steady - base_rss, "trimmed_rss_delta_mib": rss() - base_rss,
+        "peak_rss_delta_mib": peak() - base_rss,
         **tensor_mib(engine),
         "step_s": step_s, "median_step_s": st.median(step_s[1:] or step_s),
     }
@@ -140,6 +161,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", type=int, nargs="+", default=(0, 1, 2, 3))
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--zero-overrides", type=json.loads, default=None, metavar="JSON",
+                   help='investigation: keys merged into zero_optimization, e.g. \'{"reduce_bucket_size": 5e6}\'')
+    p.add_argument("--name", default="zero_memory", help="results/<name>.json")
     p.add_argument("--steps", type=int, default=2, help="optimiser steps per stage (the first allocates Adam states)")
     args = p.parse_args()
     base = bench_config({"optim.batch_size": 1, "optim.warmup_steps": 1, "optim.max_steps": 100,
@@ -154,7 +178,7 @@ def main() -> None:
                 TorchTrainer(
                     memory_loop,
                     train_loop_config={"cfg": cfg.to_dict(), "unet": MEM_UNET, "steps": args.steps, "out_dir": tmp,
-                                       "bandwidth": stage == args.stages[0]},
+                                       "bandwidth": stage == args.stages[0], "zero_overrides": args.zero_overrides},
                     scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=False,
                                                  resources_per_worker={"CPU": 1}),
                     torch_config=TorchConfig(backend="gloo"),
@@ -172,6 +196,7 @@ def main() -> None:
                     "model_mib": model, "model_bytes_per_param": model_bytes_per_param(stage, args.workers),
                     "model_plus_master_mib": model + master,
                     "steady_rss_delta_mib": max(r["steady_rss_delta_mib"] for r in ranks),
+                    "trimmed_rss_delta_mib": max(r["trimmed_rss_delta_mib"] for r in ranks),
                     "peak_rss_delta_mib": max(r["peak_rss_delta_mib"] for r in ranks),
                     **{k: max(r[k] for r in ranks) for k in ("weights_mib", "master_mib", "adam_states_mib")},
                     "median_step_s": max(r["median_step_s"] for r in ranks),
@@ -179,6 +204,7 @@ def main() -> None:
                 }
                 row["steady_over_model"] = row["steady_rss_delta_mib"] / model
                 row["measured_bytes_per_param_steady"] = row["steady_rss_delta_mib"] * 2**20 / n
+                row["measured_bytes_per_param_trimmed"] = row["trimmed_rss_delta_mib"] * 2**20 / n
                 row["measured_bytes_per_param_peak"] = row["peak_rss_delta_mib"] * 2**20 / n
                 bw = [r["allreduce_bus_gbps"] for r in ranks if "allreduce_bus_gbps" in r]
                 if bw:
@@ -186,11 +212,12 @@ def main() -> None:
                 rows.append(row)
                 print(f"[bench] ZeRO-{stage}: model {model:.0f} MiB/worker; weights {row['weights_mib']:.0f}, "
                       f"fp32 master {row['master_mib']:.0f}, Adam {row['adam_states_mib']:.0f}; "
+                      f"trimmed RSS +{row['trimmed_rss_delta_mib']:.0f}, "
                       f"steady RSS +{row['steady_rss_delta_mib']:.0f}, peak RSS +{row['peak_rss_delta_mib']:.0f} MiB; "
                       f"step {row['median_step_s']:.2f}s", flush=True)
     finally:
         ray.shutdown()
-    write_result("zero_memory", {"config": vars(args), "workers": args.workers, "unet": MEM_UNET, "rows": rows})
+    write_result(args.name, {"config": vars(args), "workers": args.workers, "unet": MEM_UNET, "rows": rows})
 
 
 if __name__ == "__main__":
