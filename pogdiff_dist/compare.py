@@ -240,27 +240,34 @@ def load_eval(client: MlflowClient, run_id: str) -> dict | None:
 
 
 def plot_identity_frequency(evals: dict[str, dict], path: Path) -> Path | None:
-    """Per-identity metrics against training images of the identity (log x), one marker
-    series per run; few-shot identities are the left of each panel."""
+    """Per-identity metrics against the identity's training images (log x): one colour
+    per run, a marker per identity (nudged sideways per run so runs do not overlap) and a
+    line through the run's mean at each training-set size. Few-shot identities are left."""
     evals = {name: e for name, e in evals.items() if e and e.get("per_identity")}
     if not evals:
         return None
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     markers = "osD^v<>p*h"
+    counts = sorted({max(row["train_count"], 1) for e in evals.values() for row in e["per_identity"].values()})
     for ax, metric in zip(axes.ravel(), EVAL_METRICS):
         for i, (name, e) in enumerate(evals.items()):
-            per = e["per_identity"]
-            pts = sorted((max(row["train_count"], 1), row.get(metric)) for row in per.values()
-                         if row.get(metric) is not None)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], linestyle=":",
-                        label=name, alpha=0.8)
+            nudge = 1 + 0.04 * (i - (len(evals) - 1) / 2)
+            pts = [(max(row["train_count"], 1), row[metric]) for row in e["per_identity"].values()
+                   if row.get(metric) is not None]
+            if not pts:
+                continue
+            color = f"C{i % 10}"
+            ax.scatter([x * nudge for x, _ in pts], [y for _, y in pts], color=color, alpha=0.6,
+                       marker=markers[i % len(markers)], label=name)
+            xs = sorted({x for x, _ in pts})
+            means = [sum(y for x2, y in pts if x2 == x) / sum(x2 == x for x2, _ in pts) for x in xs]
+            ax.plot([x * nudge for x in xs], means, color=color, linewidth=1.5)
         ax.set_xscale("log")
+        ax.set_xticks(counts, [str(c) for c in counts])
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
-        ax.xaxis.set_major_formatter(plt.ScalarFormatter())
         ax.set_xlabel("training images of the identity")
-        ax.set_title(metric + (" (lower is better)" if metric == "fid" else ""))
+        ax.set_title(metric + (" (lower is better)" if metric == "fid" else "") + ": per identity, line = mean")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("per-identity metrics vs training frequency (best runs)")
@@ -310,7 +317,8 @@ def compare(tracking_uri: str | None = None, experiment: str | None = None, pare
             break
         e = load_eval(client, r.run_id)
         if e is not None:
-            evals[f"{r.name} ({r.run_id[:8]})"] = e
+            step = r.metrics.get("final_step")
+            evals[f"{r.name} ({r.run_id[:8]}{'' if step is None else f', step {step:.0f}'})"] = e
     p = plot_identity_frequency(evals, out / "identity_frequency.png")
     if p is not None:
         result.plots["identity_frequency"] = p

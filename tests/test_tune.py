@@ -2,6 +2,7 @@
 Ray cluster in which ASHA stops one trial after its first rung."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -200,3 +201,48 @@ def test_sweep_stops_a_trial_records_mlflow_and_writes_best_config(ray_local, ti
                                   f"tags.mlflow.parentRunId = '{out.parent_run_id}'")) == 2
     assert math.isclose(load_config(again.best_config).loss.a3, 1000.0)
     assert client.get_run(out.parent_run_id).info.status == "FINISHED"
+
+
+def test_failed_trials_are_reported_in_the_table_and_the_parent_run(tmp_path):
+    """A trial that raised shows as `error` with its message, in the printed table and in
+    the sweep's parent run (tag, metric, status); it never becomes the best trial."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from pogdiff_dist.dist.tune import _create_parent, _finish_parent, _rows, format_table
+
+    spec, base = load_sweep(REPO / "configs" / "sweeps" / "psi.yaml")
+    base = base.with_overrides({"tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    uri = base.tracking.tracking_uri
+    parent = _create_parent(uri, base, spec, "psi")
+    cfg = {"loss.a1": 1.5, "loss.a2": 1.0, "loss.a3": 2.0, "loss.k": 7, "optim.lr": 1e-3, "loss.neighbor_grad": "stop"}
+    results = [
+        SimpleNamespace(path=str(tmp_path / "trial-t_00000"), config=cfg, error=None,
+                        metrics={"rung": 3, "step": 300, "eval/accuracy_few": 0.5, "mlflow_run_id": None}),
+        SimpleNamespace(path=str(tmp_path / "trial-t_00001"), config=cfg, error=None,
+                        metrics={"rung": 1, "step": 100, "eval": {"accuracy_few": 0.25}}),  # Tune's nested form
+        SimpleNamespace(path=str(tmp_path / "trial-t_00002"), config=cfg, metrics={},
+                        error=RuntimeError("Training failed\nFloatingPointError: non-finite loss at step 3")),
+    ]
+    rows = _rows(results, spec, tmp_path)
+    assert [(r.trial_id, r.status, r.value) for r in rows] == [
+        ("t_00000", "completed", 0.5), ("t_00001", "stopped_early", 0.25), ("t_00002", "error", None)]
+    best = pick_best(rows, spec.mode)
+    table = format_table(rows, spec, best)
+    assert "t_00000 *" in table and "trial t_00002 failed: FloatingPointError: non-finite loss at step 3" in table
+    _finish_parent(uri, parent, spec, rows, best, [], wall=12.5)
+
+    run = MlflowClient(uri).get_run(parent)
+    assert run.info.status == "FINISHED"  # some trials succeeded
+    assert run.data.metrics["sweep/num_failed"] == 1 and run.data.metrics["sweep/num_completed"] == 1
+    assert run.data.metrics["best/eval/accuracy_few"] == 0.5 and run.data.metrics["sweep/wall_seconds"] == 12.5
+    assert run.data.tags["sweep.failed_trials"] == "t_00002: FloatingPointError: non-finite loss at step 3"
+    assert json.loads(run.data.tags["sweep.best_params"]) == cfg
+    assert run.data.params["sweep.space_keys"] == ",".join(spec.keys) and "loss.a1" not in run.data.params
+    assert run.data.params["loss.method"] == "pogdiff"  # the base config's fixed values
+
+    all_failed = [r for r in rows if r.status == "error"]
+    parent2 = _create_parent(uri, base, spec, "psi-2")
+    _finish_parent(uri, parent2, spec, all_failed, None, [], wall=1.0)
+    assert MlflowClient(uri).get_run(parent2).info.status == "FAILED"
