@@ -191,6 +191,7 @@ class TrainConfig:
     on_nonfinite: str = "skip"  # non-finite loss: "skip" the step (counted, logged) or "raise"
     max_nonfinite: int = 20  # with "skip": stop with an error after this many skipped steps in a row
     verify_shards: bool = True  # checksum every shard against the manifest before training (size is always checked)
+    text_cache_mib: float = 256.0  # per worker: y' hidden states of distinct neighbour captions kept (LRU); 0: off
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
@@ -204,6 +205,7 @@ class TrainConfig:
         _check(self.sample_steps >= 1 and self.samples_per_prompt >= 1, "train.sample_steps and samples_per_prompt must be >= 1")
         _one_of("train.on_nonfinite", self.on_nonfinite, ("skip", "raise"))
         _check(self.max_nonfinite >= 1, "train.max_nonfinite must be >= 1")
+        _check(self.text_cache_mib >= 0, f"train.text_cache_mib must be >= 0, got {self.text_cache_mib}")
 
 
 @dataclass(frozen=True)

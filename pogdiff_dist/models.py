@@ -7,6 +7,7 @@ default (pixel space) and the tests.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,55 @@ class TextEncoder:
     def to(self, device) -> "TextEncoder":
         self.model.to(device)
         return self
+
+
+class CaptionStateCache:
+    """y' hidden states of neighbour captions, computed once per distinct caption.
+
+    The text encoder is frozen, so a caption's hidden states never change: each batch
+    encodes only its distinct token rows that are not already cached, and keeps them in
+    a least-recently-used cache bounded by ``max_mib`` (0: no cache, distinct rows are
+    still encoded once per batch). Counts lookups and hits for the run's metrics.
+    """
+
+    def __init__(self, encoder: TextEncoder, max_mib: float = 0.0):
+        self.encoder = encoder
+        self.max_mib = max_mib
+        self.capacity: int | None = None  # entries; set on first use from the state size
+        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.lookups = 0
+        self.hits = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    def __call__(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """hidden states [B, L, D] of the token rows ``ids`` [B, L] with ``lengths`` [B]."""
+        keys = [row.tobytes() + int(n).to_bytes(4, "little")
+                for row, n in zip(ids.cpu().numpy(), lengths.cpu().tolist())]
+        self.lookups += len(keys)
+        missing: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            if key in self._cache:
+                self.hits += 1
+                self._cache.move_to_end(key)
+            else:
+                missing.setdefault(key, i)
+        fresh: dict[bytes, torch.Tensor] = {}
+        if missing:
+            rows = torch.tensor(list(missing.values()), device=ids.device)
+            hidden, _ = self.encoder.encode_ids(ids[rows], lengths[rows])
+            fresh = dict(zip(missing, hidden))
+            if self.capacity is None:
+                self.capacity = int(self.max_mib * 2**20 // max(hidden[0].numel() * hidden.element_size(), 1))
+        out = torch.stack([self._cache[k] if k in self._cache else fresh[k] for k in keys])
+        if self.capacity:
+            for key, h in fresh.items():
+                self._cache[key] = h
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return out
 
 
 class PixelEmbedder:

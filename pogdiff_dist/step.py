@@ -21,6 +21,7 @@ from pogdiff_dist.losses import (
     t2h_targets,
     vanilla_loss,
 )
+from pogdiff_dist.models import CaptionStateCache
 
 
 @dataclass
@@ -60,10 +61,12 @@ class DualConditionStep:
     """
 
     def __init__(self, loss_cfg, noise_scheduler, text_encoder, uncond: torch.Tensor,
-                 all_elbo: torch.Tensor | None, caption_dropout: float = 0.0):
+                 all_elbo: torch.Tensor | None, caption_dropout: float = 0.0, text_cache_mib: float = 0.0):
         self.cfg = loss_cfg
         self.scheduler = noise_scheduler
         self.text_encoder = text_encoder
+        # y' = the neighbour's caption through the frozen encoder: each distinct caption once.
+        self.nbr_states = CaptionStateCache(text_encoder, text_cache_mib)
         self.uncond = uncond  # [L, D] hidden states of the empty caption
         self.caption_dropout = caption_dropout
         self.log_norm = None
@@ -110,8 +113,7 @@ class DualConditionStep:
 
         pred_nb = None
         if n_act:
-            y_nb, _ = self.text_encoder.encode_ids(batch.nbr_tokens[active, j[active]], batch.nbr_len[active, j[active]])
-            y_nb = y_nb.to(dtype)
+            y_nb = self.nbr_states(batch.nbr_tokens[active, j[active]], batch.nbr_len[active, j[active]]).to(dtype)
         if n_act and self.cfg.neighbor_grad == "full":
             out = unet(torch.cat([x_t, x_t[active]]).to(dtype), torch.cat([t, t[active]]),
                        encoder_hidden_states=torch.cat([y.to(dtype), y_nb])).sample
@@ -134,6 +136,7 @@ class DualConditionStep:
             psi_mean=psi.mean().item(),
             psi_max=psi.max().item(),
             psi_zero_frac=(psi == 0).float().mean().item(),
+            text_cache_hit_rate=self.nbr_states.hit_rate,
         )
         return loss.mean(), stats
 

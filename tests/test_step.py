@@ -220,5 +220,68 @@ def test_caption_dropout_zeroes_psi(env, uncond):
 
 def test_stats_keys(env):
     _, stats, _ = env(POSITIVE)
-    assert set(stats) == {"loss_denoise", "loss_pog", "psi_mean", "psi_max", "psi_zero_frac"}
+    assert set(stats) == {"loss_denoise", "loss_pog", "psi_mean", "psi_max", "psi_zero_frac", "text_cache_hit_rate"}
     assert all(isinstance(v, float) for v in stats.values())
+
+
+class CountingEncoder:
+    """The real text encoder, recording how many caption rows each call encodes."""
+
+    def __init__(self, encoder):
+        self.encoder, self.rows = encoder, []
+
+    def encode_ids(self, ids, lengths):
+        self.rows.append(ids.shape[0])
+        return self.encoder.encode_ids(ids, lengths)
+
+
+def test_caption_cache_matches_the_encoder_and_encodes_each_distinct_caption_once(text_encoder):
+    from pogdiff_dist.models import CaptionStateCache
+
+    captions = ["a red three", "a blue seven", "a red three", "grey zero", "a blue seven", "a red three"]
+    ids, lens = (torch.from_numpy(a) for a in text_encoder.tokenize(captions))
+    direct, _ = text_encoder.encode_ids(ids, lens)
+    counting = CountingEncoder(text_encoder)
+    cache = CaptionStateCache(counting, max_mib=1.0)
+    out = cache(ids, lens)
+    assert torch.allclose(out, direct, atol=1e-5)
+    assert counting.rows == [3]  # three distinct captions in the batch
+    again = cache(ids[[3, 0]], lens[[3, 0]])
+    assert counting.rows == [3] and torch.allclose(again, direct[[3, 0]], atol=1e-5)
+    assert cache.lookups == 8 and cache.hits == 2 and cache.hit_rate == 0.25
+    # entry = L x D fp32 = 8 x 384 x 4 bytes; 1 MiB holds 85 of them
+    assert cache.capacity == 2**20 // (L * 384 * 4)
+
+
+def test_caption_cache_evicts_least_recently_used_and_zero_mib_keeps_nothing(text_encoder):
+    from pogdiff_dist.models import CaptionStateCache
+
+    ids, lens = (torch.from_numpy(a) for a in text_encoder.tokenize(["one", "two", "three"]))
+    counting = CountingEncoder(text_encoder)
+    cache = CaptionStateCache(counting, max_mib=2 * L * 384 * 4 / 2**20)  # room for exactly 2 captions
+    cache(ids[:2], lens[:2])
+    cache(ids[:1], lens[:1])  # "one" is now the most recent
+    cache(ids[2:], lens[2:])  # adds "three", evicts "two"
+    assert cache.capacity == 2 and len(cache._cache) == 2
+    cache(ids[:1], lens[:1])
+    cache(ids[1:2], lens[1:2])
+    assert counting.rows == [2, 1, 1]  # "one" hit; "two" had been evicted
+    off = CaptionStateCache(CountingEncoder(text_encoder), max_mib=0)
+    off(ids, lens)
+    off(ids, lens)
+    assert off.encoder.rows == [3, 3] and off.hits == 0
+
+
+def test_step_reports_cache_hits_and_gives_the_same_loss_with_and_without_cache(unet, scheduler, text_encoder,
+                                                                                uncond, all_elbo):
+    batch = make_batch(text_encoder, all_elbo, POSITIVE)
+    cfg = LossConfig(k=K)
+    cached = DualConditionStep(cfg, scheduler, text_encoder, uncond, all_elbo, text_cache_mib=16)
+    plain = DualConditionStep(cfg, scheduler, text_encoder, uncond, all_elbo, text_cache_mib=0)
+    losses = []
+    for step in (cached, cached, plain):
+        loss, stats = step(unet, batch, torch.Generator().manual_seed(5))
+        losses.append(loss.item())
+    assert stats["text_cache_hit_rate"] == 0.0
+    assert cached.nbr_states.hit_rate == 0.5  # the second step found all four y' cached
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0] == pytest.approx(losses[2], abs=1e-6)

@@ -101,7 +101,8 @@ def train_loop_per_worker(config: dict) -> None:
     uncond = text.encode([""])[0][0]
     scheduler = build_noise_scheduler(cfg.model)
     elbo = torch.from_numpy(np.load(prepared / manifest.elbo_file))
-    stepper = DualConditionStep(cfg.loss, scheduler, text, uncond, elbo, cfg.train.caption_dropout)
+    stepper = DualConditionStep(cfg.loss, scheduler, text, uncond, elbo, cfg.train.caption_dropout,
+                                cfg.train.text_cache_mib)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     c, h, _ = manifest.latent_shape
