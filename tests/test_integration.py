@@ -1,6 +1,7 @@
 """End to end on a local Ray cluster: prepare -> shards -> 2 DeepSpeed workers -> checkpoint
 -> resume -> diffusers export -> generation -> MLflow. Real parts, tiny sizes."""
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,10 @@ def test_shards_round_trip(ray_local, tiny_cfg, prepared):
     batch = collate(next(iter(ds.iter_batches(batch_size=10_000, batch_format="numpy"))))
     n = prepared.num_samples
     assert n == 32 and sorted(batch.index.tolist()) == list(range(n))  # every sample exactly once
+    # one shard per samples_per_shard rows, so workers can read disjoint files in parallel
+    per_shard = [len({Path(m).name.split(".")[0] for m in tarfile.open(out / "shards" / s).getnames()})
+                 for s in prepared.shards]
+    assert per_shard == [tiny_cfg.prepare.samples_per_shard] * 2, per_shard
 
     order = torch.argsort(batch.index)
     train = load_records(tiny_cfg).train()

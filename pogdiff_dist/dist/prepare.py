@@ -194,7 +194,11 @@ def run_prepare(cfg: Config) -> Manifest:
         ref = ray.put(tables)
         ds = ray.data.read_parquet(str(encoded)).select_columns(["index", "key", "caption", "latent", "y"])
         ds = ds.map_batches(_AttachNeighbours, fn_constructor_args=([ref],), concurrency=1, batch_format="numpy")
-        ds.write_webdataset(str(shard_dir), num_rows_per_file=cfg.prepare.samples_per_shard)
+        # One shard per block of samples_per_shard rows (streaming, no shuffle): shards are the
+        # unit of parallel reads, so 2 workers need >= 2 of them. (write_webdataset's
+        # min_rows_per_file is only a minimum: alone, it wrote one shard for 385 rows.)
+        ds = ds.repartition(target_num_rows_per_block=cfg.prepare.samples_per_shard)
+        ds.write_webdataset(str(shard_dir))
         shards = sorted(shard_dir.glob("*.tar"))
         print(f"[prepare] shards: wrote {len(shards)} shard(s) in {time.time() - t0:.1f}s", flush=True)
         # sizes and checksums let training reject a truncated, corrupt or foreign shard by name
