@@ -155,9 +155,12 @@ def render_md(res: dict) -> str:
         n = zm["rows"][0]["params"]
         md += [f"## 5. Memory per worker, ZeRO stages ({zm['workers']} workers, {n / 1e6:.1f}M-param UNet, fp32 AdamW)", ""]
         md += ["Model: 16 bytes/param at stage 0 (fp32 weights 4 + grads 4 + Adam m,v 8), optimiser states / N at "
-               "stage 1, also gradients at 2, also weights at 3. Measured per worker above its RSS before the model "
+               "stage 1, also gradients at 2, also weights at 3; the gradients exist between backward and the "
+               "optimiser step, so the model is met at the peak, and after a step (grads freed) the resident set "
+               "should be the model less the gradients. Measured per worker above its RSS before the model "
                "was built: weights, fp32 master and Adam states read off the engine; RSS after the steps, after "
-               "malloc_trim (freed heap returned to the OS), and at the peak.", ""]
+               "malloc_trim (freed heap returned to the OS), and at the peak (which also holds transients such as "
+               "DeepSpeed's flattening copies and, for ZeRO-3, the full model built before it is partitioned).", ""]
         md += table(["stage", "model MiB", "model + fp32 master", "weights", "fp32 master", "Adam m,v",
                      "RSS after steps", "RSS after trim", "peak RSS", "bytes/param (trimmed)", "step s"],
                     [[r["stage"], r["model_mib"], r["model_plus_master_mib"], r["weights_mib"], r["master_mib"],
