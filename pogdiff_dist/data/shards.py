@@ -40,7 +40,7 @@ ARRAY_FIELDS = ("latent.npy", "y.npy", "nbr_tokens.npy", "nbr_len.npy", "nbr_ind
 META_FIELD = "meta.json"
 META_KEYS = ("index", "identity_id", "caption", "elbo", "fingerprint")
 MANIFEST = "manifest.json"
-SHARD_FORMAT = 2  # bump when the fields change: prepare re-writes shards of another format
+SHARD_FORMAT = 3  # bump when the fields or layout change: prepare re-writes shards of another format
 
 
 @dataclass
