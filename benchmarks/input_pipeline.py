@@ -93,6 +93,8 @@ def train_run(cfg, workers: int, num_samples: int) -> dict:
         "epochs_crossed": c.optim.max_steps * c.optim.batch_size * workers // num_samples,
         "data_wait_frac_first_window": wait[0] if wait else None,
         "psi_zero_frac_windows": psi0,  # samples that skipped the y' pass (rank 0)
+        # cumulative share of y' captions found in the caption cache (rank 0), per window
+        "text_cache_hit_rate_windows": history("text_cache_hit_rate"),
         "peak_rss_mib_max_worker": outcome.metrics.get("final_peak_rss_mib_max_worker"),
         "fit_seconds": outcome.metrics.get("fit_seconds"), "run_train_wall_s": wall,
     }

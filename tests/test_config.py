@@ -161,3 +161,18 @@ def test_fingerprint_changes_only_with_its_sections():
     b = a.with_overrides({"loss.a1": 2.0})
     assert a.fingerprint("loss") != b.fingerprint("loss")
     assert a.fingerprint("prepare", "data") == b.fingerprint("prepare", "data")
+
+
+def test_deepspeed_config_from_the_typed_config():
+    from pogdiff_dist.config import load_config
+    from pogdiff_dist.dist.engine import deepspeed_config
+
+    cfg = load_config(None, {"optim.batch_size": 4, "optim.grad_accum": 3, "train.zero_stage": 2})
+    ds = deepspeed_config(cfg.optim, cfg.train, world_size=2)
+    assert ds["train_batch_size"] == 4 * 3 * 2 and ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"] == {"stage": 2}  # CPU/gloo: no overlap
+    gpu = load_config(None, {"train.use_gpu": True, "train.zero_stage": 2, "train.precision": "bf16"})
+    ds = deepspeed_config(gpu.optim, gpu.train, world_size=8)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["bf16"]["enabled"]
+    z3 = load_config(None, {"train.use_gpu": True, "train.zero_stage": 3})
+    assert deepspeed_config(z3.optim, z3.train, 8)["zero_optimization"] == {"stage": 3}  # DeepSpeed's default: on
