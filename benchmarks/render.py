@@ -183,7 +183,7 @@ def render_md(res: dict) -> str:
         md += table(["workers", "samples/s", "speed-up", "efficiency", "step s"],
                     [[w, sc_["samples_per_s"][w], sc_["speedup"][w], sc_["efficiency"][w], sc_["step_s"][w]]
                      for w in sorted(sc_["samples_per_s"])])
-        md += ["See benchmarks/SCALING.md for the multi-node model.", ""]
+        md += ["See docs/SCALING.md for the multi-node model.", ""]
     return "\n".join(md)
 
 
