@@ -17,6 +17,7 @@ from pathlib import Path
 from pogdiff_dist.config import RayConfig
 from pogdiff_dist.dist.evaluate import resolve_source, run_evaluate
 from pogdiff_dist.evaluation import EvalConfig
+from pogdiff_dist.evaluation.evaluate import CLASSIFIERS
 
 
 def main(argv=None) -> int:
@@ -41,9 +42,10 @@ def main(argv=None) -> int:
     met = p.add_argument_group("metrics")
     met.add_argument("--encoder", default=d.encoder,
                      help="'pixels' (offline default) or a local transformers vision model dir, e.g. DINOv2")
-    met.add_argument("--classifier", default=d.classifier, choices=["auto", "digits", "centroid"],
-                     help="identity classifier: the Digits-IT2I CNN, nearest centroid of encoder features, or "
-                          "auto (digits for Digits-IT2I) (default %(default)s)")
+    met.add_argument("--classifier", default=d.classifier, choices=list(CLASSIFIERS),
+                     help="identity classifier: the Digits-IT2I CNN, the Faces-IT2I CNN, nearest centroid of "
+                          "encoder features, or auto (digits for Digits-IT2I, faces for Faces-IT2I, else centroid) "
+                          "(default %(default)s)")
     met.add_argument("--fid-dims", type=int, default=d.fid_dims,
                      help="principal axes of the real features FID is computed on (default %(default)s)")
     met.add_argument("--few-threshold", type=int, help="few-shot = at most this many training images "

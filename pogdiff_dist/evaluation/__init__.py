@@ -9,7 +9,8 @@ Modules, in data-flow order (none imports ray; the Ray distribution is
 - ``evaluate``: :class:`EvalConfig`, per-identity generation, :func:`compute_metrics`,
   :func:`evaluate_model` (one process: what a Ray Tune trial calls)
 - ``features``: image encoders and the real (training, held-out) images
-- ``classifiers``: the Digits-IT2I digit CNN and the nearest-centroid classifier
+- ``classifiers``: the Digits-IT2I digit CNN, the Faces-IT2I CNN and the nearest-centroid
+  classifier
 - ``metrics``: the pure metric math (FID, DINO score, gRecall, accuracy, averaging)
 - ``report``: metrics.json, images, grids, the metric-vs-frequency plot, MLflow
 """

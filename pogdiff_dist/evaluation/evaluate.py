@@ -20,12 +20,13 @@ import numpy as np
 
 from pogdiff_dist.data.shards import Manifest
 from pogdiff_dist.evaluation import metrics as M
-from pogdiff_dist.evaluation.classifiers import DigitsClassifier, NearestCentroidClassifier, digit_names
+from pogdiff_dist.evaluation.classifiers import (DigitsClassifier, FacesClassifier, NearestCentroidClassifier,
+                                                 digit_names, face_names)
 from pogdiff_dist.evaluation.features import ImageEncoder, RealImages, load_real_images
 
 PROMPT = "An image of {name}."  # PoGDiff Sec. 4.1
 METRICS = ("fid", "dino", "grecall", "accuracy")
-CLASSIFIERS = ("auto", "digits", "centroid")
+CLASSIFIERS = ("auto", "digits", "faces", "centroid")
 MIN_HELDOUT = 2  # FID/DINO use held-out images when an identity has at least this many
 
 
@@ -38,7 +39,8 @@ class EvalConfig:
     guidance_scale: float = 3.0  # classifier-free guidance, as train.guidance_scale
     seed: int = 0  # identity i's generator is seeded from (seed, name): see identity_seed
     encoder: str = "pixels"  # "pixels" or a local transformers vision model dir (DINOv2...)
-    classifier: str = "auto"  # "digits" (Digits-IT2I CNN), "centroid", or "auto" (digits if every name is a digit's)
+    classifier: str = "auto"  # "digits" (Digits-IT2I CNN), "faces" (Faces-IT2I CNN), "centroid", or "auto" (see
+    #   resolve_classifier: digits if every name is a digit's, faces if every name is a face's, else centroid)
     fid_dims: int = 16  # FID on this many principal axes of the real features (see metrics.py)
     fid_eps: float = M.FID_EPS  # added to both covariances' diagonals before sqrtm
     grecall_threshold: float = M.GRECALL_THRESHOLD
@@ -110,18 +112,41 @@ def evaluated_identities(manifest: Manifest, cfg: EvalConfig) -> list[str]:
     return [n for n in manifest.identities if n in set(cfg.identities)]
 
 
-def build_classifier(cfg: EvalConfig, manifest: Manifest, train_features: dict[str, np.ndarray],
-                     resolution: int, cache_dir: Path):
-    """``auto``: the Digits-IT2I CNN when every identity is a digit's name, otherwise the
-    nearest centroid of the encoder features."""
-    kind = cfg.classifier
+def resolve_classifier(kind: str, identities) -> str:
+    """The classifier ``kind`` means for these identity names: ``auto`` is the
+    Digits-IT2I CNN when every name is a digit's, the Faces-IT2I CNN when every name is a
+    Faces-IT2I identity's, otherwise the nearest centroid of the encoder features. A
+    dataset CNN forced on names it does not know is an error naming them."""
+    names = set(identities)
+    if kind not in CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {list(CLASSIFIERS)}, got {kind!r}")
     if kind == "auto":
-        kind = "digits" if set(manifest.identities) <= set(digit_names()) else "centroid"
+        if names <= set(digit_names()):
+            return "digits"
+        if names <= face_names():
+            return "faces"
+        return "centroid"
     if kind == "digits":
-        missing = sorted(set(manifest.identities) - set(digit_names()))
+        missing = sorted(names - set(digit_names()))
         if missing:
             raise ValueError(f"classifier 'digits' needs Digits-IT2I identities; {missing[:3]} are not")
+    if kind == "faces":
+        missing = sorted(names - face_names())
+        if missing:
+            raise ValueError(f"classifier 'faces' needs Faces-IT2I identities; {missing[:3]} are not")
+    return kind
+
+
+def build_classifier(cfg: EvalConfig, manifest: Manifest, train_features: dict[str, np.ndarray],
+                     resolution: int, cache_dir: Path, channels: int = 3):
+    """The classifier :func:`resolve_classifier` names for the dataset's identities: the
+    digit CNN (per resolution), the faces CNN (trained on fresh renders of exactly the
+    dataset's identities at ``resolution`` and ``channels``), or the nearest centroid."""
+    kind = resolve_classifier(cfg.classifier, manifest.identities)
+    if kind == "digits":
         return DigitsClassifier.load_or_train(cache_dir, resolution)
+    if kind == "faces":
+        return FacesClassifier.load_or_train(cache_dir, manifest.identities, resolution, channels)
     return NearestCentroidClassifier(train_features, encoder=cfg.encoder)
 
 
@@ -150,7 +175,7 @@ def compute_metrics(generated: dict[str, np.ndarray], real: RealImages, manifest
     if classifier is None:
         cache = cache_dir if cache_dir is not None else cfg.cache_dir
         cache = Path(cache) if cache is not None else Path.home() / ".cache" / "pogdiff_dist" / "eval"
-        classifier = build_classifier(cfg, manifest, train_f, resolution, cache)
+        classifier = build_classifier(cfg, manifest, train_f, resolution, cache, channels=int(some.shape[3]))
 
     pool = [f for f in (*train_f.values(), *held_f.values()) if len(f)]
     projection = M.fit_projection(np.concatenate(pool), cfg.fid_dims)
@@ -189,6 +214,9 @@ def compute_metrics(generated: dict[str, np.ndarray], real: RealImages, manifest
     if isinstance(classifier, DigitsClassifier):
         clf_info["note"] = ("held-out images of Digits-IT2I are load_digits images the CNN was trained on; "
                             "its accuracy on unseen load_digits images is measured in tests/test_metrics.py")
+    elif isinstance(classifier, FacesClassifier):
+        clf_info["note"] = ("trained on fresh renders of these identities, none of them a dataset image: the "
+                            "held-out accuracy above is on images it never saw (tests/test_faces_judge.py)")
 
     summary = M.summarize(per, METRICS, few)
     return {
