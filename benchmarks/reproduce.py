@@ -71,6 +71,7 @@ VARIANTS = {
                                         "loss.psi_cap": 1.0, "loss.a2": 4.0},
 }
 METRICS = ("accuracy", "grecall", "dino", "fid")
+EVAL_VERSION = 2  # bump when the evaluation changes (v2: Faces-IT2I CNN judge): cached evaluations are redone
 SELECT_ON = "accuracy_few"
 
 
@@ -112,7 +113,7 @@ class Experiment:
         """Fixed-seed evaluation of every identity (cached next to the model)."""
         from pogdiff_dist.evaluation.evaluate import evaluate_model
 
-        cached = model.parent / "eval.json"
+        cached = model.parent / f"eval-v{EVAL_VERSION}.json"
         if cached.is_file():
             return json.loads(cached.read_text())
         t0 = time.time()
