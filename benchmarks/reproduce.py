@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -104,6 +105,9 @@ class Experiment:
         model = self.out / "runs" / name / "model"
         if (model / "model_index.json").is_file():
             return model
+        if model.parent.exists():  # an interrupted run: start it again under the same name
+            print(f"[reproduce] {model.parent} has no exported model: training it again", flush=True)
+            shutil.rmtree(model.parent)
         t0 = time.time()
         outcome = run_train(self.config(preset, name, overrides))
         self._log({"event": "trained", "name": name, "seconds": time.time() - t0, **outcome.metrics})
