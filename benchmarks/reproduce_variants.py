@@ -9,13 +9,12 @@ the same base model with the same budget, seeds and cached evaluation as reprodu
 
 import json
 
-from reproduce import REPO, Experiment, _aggregate, _fmt_row
+from reproduce import REPO, VARIANTS as STUDIED, Experiment, _aggregate, _fmt_row
 
 VARIANTS = {
-    "PoGDiff w/o psi_den a2=4": {"loss.method": "pogdiff", "loss.neighbor_grad": "stop", "loss.use_psi_den": False,
-                                 "loss.a2": 4.0},
-    "PoGDiff T=50 cap 1": {"loss.method": "pogdiff", "loss.neighbor_grad": "stop", "loss.den_temperature": 50.0,
-                           "loss.psi_cap": 1.0},
+    "PoGDiff w/o psi_den a2=4": {"loss.method": "pogdiff", **STUDIED["stop, literal psi_den"],
+                                 "loss.use_psi_den": False, "loss.a2": 4.0},
+    "PoGDiff T=50 cap 1": {"loss.method": "pogdiff", **STUDIED["stop, psi_den T=50, cap 1"]},
 }
 
 
