@@ -139,6 +139,22 @@ def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, g: torch
     return net.eval()
 
 
+def _load_cached(stem: Path, build, accept=lambda info: True) -> tuple[nn.Module, dict] | None:
+    """(network, info) from ``stem``.safetensors + ``stem``.json, or None when the pair is
+    missing or ``accept(info)`` is false; ``build(info)`` makes the empty network."""
+    from safetensors.torch import load_file
+
+    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if not (weights.is_file() and meta.is_file()):
+        return None
+    info = json.loads(meta.read_text())
+    if not accept(info):
+        return None
+    net = build(info)
+    net.load_state_dict(load_file(str(weights)))
+    return net, info
+
+
 def _save_cached(weights: Path, meta: Path, net: nn.Module, info: dict) -> None:
     """safetensors weights + JSON info; weights last: a complete pair means a complete entry."""
     from safetensors.torch import save_file
@@ -180,17 +196,12 @@ class DigitsClassifier:
     def load_or_train(cls, cache_dir: str | Path, resolution: int) -> "DigitsClassifier":
         """The classifier for ``resolution`` from ``cache_dir``, training and caching it on
         first use (safetensors weights + a JSON with how it was trained)."""
-        from safetensors.torch import load_file
-
-        cache_dir = Path(cache_dir)
-        stem = cache_dir / f"digits_cnn_r{resolution}_v{DIGITS_CNN_VERSION}"
-        weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-        if weights.is_file() and meta.is_file():
-            net = _network()
-            net.load_state_dict(load_file(str(weights)))
-            return cls(net, json.loads(meta.read_text()))
+        stem = Path(cache_dir) / f"digits_cnn_r{resolution}_v{DIGITS_CNN_VERSION}"
+        cached = _load_cached(stem, lambda info: _network())
+        if cached is not None:
+            return cls(*cached)
         clf = cls.train(resolution)
-        _save_cached(weights, meta, clf.net, clf.info)
+        _save_cached(stem.with_suffix(".safetensors"), stem.with_suffix(".json"), clf.net, clf.info)
         return clf
 
     @torch.no_grad()
@@ -303,18 +314,12 @@ class FacesClassifier:
         """The classifier for these identities at ``resolution`` from ``cache_dir``,
         training and caching it on first use (safetensors weights + a JSON with how it
         was trained, including the identity names it separates)."""
-        from safetensors.torch import load_file
-
         stem = cls.cache_stem(cache_dir, identities, resolution, channels)
-        weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-        if weights.is_file() and meta.is_file():
-            info = json.loads(meta.read_text())
-            if info.get("identities") == sorted(set(identities)):
-                net = cls._build(info)
-                net.load_state_dict(load_file(str(weights)))
-                return cls(net, info)
+        cached = _load_cached(stem, cls._build, lambda info: info.get("identities") == sorted(set(identities)))
+        if cached is not None:
+            return cls(*cached)
         clf = cls.train(identities, resolution, channels)
-        _save_cached(weights, meta, clf.net, clf.info)
+        _save_cached(stem.with_suffix(".safetensors"), stem.with_suffix(".json"), clf.net, clf.info)
         return clf
 
     @torch.no_grad()
