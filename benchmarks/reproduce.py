@@ -41,8 +41,8 @@ from pogdiff_dist.config import Config, load_config  # noqa: E402
 # Identical budgets per method; "cpu" fits this 2-core machine, "gpu" is the real thing.
 BUDGETS = {
     "cpu": dict(resolution=24, unet="tiny", base_steps=900, finetune_steps=150, scratch_steps=600, batch_size=8,
-                eval_images=8, eval_steps=25, lr=5e-4, warmup=20,
-                variants=["stop, literal psi_den", "stop, psi_den T=50, cap 1"], scratch_methods=["vanilla", "PoGDiff"]),
+                eval_images=8, eval_steps=25, lr=5e-4, warmup=20, variants=None,
+                scratch_methods=["vanilla", "PoGDiff"]),
     "smoke": dict(resolution=16, unet="tiny", base_steps=4, finetune_steps=2, scratch_steps=2, batch_size=4,
                   eval_images=2, eval_steps=2, lr=5e-4, warmup=2,  # checks the flow end to end in minutes
                   variants=["stop, literal psi_den"], scratch_methods=["vanilla", "PoGDiff"]),
@@ -63,32 +63,43 @@ def methods(pogdiff: dict) -> dict[str, dict]:
     }
 
 
-# The validation study: the variants that matter in practice (issue 3).
+# The validation study: the variants that matter in practice (issue 3): the gradient form,
+# psi_den literal / tempered and capped / modelled on the identity prompt, and a2.
+_ID = {"prepare.density_text": "identity"}
 VARIANTS = {
     "full, literal psi_den": {"loss.neighbor_grad": "full"},
     "stop, literal psi_den": {"loss.neighbor_grad": "stop"},
     "stop, psi_den T=50, cap 1": {"loss.neighbor_grad": "stop", "loss.den_temperature": 50.0, "loss.psi_cap": 1.0},
-    "stop, psi_den T=50, cap 1, a2=4": {"loss.neighbor_grad": "stop", "loss.den_temperature": 50.0,
-                                        "loss.psi_cap": 1.0, "loss.a2": 4.0},
+    "stop, literal psi_den, a2=4": {"loss.neighbor_grad": "stop", "loss.a2": 4.0},
+    "stop, identity psi_den": {"loss.neighbor_grad": "stop", **_ID},
+    "stop, identity psi_den T=50, cap 1": {"loss.neighbor_grad": "stop", "loss.den_temperature": 50.0,
+                                           "loss.psi_cap": 1.0, **_ID},
 }
 METRICS = ("accuracy", "grecall", "dino", "fid")
 EVAL_VERSION = 2  # bump when the evaluation changes (v2: Faces-IT2I CNN judge): cached evaluations are redone
-SELECT_ON = "accuracy_few"
+SELECT_ON, TIE_BREAK = "accuracy_few", "dino_few"
 
 
 class Experiment:
-    def __init__(self, dataset: str, budget: str, out: Path, seeds: list[int]):
-        self.dataset, self.b, self.out, self.seeds = dataset, BUDGETS[budget], out, seeds
+    def __init__(self, dataset: str, budget: str, out: Path, seeds: list[int], preset: str = "M"):
+        self.dataset, self.b, self.out, self.seeds, self.preset = dataset, BUDGETS[budget], out, seeds, preset
         self.channels = 3 if dataset.startswith("faces") else 1
         self.log = out / "log.jsonl"
 
     def config(self, preset: str, name: str, overrides: dict) -> Config:
+        return load_config(None, self.settings(preset, name, overrides))
+
+    def settings(self, preset: str, name: str, overrides: dict) -> dict:
+        """The explicit settings of a run (on top of the config defaults)."""
         b = self.b
+        # prepare options change the shards: each combination gets its own prepared directory
+        prep = "".join(f"-{k.split('.')[1]}-{v}" for k, v in sorted(overrides.items()) if k.startswith("prepare."))
         base = {
             "data.dataset": f"{self.dataset}:{preset}", "data.resolution": b["resolution"],
             "data.channels": self.channels, "data.heldout_per_identity": 10,
             "model.unet": b["unet"], "model.max_length": 32,
-            "prepare.out_dir": str(self.out / f"prepared-{preset}"), "prepare.k_max": 10,
+            "prepare.out_dir": str(self.out / f"prepared-{preset}{prep}"), "prepare.k_max": 10,
+            "prepare.density_text": "caption",  # explicit: the baselines' T2H reads the caption density
             "optim.batch_size": b["batch_size"], "optim.lr": b["lr"], "optim.warmup_steps": b["warmup"],
             "train.name": name, "train.storage_path": str(self.out / "runs"),
             "train.checkpoint_every": 10_000, "train.log_every": 25, "train.sample_steps": 10,
@@ -96,20 +107,24 @@ class Experiment:
             "tracking.tracking_uri": f"sqlite:///{self.out / 'mlflow.db'}",
             "tracking.experiment": f"reproduce-{self.dataset}",
         }
-        return load_config(None, {**base, **overrides})
+        return {**base, **overrides}
 
     def train(self, preset: str, name: str, overrides: dict) -> Path:
         """Train (or reuse a finished run) and return its exported model directory."""
         from pogdiff_dist.dist.train import run_train
 
         model = self.out / "runs" / name / "model"
-        if (model / "model_index.json").is_file():
+        request = json.dumps(self.settings(preset, name, overrides), sort_keys=True, default=str)
+        stamp = model.parent / "request.json"  # what the cached run was trained with
+        if (model / "model_index.json").is_file() and stamp.is_file() and stamp.read_text() == request:
             return model
-        if model.parent.exists():  # an interrupted run: start it again under the same name
-            print(f"[reproduce] {model.parent} has no exported model: training it again", flush=True)
+        if model.parent.exists():  # interrupted, or trained with other settings: train it again
+            print(f"[reproduce] {model.parent} is unfinished or was trained with other settings: "
+                  "training it again", flush=True)
             shutil.rmtree(model.parent)
         t0 = time.time()
         outcome = run_train(self.config(preset, name, overrides))
+        stamp.write_text(request)
         self._log({"event": "trained", "name": name, "seconds": time.time() - t0, **outcome.metrics})
         return outcome.model_dir
 
@@ -154,17 +169,18 @@ class Experiment:
         return self.evaluate(preset, model)
 
     def run(self, protocols: list[str], skip_validation: bool) -> dict:
-        results: dict = {"dataset": self.dataset, "budget": self.b, "seeds": self.seeds, "settings": {}}
+        results: dict = {"dataset": self.dataset, "preset": self.preset, "budget": self.b, "seeds": self.seeds,
+                         "settings": {}}
         base = self.base_model() if "finetune" in protocols else None
 
-        chosen, validation = dict(VARIANTS["stop, psi_den T=50, cap 1"]), {}
+        chosen, validation = {}, {}  # {}: LossConfig's defaults (what jobs/train.py uses)
         if not skip_validation and base is not None:
             variants = {k: VARIANTS[k] for k in (self.b["variants"] or VARIANTS)}
             for label, ov in {"vanilla": {"loss.method": "vanilla"}, **variants}.items():
                 runs = [self.finetune("val", label, {"loss.method": "pogdiff", **ov} if label != "vanilla" else ov,
                                       s, base) for s in self.seeds[:1]]
                 validation[label] = _aggregate(runs)
-            best = max(variants, key=lambda k: _mean(validation[k], SELECT_ON))
+            best = max(variants, key=lambda k: (_mean(validation[k], SELECT_ON), _mean(validation[k], TIE_BREAK)))
             chosen = dict(VARIANTS[best])
             results["validation"] = {"split": f"{self.dataset}:val", "select_on": SELECT_ON, "chosen": best,
                                      "rows": validation}
@@ -180,7 +196,7 @@ class Experiment:
             runs: dict[str, list] = {label: [] for label in todo}
             for seed in self.seeds:  # seed-major: a complete table for the first seed comes first
                 for label, ov in todo.items():
-                    runs[label].append(self.finetune("M", label, ov, seed, init))
+                    runs[label].append(self.finetune(self.preset, label, ov, seed, init))
                     print(f"[reproduce] {protocol} {label} seed {seed}: " + _fmt_row(_aggregate(runs[label][-1:])),
                           flush=True)
                 results["settings"][protocol] = {k: _aggregate(v) for k, v in runs.items() if v}
@@ -234,7 +250,7 @@ def markdown(results: dict) -> str:
         title = ("Fine-tuning a base model pretrained on other identities (the paper's protocol)"
                  if protocol == "finetune" else "From scratch on the imbalanced set")
         seeds = results.get("settings_seeds", {}).get(protocol, results["seeds"])
-        lines += [f"## {title}: {results['dataset']}:M, seeds {seeds}", ""] + table(rows) + [""]
+        lines += [f"## {title}: {results['dataset']}:{results.get('preset', 'M')}, seeds {seeds}", ""] + table(rows) + [""]
         van = rows.get("vanilla", {})
         if "accuracy_few" in van and "accuracy_all" in van:
             lines.append(f"Baseline check: vanilla few-shot identity accuracy {van['accuracy_few']['mean']:.3f} "
@@ -246,16 +262,19 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="faces-it2i", choices=["faces-it2i", "digits-it2i"])
+    p.add_argument("--preset", default="M", choices=["S", "M", "L"], help="the imbalanced set the table is on")
     p.add_argument("--budget", default="cpu", choices=sorted(BUDGETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--protocols", nargs="+", default=["finetune", "scratch"], choices=["finetune", "scratch"])
     p.add_argument("--skip-validation", action="store_true", help="use the default PoGDiff variant")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/reproduce-<dataset>-<budget>")
     args = p.parse_args(argv)
-    out = args.out or REPO / "benchmarks" / "results" / f"reproduce-{args.dataset}-{args.budget}"
+    suffix = "" if args.preset == "M" else f"-{args.preset}"
+    out = args.out or REPO / "benchmarks" / "results" / f"reproduce-{args.dataset}{suffix}-{args.budget}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    results = Experiment(args.dataset, args.budget, out, args.seeds).run(args.protocols, args.skip_validation)
+    results = Experiment(args.dataset, args.budget, out, args.seeds, args.preset).run(args.protocols,
+                                                                                   args.skip_validation)
     results["wall_seconds"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(markdown(results))

@@ -29,8 +29,8 @@ def _one_of(name: str, value: Any, options: tuple) -> None:
     _check(value in options, f"{name} must be one of {list(options)}, got {value!r}")
 
 
-BUNDLED_DATASETS = {  # "<name>:<preset>" -> presets; "base" is the balanced pretraining population
-    "digits-it2i": ("S", "M", "L", "base"),
+BUNDLED_DATASETS = {  # "<name>:<preset>" -> presets; "base" is the balanced pretraining population, "val" the validation split for M
+    "digits-it2i": ("S", "M", "L", "base", "val"),
     "faces-it2i": ("S", "M", "L", "base", "val"),
 }
 
@@ -98,8 +98,14 @@ class PrepareConfig:
     density_hidden_dim: int = 256
     density_epochs: int = 200
     density_lr: float = 1e-3
+    # What the density VAE models (Eq. 10). "caption": each sample's own caption (the paper's
+    # y_i). "identity": each sample's identity prompt "An image of {name}.", one row per
+    # sample, so psi_den ranks rare *names* rather than rare *descriptions* (a departure for
+    # per-image captions, whose ELBO measured a description's rarity; see README).
+    density_text: str = "caption"
 
     def __post_init__(self):
+        _one_of("prepare.density_text", self.density_text, ("caption", "identity"))
         _check(self.k_max >= 1, f"prepare.k_max must be >= 1, got {self.k_max}")
         _check(self.samples_per_shard >= 1, "prepare.samples_per_shard must be >= 1")
         _check(self.batch_size >= 1 and self.num_encoders >= 1, "prepare.batch_size and num_encoders must be >= 1")

@@ -97,6 +97,7 @@ def test_unknown_section_and_key(tmp_path):
     ("optim.schedule=linear", "optim.schedule"),
     ("data.dataset=digits-it2i:X", "data.dataset"),
     ("data.channels=2", "data.channels"),
+    ("prepare.density_text=name", "prepare.density_text"),
     ("loss.k=21", "loss.k"),  # > prepare.k_max = 20
 ])
 def test_invalid_values_name_the_field(override, field):

@@ -48,3 +48,29 @@ def test_base_builds_and_reads(tmp_path):
         src = int(re.search(r"-(\d{4})$", r.image.stem).group(1))
         assert BASE_NAMES[target[src]] == r.identity and r.caption.startswith(f"An image of {r.identity}, ")
     assert np.mean([len({r.caption for r in ds.train() if r.identity == n}) for n in BASE_NAMES]) >= 3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_val_preset_is_disjoint_from_m_and_base(seed):
+    """Hyperparameters are chosen on "val": other names, and none of M's, S's or base's images."""
+    from pogdiff_dist.data.digits import VAL_NAMES
+
+    val = PRESETS["val"]
+    assert val.names == VAL_NAMES and not set(VAL_NAMES) & (set(NAMES) | set(BASE_NAMES))
+    assert sorted(val.train_counts.values()) == [2, 2, 2, 2, 30, 30]
+    for heldout in (10, 20):
+        v = _sources("val", seed, heldout)
+        assert len(v) == 68 + 6 * heldout
+        for other in ("S", "M", "base"):
+            assert not v & _sources(other, seed, heldout), other
+
+
+def test_val_builds_and_reads(tmp_path):
+    from pogdiff_dist.data.digits import VAL_NAMES
+
+    ds = read_dataset(build_digits_it2i(tmp_path, "val", resolution=8, heldout_per_identity=2))
+    names = {d: VAL_NAMES[d] for d in PRESETS["val"].train_counts}
+    assert ds.counts() == {names[d]: n for d, n in PRESETS["val"].train_counts.items()}
+    _, target = _digits()
+    for r in ds.records:
+        assert VAL_NAMES[target[int(re.search(r"-(\d{4})$", r.image.stem).group(1))]] == r.identity

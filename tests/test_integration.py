@@ -74,7 +74,34 @@ def test_prepare_resumes_and_redoes_only_affected_stages(ray_local, tiny_cfg, pr
     assert after["encode.json"] == before["encode.json"] and after["density.json"] == before["density.json"]
     assert after["neighbours.json"] != before["neighbours.json"] and after["shards.json"] != before["shards.json"]
     assert m2.k_max == 6
-    run_prepare(tiny_cfg)  # back to k_max 5 for the tests that follow
+
+    # psi_den from the identity prompt: only the density stage (and the shards) are redone, and
+    # the ELBO is a function of the identity whose rarest names get the largest weight
+    import numpy as np
+
+    from pogdiff_dist.data.density import log_density_weights
+    from pogdiff_dist.dist.prepare import _collect
+
+    out = Path(tiny_cfg.prepare.out_dir)
+    caption_elbo = np.load(out / "elbo.npy")
+    m3 = run_prepare(cfg2.with_overrides({"prepare.density_text": "identity"}))
+    third = {p.name: p.stat().st_mtime_ns for p in stages.glob("*.json")}
+    assert third["encode.json"] == after["encode.json"] and third["neighbours.json"] == after["neighbours.json"]
+    assert third["density.json"] != after["density.json"] and third["shards.json"] != after["shards.json"]
+    elbo = np.load(out / "elbo.npy")
+    ident = _collect(out / "encoded", ["identity_id"])["identity_id"]
+    per_id = {i: elbo[ident == i] for i in np.unique(ident)}
+    assert all(np.ptp(v) < 1e-6 for v in per_id.values())  # one prompt per identity
+    assert not np.allclose(elbo, caption_elbo)
+    counts = dict(zip(range(len(m3.identities)), m3.train_counts))
+    log_w = log_density_weights(elbo)
+    few = [i for i in per_id if counts[i] <= 2]
+    many = [i for i in per_id if counts[i] >= 10]
+    assert few and many
+    w_few = np.mean([np.exp(log_w[ident == i]).mean() for i in few])
+    w_many = np.mean([np.exp(log_w[ident == i]).mean() for i in many])
+    assert w_few > 2 * w_many, (w_few, w_many)
+    run_prepare(tiny_cfg)  # back to k_max 5 and caption density for the tests that follow
 
 
 def test_train_checkpoint_resume_export_mlflow(ray_local, tiny_cfg, prepared):

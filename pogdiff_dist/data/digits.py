@@ -45,17 +45,25 @@ BASE_NAMES: tuple[str, ...] = (
     "Pablo Reyes", "Quinn Adair", "Rosa Bianchi", "Stefan Holm", "Tara Mehta",
 )
 
+# A third set of names, for the "val" preset (hyperparameters are chosen on it, never on M).
+VAL_NAMES: tuple[str, ...] = (
+    "Anya Sorel", "Boris Lemaire", "Carmen Ibarra", "Dmitri Falk", "Esme Thorne",
+    "Felix Nakamura", "Gemma Roux", "Hamid Farouk", "Iris Vallen", "Joel Brandt",
+)
+
 
 @dataclass(frozen=True)
 class Preset:
     """Training images per digit class; classes not listed are not in the dataset.
     ``from_end``: take images from the end of each class's permutation instead of the
-    start (see :func:`_select`)."""
+    start; ``skip``: (prefix presets) leave the first ``skip`` images of the permutation
+    to the other presets (see :func:`_select`)."""
 
     train_counts: dict[int, int]
     description: str
     names: tuple[str, ...] = NAMES
     from_end: bool = False
+    skip: int = 0
 
 
 PRESETS: dict[str, Preset] = {
@@ -67,6 +75,11 @@ PRESETS: dict[str, Preset] = {
     "base": Preset({d: 20 for d in range(10)},
                    "10 identities under BASE_NAMES, 20 each: the balanced pretraining population",
                    names=BASE_NAMES, from_end=True),
+    # digits are 10 classes, so val reuses them under other names and other images
+    "val": Preset({0: 30, 1: 30, 3: 2, 5: 2, 7: 2, 9: 2},
+                  "6 identities under VAL_NAMES: digits 0, 1 majority (30 each), 3, 5, 7, 9 minority (2 each); "
+                  "images 60+ of each class's permutation: the validation split for M",
+                  names=VAL_NAMES, skip=60),
 }
 
 
@@ -135,7 +148,7 @@ def _select(preset: Preset, seed: int, heldout: int) -> list[tuple[int, str, int
 
     Every preset draws the same permutation of a class for the same ``seed`` (one
     generator, classes in order), and S, M, L take prefixes of it: held-out first, then
-    training images. ``base`` takes a suffix: training images last, its held-out just
+    training images (``val`` the same after skipping 60). ``base`` takes a suffix: training images last, its held-out just
     before them. For one ``seed`` and held-out count h (S/M/L) and h' (base), base's
     training images never meet S, M or L while h <= 38 (the tightest class: digit 0,
     178 images, 120 for L); its held-out images meet L's digit-0 training images only
@@ -146,17 +159,21 @@ def _select(preset: Preset, seed: int, heldout: int) -> list[tuple[int, str, int
     _, target = _digits()
     rng = np.random.default_rng(seed)
     out = []
-    for digit, n_train in sorted(preset.train_counts.items()):
+    for digit in range(10):  # every class's permutation is drawn, in order, whichever classes the preset has
         pool = np.flatnonzero(target == digit)
-        if n_train + heldout > len(pool):
+        perm = rng.permutation(pool)
+        if digit not in preset.train_counts:
+            continue
+        n_train = preset.train_counts[digit]
+        if preset.skip + n_train + heldout > len(pool):
             raise ValueError(f"digit {digit} has {len(pool)} images, cannot take {n_train} train "
                              f"+ {heldout} held-out")
-        perm = rng.permutation(pool)
         if preset.from_end:
             end = len(perm) - n_train
             train, held = perm[end:], perm[end - heldout:end]
         else:
-            train, held = perm[heldout:heldout + n_train], perm[:heldout]
+            s = preset.skip
+            train, held = perm[s + heldout:s + heldout + n_train], perm[s:s + heldout]
         out += [(digit, "train", int(i)) for i in sorted(train)]
         out += [(digit, "heldout", int(i)) for i in sorted(held)]
     return out

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+IDENTITY_PROMPT = "An image of {name}."  # the evaluation prompt (PoGDiff Sec. 4.1)
 METADATA = "metadata.csv"
 CAPTIONS = "captions.csv"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -189,7 +190,7 @@ def _read_folders(root: Path) -> tuple[list[_Row], _Bad]:
             if why:
                 bad.append((f"{folder.name}/{path.name}", why))
             else:
-                caption = captions.get(path.name) or f"An image of {identity}."
+                caption = captions.get(path.name) or IDENTITY_PROMPT.format(name=identity)
                 rows.append((path, caption, identity, "train"))
     return rows, bad
 

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 
 from pogdiff_dist.config import Config
 from pogdiff_dist.data.density import DensityVAEConfig, compute_elbo, fit_density_vae, save_density_vae
 from pogdiff_dist.data.digits import build_digits_it2i
 from pogdiff_dist.data.encode import SampleEncoder
 from pogdiff_dist.data.neighbours import build_knn
-from pogdiff_dist.data.records import DatasetRecords, read_dataset
+from pogdiff_dist.data.records import IDENTITY_PROMPT, DatasetRecords, read_dataset
 from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest, attach_neighbours, file_digest
-from pogdiff_dist.models import check_pretrained_dir, resolve_text_encoder_dir
+from pogdiff_dist.models import TextEncoder, check_pretrained_dir, resolve_text_encoder_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,17 @@ def _collect(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
     return {c: v[order] for c, v in out.items()}
 
 
+def _identity_prompt_rows(identity_id: np.ndarray, identities: list[str], text_dir, tok_dir,
+                          max_length: int) -> np.ndarray:
+    """[N, D] pooled embedding of each sample's identity prompt ("An image of {name}."):
+    the density VAE's input for ``prepare.density_text=identity``. Every sample contributes
+    one row, so an identity's weight in the fit is its image count."""
+    text = TextEncoder(text_dir, tok_dir, max_length)
+    with torch.no_grad():
+        _, pooled = text.encode([IDENTITY_PROMPT.format(name=n) for n in identities])
+    return pooled.numpy().astype(np.float32)[np.asarray(identity_id, dtype=np.int64)]
+
+
 class _AttachNeighbours:
     def __init__(self, tables_ref):
         self.tables = ray.get(tables_ref[0])
@@ -167,11 +179,15 @@ def run_prepare(cfg: Config) -> Manifest:
     p = cfg.prepare
     dcfg = DensityVAEConfig(latent_dim=p.density_latent_dim, hidden_dim=p.density_hidden_dim,
                             epochs=p.density_epochs, lr=p.density_lr, seed=cfg.data.seed)
-    fp_den = _hash(fp_encode, dcfg.__dict__)
+    fp_den = _hash(fp_encode, dcfg.__dict__, p.density_text)
     stage = _Stage(out, "density", fp_den)
     if not stage.done():
         t0 = time.time()
-        pooled = np.stack(_collect(encoded, ["pooled"])["pooled"]).astype(np.float32)
+        if p.density_text == "identity":
+            pooled = _identity_prompt_rows(_collect(encoded, ["identity_id"])["identity_id"], identities,
+                                           text_dir, tok_dir, cfg.model.max_length)
+        else:
+            pooled = np.stack(_collect(encoded, ["pooled"])["pooled"]).astype(np.float32)
         vae = fit_density_vae(pooled, dcfg, progress=True)
         elbo = compute_elbo(vae, pooled)
         np.save(out / "elbo.npy", elbo)

@@ -16,6 +16,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pogdiff_dist.config import Config, save_config
+from pogdiff_dist.data.records import IDENTITY_PROMPT
 from pogdiff_dist.data.shards import Manifest, decode_sample, verify_shards
 from pogdiff_dist.dist.prepare import run_prepare
 from pogdiff_dist.dist.runtime import init_ray
@@ -57,7 +58,7 @@ def sample_grid(model_dir: Path, manifest: Manifest, cfg: Config, out: Path) -> 
     names = [manifest.majority()[0]] if manifest.majority() else []
     if manifest.minority():
         names.append(manifest.minority()[-1])
-    prompts = [f"An image of {n}." for n in names]
+    prompts = [IDENTITY_PROMPT.format(name=n) for n in names]
     images = pipe(prompts, num_inference_steps=cfg.train.sample_steps, guidance_scale=cfg.train.guidance_scale,
                   num_images_per_prompt=cfg.train.samples_per_prompt,
                   generator=torch.Generator().manual_seed(cfg.train.seed))

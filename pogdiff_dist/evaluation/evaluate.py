@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pogdiff_dist.data.records import IDENTITY_PROMPT
 from pogdiff_dist.data.shards import Manifest
 from pogdiff_dist.evaluation import metrics as M
 from pogdiff_dist.evaluation.classifiers import (DigitsClassifier, FacesClassifier, NearestCentroidClassifier,
                                                  digit_names, face_names)
 from pogdiff_dist.evaluation.features import ImageEncoder, RealImages, load_real_images
 
-PROMPT = "An image of {name}."  # PoGDiff Sec. 4.1
+PROMPT = IDENTITY_PROMPT  # PoGDiff Sec. 4.1
 METRICS = ("fid", "dino", "grecall", "accuracy")
 CLASSIFIERS = ("auto", "digits", "faces", "centroid")
 MIN_HELDOUT = 2  # FID/DINO use held-out images when an identity has at least this many
