@@ -144,6 +144,13 @@ class Experiment:
         cached.write_text(json.dumps(row, indent=1, default=float))
         return row
 
+    def psi(self, preset: str, overrides: dict) -> dict:
+        """Where a variant's PoG weight goes on a prepared split (benchmarks/psi_weights.py)."""
+        from psi_weights import psi_table
+
+        prepared = Path(self.settings(preset, "", overrides)["prepare.out_dir"])
+        return psi_table(prepared, [f"{k}={v}" for k, v in overrides.items() if k.startswith("loss.")])
+
     def checkpoint(self, results: dict) -> None:
         """Write the table so far (a long experiment can be read while it runs)."""
         (self.out / "results.json").write_text(json.dumps(results, indent=1))
@@ -183,7 +190,7 @@ class Experiment:
             best = max(variants, key=lambda k: (_mean(validation[k], SELECT_ON), _mean(validation[k], TIE_BREAK)))
             chosen = dict(VARIANTS[best])
             results["validation"] = {"split": f"{self.dataset}:val", "select_on": SELECT_ON, "chosen": best,
-                                     "rows": validation}
+                                     "rows": validation, "psi": {k: self.psi("val", ov) for k, ov in variants.items()}}
             print(f"[reproduce] validation chose PoGDiff variant {best!r}", flush=True)
             self.checkpoint(results)
         results["pogdiff_variant"] = chosen
@@ -246,6 +253,17 @@ def markdown(results: dict) -> str:
         v = results["validation"]
         lines += [f"## Validation on {v['split']} (seed {results['seeds'][0]}; chosen by {v['select_on']}: "
                   f"**{v['chosen']}**)", ""] + table(v["rows"]) + [""]
+        if v.get("psi"):
+            lines += ["Where each variant's PoG weight goes on the val split (expectation over the neighbour "
+                      "draw; benchmarks/psi_weights.py):", "",
+                      "| variant | E[psi] few-shot | E[psi] majority | P(same identity) few-shot | "
+                      "psi_den mass on top 5 samples | accuracy few |", "|---|---|---|---|---|---|"]
+            for label, t in v["psi"].items():
+                g = t["groups"]
+                lines.append(f"| {label} | {g['few-shot']['e_psi']:.3f} | {g['majority']['e_psi']:.3f} | "
+                             f"{g['few-shot']['p_same_identity']:.2f} | {t['psi_den_mass_top5']:.0%} | "
+                             f"{_mean(v['rows'][label], SELECT_ON):.3f} |")
+            lines.append("")
     for protocol, rows in results["settings"].items():
         title = ("Fine-tuning a base model pretrained on other identities (the paper's protocol)"
                  if protocol == "finetune" else "From scratch on the imbalanced set")
