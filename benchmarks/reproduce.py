@@ -16,9 +16,12 @@ Protocol, the paper's (its dataset criterion 2 needs a baseline that fails):
 
     .venv/bin/python benchmarks/reproduce.py --dataset faces-it2i --budget cpu
     .venv/bin/python benchmarks/reproduce.py --dataset digits-it2i --budget cpu --seeds 0 1
+    .venv/bin/python benchmarks/reproduce.py --dataset digits-it2i --preset S --protocols finetune  # table-S.md
 
-Every finished run is cached under ``--out`` (model + metrics.json), so an interrupted
-experiment resumes where it stopped; ``--budget gpu`` takes the bigger budget.
+Every finished run is cached under ``--out`` (model, its evaluation, and the settings it was
+trained with in ``request.json``), so an interrupted experiment resumes where it stopped and a
+run whose settings changed is trained again; the presets of a dataset share its base model and
+validation runs. ``--budget gpu`` takes the bigger budget.
 """
 
 from __future__ import annotations
@@ -153,8 +156,15 @@ class Experiment:
 
     def checkpoint(self, results: dict) -> None:
         """Write the table so far (a long experiment can be read while it runs)."""
-        (self.out / "results.json").write_text(json.dumps(results, indent=1))
-        (self.out / "table.md").write_text(markdown(results))
+        results_path, table_path = self.outputs()
+        results_path.write_text(json.dumps(results, indent=1))
+        table_path.write_text(markdown(results))
+
+    def outputs(self) -> tuple[Path, Path]:
+        """results.json / table.md for M; results-<preset>.json / table-<preset>.md otherwise
+        (the presets of a dataset share its base model, validation runs and caches)."""
+        tag = "" if self.preset == "M" else f"-{self.preset}"
+        return self.out / f"results{tag}.json", self.out / f"table{tag}.md"
 
     def _log(self, record: dict) -> None:
         with self.log.open("a") as f:
@@ -287,17 +297,16 @@ def main(argv=None) -> None:
     p.add_argument("--skip-validation", action="store_true", help="use the default PoGDiff variant")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/reproduce-<dataset>-<budget>")
     args = p.parse_args(argv)
-    suffix = "" if args.preset == "M" else f"-{args.preset}"
-    out = args.out or REPO / "benchmarks" / "results" / f"reproduce-{args.dataset}{suffix}-{args.budget}"
+    out = args.out or REPO / "benchmarks" / "results" / f"reproduce-{args.dataset}-{args.budget}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    results = Experiment(args.dataset, args.budget, out, args.seeds, args.preset).run(args.protocols,
-                                                                                   args.skip_validation)
+    exp = Experiment(args.dataset, args.budget, out, args.seeds, args.preset)
+    results = exp.run(args.protocols, args.skip_validation)
     results["wall_seconds"] = time.time() - t0
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(markdown(results))
+    exp.checkpoint(results)
     print(markdown(results))
-    print(f"[reproduce] {results['wall_seconds'] / 60:.1f} min; table: {out / 'table.md'}; json: {out / 'results.json'}")
+    results_path, table_path = exp.outputs()
+    print(f"[reproduce] {results['wall_seconds'] / 60:.1f} min; table: {table_path}; json: {results_path}")
 
 
 if __name__ == "__main__":
