@@ -54,8 +54,9 @@ def test_ray_job_submit_trains(tmp_path):
                "--set", f"train.storage_path={runs}", "--set", f"prepare.out_dir={tmp_path / 'prepared'}",
                "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
         # The dashboard port opens before the job agent registers (over a minute on a loaded
-        # 2-core machine); poll, bounded, until the agent takes the job.
-        agent_deadline = time.time() + 360
+        # 2-core machine, over 6 minutes when training jobs share it); poll, bounded, until the
+        # agent takes the job.
+        agent_deadline = time.time() + 600
         while True:
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
             if "No available agent" not in out.stdout + out.stderr or time.time() > agent_deadline:
