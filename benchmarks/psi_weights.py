@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pogdiff_dist.config import load_config  # noqa: E402
 from pogdiff_dist.data.shards import Manifest  # noqa: E402
-from pogdiff_dist.losses import log_density_normaliser, neighbour_weights, psi_weights  # noqa: E402
+from pogdiff_dist.losses import log_density_normaliser, neighbour_weights, psi_den, psi_weights  # noqa: E402
 
 
 def psi_table(prepared: Path, overrides: list[str] | None = None) -> dict:
@@ -47,18 +47,18 @@ def psi_table(prepared: Path, overrides: list[str] | None = None) -> dict:
                       a1=loss.a1, a2=loss.a2, a3=loss.a3, den_temperature=loss.den_temperature,
                       use_psi_img=loss.use_psi_img, use_psi_den=loss.use_psi_den,
                       psi_cap=loss.psi_cap).reshape(n, k).numpy()
-    psi_den = (torch.exp(-elbo.double() / loss.den_temperature - log_norm) / loss.a3).numpy()
+    den = psi_den(elbo, log_norm, loss.a3, loss.den_temperature).numpy()
 
     few_names = set(manifest.minority())
     few = np.array([manifest.identities[i] in few_names for i in ident])
-    share = np.sort(psi_den)[::-1] / psi_den.sum()
+    share = np.sort(den)[::-1] / den.sum()
     groups = {}
     for label, mask in (("few-shot", few), ("majority", ~few)):
         groups[label] = {
             "samples": int(mask.sum()),
             "p_same_identity": float((w * same.numpy())[mask].sum(1).mean()),
             "e_psi_img": float((w * psi_img)[mask].sum(1).mean()),
-            "mean_psi_den": float(psi_den[mask].mean()),
+            "mean_psi_den": float(den[mask].mean()),
             "e_psi": float((w * psi)[mask].sum(1).mean()),
         }
     return {"prepared": str(prepared), "loss": {o.split("=")[0]: o.split("=", 1)[1] for o in overrides or []},

@@ -197,7 +197,8 @@ class Experiment:
                 runs = [self.finetune("val", label, {"loss.method": "pogdiff", **ov} if label != "vanilla" else ov,
                                       s, base) for s in self.seeds[:1]]
                 validation[label] = _aggregate(runs)
-            best = max(variants, key=lambda k: (_mean(validation[k], SELECT_ON), _mean(validation[k], TIE_BREAK)))
+            best = max(variants, key=lambda k: (_mean(validation[k], SELECT_ON),
+                                                _mean(validation[k], TIE_BREAK)))
             chosen = dict(VARIANTS[best])
             results["validation"] = {"split": f"{self.dataset}:val", "select_on": SELECT_ON, "chosen": best,
                                      "rows": validation, "psi": {k: self.psi("val", ov) for k, ov in variants.items()}}
@@ -278,7 +279,8 @@ def markdown(results: dict) -> str:
         title = ("Fine-tuning a base model pretrained on other identities (the paper's protocol)"
                  if protocol == "finetune" else "From scratch on the imbalanced set")
         seeds = results.get("settings_seeds", {}).get(protocol, results["seeds"])
-        lines += [f"## {title}: {results['dataset']}:{results.get('preset', 'M')}, seeds {seeds}", ""] + table(rows) + [""]
+        where = f"{results['dataset']}:{results.get('preset', 'M')}"
+        lines += [f"## {title}: {where}, seeds {seeds}", ""] + table(rows) + [""]
         van = rows.get("vanilla", {})
         if "accuracy_few" in van and "accuracy_all" in van:
             lines.append(f"Baseline check: vanilla few-shot identity accuracy {van['accuracy_few']['mean']:.3f} "

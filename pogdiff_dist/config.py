@@ -29,7 +29,8 @@ def _one_of(name: str, value: Any, options: tuple) -> None:
     _check(value in options, f"{name} must be one of {list(options)}, got {value!r}")
 
 
-BUNDLED_DATASETS = {  # "<name>:<preset>" -> presets; "base" is the balanced pretraining population, "val" the validation split for M
+# "<name>:<preset>" -> presets; "base" is the balanced pretraining population, "val" the validation split for M
+BUNDLED_DATASETS = {
     "digits-it2i": ("S", "M", "L", "base", "val"),
     "faces-it2i": ("S", "M", "L", "base", "val"),
 }

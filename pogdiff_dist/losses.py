@@ -37,6 +37,12 @@ def log_density_normaliser(elbo: torch.Tensor, temperature: float) -> torch.Tens
     return torch.logsumexp(x, 0) - torch.log(torch.tensor(float(x.numel()), dtype=torch.float64))
 
 
+def psi_den(elbo: torch.Tensor, log_norm: torch.Tensor | float, a3: float,
+            den_temperature: float = 1.0) -> torch.Tensor:
+    """psi_den = exp(-ELBO_i / T - logmeanexp_j(-ELBO_j / T)) / a3 (Eq. 11, self-normalised), float64."""
+    return (-elbo.double() / den_temperature - log_norm).exp() / a3
+
+
 def psi_weights(
     sim: torch.Tensor,
     same_identity: torch.Tensor,
@@ -67,8 +73,7 @@ def psi_weights(
         # max(0, s) ** e, with a non-positive similarity giving 0 even when e == 0
         psi = psi * torch.where(s > 0, s.clamp(min=1e-12).pow(exponent), torch.zeros_like(s))
     if use_psi_den:
-        log_den = -elbo.double() / den_temperature - log_norm
-        psi = psi * (log_den.exp() / a3).float()
+        psi = psi * psi_den(elbo, log_norm, a3, den_temperature).float()
     if psi_cap is not None:
         psi = psi.clamp(max=psi_cap)
     return psi

@@ -148,8 +148,8 @@ def _select(preset: Preset, seed: int, heldout: int) -> list[tuple[int, str, int
 
     Every preset draws the same permutation of a class for the same ``seed`` (one
     generator, classes in order), and S, M, L take prefixes of it: held-out first, then
-    training images (``val`` the same after skipping 60). ``base`` takes a suffix: training images last, its held-out just
-    before them. For one ``seed`` and held-out count h (S/M/L) and h' (base), base's
+    training images (``val`` the same after skipping 60). ``base`` takes a suffix: training
+    images last, its held-out just before them. For one ``seed`` and held-out count h (S/M/L) and h' (base), base's
     training images never meet S, M or L while h <= 38 (the tightest class: digit 0,
     178 images, 120 for L); its held-out images meet L's digit-0 training images only
     if h + h' > 38: at the default h = h' = 20, two digit-0 images that L trains on are
