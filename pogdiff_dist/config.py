@@ -104,9 +104,15 @@ class PrepareConfig:
     # sample, so psi_den ranks rare *names* rather than rare *descriptions* (a departure for
     # per-image captions, whose ELBO measured a description's rarity; see README).
     density_text: str = "caption"
+    # GPUs per encoder actor (fractional allowed) and per k-NN / density task: "auto" = 1 when
+    # the Ray cluster has GPUs (ray.cluster_resources()), else 0.
+    gpus_per_encoder: float | str = "auto"
 
     def __post_init__(self):
         _one_of("prepare.density_text", self.density_text, ("caption", "identity"))
+        g = self.gpus_per_encoder
+        _check(g == "auto" or (isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0),
+               f"prepare.gpus_per_encoder must be 'auto' or a number >= 0, got {g!r}")
         _check(self.k_max >= 1, f"prepare.k_max must be >= 1, got {self.k_max}")
         _check(self.samples_per_shard >= 1, "prepare.samples_per_shard must be >= 1")
         _check(self.batch_size >= 1 and self.num_encoders >= 1, "prepare.batch_size and num_encoders must be >= 1")
@@ -199,6 +205,10 @@ class TrainConfig:
     max_nonfinite: int = 20  # with "skip": stop with an error after this many skipped steps in a row
     verify_shards: bool = True  # checksum every shard against the manifest before training (size is always checked)
     text_cache_mib: float = 256.0  # per worker: y' hidden states of distinct neighbour captions kept (LRU); 0: off
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~+30% step time)
+    allow_tf32: bool = True  # CUDA: TF32 for fp32 matmuls/convolutions (bf16 compute is unaffected)
+    channels_last: bool = False  # CUDA: UNet weights and inputs in NHWC (faster convolutions on tensor cores)
+    compile: bool = False  # torch.compile the UNet inside the DeepSpeed engine (first steps pay the compile)
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
@@ -290,6 +300,11 @@ def _coerce(value: Any, type_name: str, key: str) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if type_name.startswith("float") and isinstance(value, (int, str)):
+        if "str" in type_name and isinstance(value, str):  # e.g. "auto" or a number: keep a word as it is
+            try:
+                return float(value)
+            except ValueError:
+                return value
         try:
             return float(value)
         except ValueError:

@@ -113,11 +113,17 @@ class TextEncoder:
         return hidden, pooled
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, L, D] and pooled [B, D] on the encoder's device, in its dtype."""
         ids, lengths = self.tokenize(captions)
-        return self.encode_ids(torch.from_numpy(ids), torch.from_numpy(lengths))
+        return self.encode_ids(torch.from_numpy(ids).to(self.device), torch.from_numpy(lengths).to(self.device))
 
-    def to(self, device) -> "TextEncoder":
-        self.model.to(device)
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "TextEncoder":
+        """Move (and optionally cast: the frozen encoder runs in the compute dtype)."""
+        self.model.to(device=device, dtype=dtype)
         return self
 
 
@@ -182,11 +188,12 @@ class PixelEmbedder:
 class VisionEmbedder:
     """A transformers vision model from a local dir (CLIP vision, DINOv2, ViT...)."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, device: torch.device | str = "cpu"):
         from transformers import AutoImageProcessor
 
         self.processor = AutoImageProcessor.from_pretrained(str(model_dir))
-        self.model = AutoModel.from_pretrained(str(model_dir)).eval().requires_grad_(False)
+        self.model = AutoModel.from_pretrained(str(model_dir)).eval().requires_grad_(False).to(device)
+        self.device = torch.device(device)
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -194,32 +201,33 @@ class VisionEmbedder:
         if pix.shape[1] == 1:
             pix = np.repeat(pix, 3, axis=1)
         inputs = self.processor(images=list(pix.transpose(0, 2, 3, 1)), return_tensors="pt")
-        out = self.model(**inputs)
+        out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
         emb = getattr(out, "image_embeds", None)
         if emb is None:
             emb = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
-        emb = emb.float().numpy()
+        emb = emb.float().cpu().numpy()
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-8)
 
 
-def load_image_embedder(spec: str):
+def load_image_embedder(spec: str, device: torch.device | str = "cpu"):
     if spec == "pixels":
         return PixelEmbedder()
     if not Path(spec).is_dir():
         raise ValueError(f"model.image_encoder: {spec} is neither 'pixels' nor a local directory")
-    return VisionEmbedder(spec)
+    return VisionEmbedder(spec, device)
 
 
 class LatentCodec:
-    """Stable Diffusion VAE: images in [-1, 1] <-> scaled latents."""
+    """Stable Diffusion VAE: images in [-1, 1] <-> scaled latents, on ``device``."""
 
-    def __init__(self, vae_dir: str | Path):
-        self.vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
+    def __init__(self, vae_dir: str | Path, device: torch.device | str = "cpu"):
+        self.vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False).to(device)
         self.scale = self.vae.config.scaling_factor
+        self.device = torch.device(device)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images).latent_dist.mean * self.scale
+        return self.vae.encode(images.to(self.device)).latent_dist.mean * self.scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -273,5 +281,4 @@ def build_noise_scheduler(model_cfg) -> DDPMScheduler:
                          prediction_type="epsilon", clip_sample=True)
 
 
-def sampling_scheduler(train_scheduler) -> DDIMScheduler:
-    return DDIMScheduler.from_config(train_scheduler.config)
+

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from pogdiff_dist.models import TextEncoder
@@ -32,15 +33,19 @@ class PoGDiffPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompts: list[str], num_inference_steps: int = 50, guidance_scale: float = 3.0,
                  num_images_per_prompt: int = 1, generator: torch.Generator | None = None) -> np.ndarray:
-        """uint8 images [len(prompts) * num_images_per_prompt, H, W, C] (prompt-major)."""
+        """uint8 images [len(prompts) * num_images_per_prompt, H, W, C] (prompt-major).
+
+        Runs on the UNet's device (``pipe.to("cuda")``). The initial noise is drawn with
+        ``generator`` (a CPU generator keeps a seed's images the same on every device)."""
         text = self._text()
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         cond, _ = text.encode(prompts)
         uncond, _ = text.encode([""] * len(prompts))
-        dtype = self.unet.dtype
+        dtype, device = self.unet.dtype, self.unet.device
         size = self.unet.config.sample_size
-        x = torch.randn((len(prompts), self.unet.config.in_channels, size, size), generator=generator).to(dtype)
-        self.scheduler.set_timesteps(num_inference_steps)
+        x = randn_tensor((len(prompts), self.unet.config.in_channels, size, size), generator=generator,
+                         device=device, dtype=dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         context = torch.cat([uncond, cond]).to(dtype)
         for t in self.progress_bar(self.scheduler.timesteps):
             eps = self.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
@@ -48,8 +53,8 @@ class PoGDiffPipeline(DiffusionPipeline):
             eps = eps_u + guidance_scale * (eps_c - eps_u)
             x = self.scheduler.step(eps, t, x, generator=generator).prev_sample
         if self.vae is not None:
-            x = self.vae.decode(x / self.vae.config.scaling_factor).sample
-        img = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            x = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        img = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return img
 
 

@@ -38,8 +38,11 @@ class Batch:
     index: torch.Tensor  # [B] dataset index
     identity: torch.Tensor | None = None  # [B] identity id (DiffROP pairs samples of different identities)
 
-    def to(self, device) -> "Batch":
-        return Batch(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(**{k: None if v is None else v.to(device, non_blocking=non_blocking) for k, v in vars(self).items()})
+
+    def pin_memory(self) -> "Batch":
+        return Batch(**{k: None if v is None else v.pin_memory() for k, v in vars(self).items()})
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -61,9 +64,13 @@ class DualConditionStep:
     """
 
     def __init__(self, loss_cfg, noise_scheduler, text_encoder, uncond: torch.Tensor,
-                 all_elbo: torch.Tensor | None, caption_dropout: float = 0.0, text_cache_mib: float = 0.0):
+                 all_elbo: torch.Tensor | None, caption_dropout: float = 0.0, text_cache_mib: float = 0.0,
+                 device: torch.device | str | None = None):
         self.cfg = loss_cfg
         self.scheduler = noise_scheduler
+        if device is not None:  # every tensor the step reads lives where the batch does
+            noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+            uncond = uncond.to(device)
         self.text_encoder = text_encoder
         # y' = the neighbour's caption through the frozen encoder: each distinct caption once.
         self.nbr_states = CaptionStateCache(text_encoder, text_cache_mib)
@@ -73,8 +80,12 @@ class DualConditionStep:
         if loss_cfg.method == "pogdiff":
             assert all_elbo is not None, "pogdiff needs the dataset's ELBOs to normalise psi_den"
             self.log_norm = log_density_normaliser(all_elbo, loss_cfg.den_temperature)
+            if device is not None:
+                self.log_norm = self.log_norm.to(device)
 
     def __call__(self, unet, batch: Batch, generator: torch.Generator, dtype=torch.float32):
+        """(mean loss, stats) for one micro-batch. Stats are detached 0-d tensors (or floats),
+        read only when a window is logged, so a GPU step is not synchronised for each of them."""
         b = len(batch)
         device = batch.x0.device
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
@@ -88,7 +99,7 @@ class DualConditionStep:
         if self.cfg.method == "vanilla":
             pred = unet(x_t.to(dtype), t, encoder_hidden_states=y.to(dtype)).sample
             loss = vanilla_loss(pred, eps)
-            stats.update(loss_denoise=loss.mean().item(), loss_pog=0.0)
+            stats.update(loss_denoise=loss.mean().detach(), loss_pog=0.0)
             return loss.mean(), stats
         if self.cfg.method == "cbdm":
             return self._cbdm(unet, batch, generator, dtype, x_t, t, eps, y, dropped)
@@ -131,11 +142,11 @@ class DualConditionStep:
             pog = pog.index_put((active,), pog_act)
         loss = denoise + psi * pog
         stats.update(
-            loss_denoise=denoise.mean().item(),
-            loss_pog=(psi * pog).mean().item(),
-            psi_mean=psi.mean().item(),
-            psi_max=psi.max().item(),
-            psi_zero_frac=(psi == 0).float().mean().item(),
+            loss_denoise=denoise.mean().detach(),
+            loss_pog=(psi * pog).mean().detach(),
+            psi_mean=psi.mean().detach(),
+            psi_max=psi.max().detach(),
+            psi_zero_frac=(psi == 0).float().mean().detach(),
             text_cache_hit_rate=self.nbr_states.hit_rate,
         )
         return loss.mean(), stats
@@ -170,7 +181,7 @@ class DualConditionStep:
             _, _, reg_act = cbdm_loss(pred[active], pred_other, eps[active], t[active], num_t, self.cfg.cbdm_tau)
             reg = reg.index_put((active,), reg_act)
         loss = denoise + reg
-        stats = dict(loss_denoise=denoise.mean().item(), loss_pog=reg.mean().item(), cbdm_active_frac=n_act / b)
+        stats = dict(loss_denoise=denoise.mean().detach(), loss_pog=reg.mean().detach(), cbdm_active_frac=n_act / b)
         return loss.mean(), stats
 
     def _t2h(self, unet, batch, generator, dtype, x_t, t, eps, y):
@@ -185,10 +196,10 @@ class DualConditionStep:
         loss, denoise, calibration = t2h_loss(pred, eps, target)
         rows = torch.arange(len(batch), device=j.device)
         stats = dict(
-            loss_denoise=denoise.mean().item(),
-            loss_pog=calibration.mean().item(),
-            t2h_other_frac=(j != rows).float().mean().item(),  # drew another sample
-            t2h_accept_frac=transferred.float().mean().item(),  # ... and passed the density rule
+            loss_denoise=denoise.mean().detach(),
+            loss_pog=calibration.mean().detach(),
+            t2h_other_frac=(j != rows).float().mean().detach(),  # drew another sample
+            t2h_accept_frac=transferred.float().mean().detach(),  # ... and passed the density rule
         )
         return loss.mean(), stats
 
@@ -209,6 +220,6 @@ class DualConditionStep:
         )
         ids = batch.identity
         has_partner = ((ids[:, None] != ids[None, :]) & valid[None, :]).any(1) & valid
-        stats = dict(loss_denoise=denoise.mean().item(), loss_pog=overlap.mean().item(),
-                     diffrop_partner_frac=has_partner.float().mean().item())
+        stats = dict(loss_denoise=denoise.mean().detach(), loss_pog=overlap.mean().detach(),
+                     diffrop_partner_frac=has_partner.float().mean().detach())
         return loss.mean(), stats

@@ -362,7 +362,9 @@ def run(unet, scheduler, method, seed=0, batch=None, dropout=0.0, **loss_kw):
                              caption_dropout=dropout)
     wrapped = CountingUNet(unet)
     loss, stats = step(wrapped, batch if batch is not None else make_batch(), torch.Generator().manual_seed(seed))
-    return loss, stats, wrapped.calls
+    # stats are read at log time: detached 0-d tensors (no GPU sync per step) or floats
+    assert all(isinstance(v, float) or (v.ndim == 0 and not v.requires_grad) for v in stats.values()), stats
+    return loss, {k: float(v) for k, v in stats.items()}, wrapped.calls
 
 
 def redraw(scheduler, batch, seed):

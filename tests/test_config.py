@@ -173,7 +173,9 @@ def test_deepspeed_config_from_the_typed_config():
     assert ds["train_batch_size"] == 4 * 3 * 2 and ds["gradient_accumulation_steps"] == 3
     assert ds["zero_optimization"] == {"stage": 2}  # CPU/gloo: no overlap
     gpu = load_config(None, {"train.use_gpu": True, "train.zero_stage": 2, "train.precision": "bf16"})
-    ds = deepspeed_config(gpu.optim, gpu.train, world_size=8)
+    ds = deepspeed_config(gpu.optim, gpu.train, world_size=8, device_type="cuda")
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["bf16"]["enabled"]
+    assert ds["optimizer"]["params"]["fused"] is True and ds["optimizer"]["params"]["torch_adam"] is True
+    assert "fused" not in deepspeed_config(cfg.optim, cfg.train, 2)["optimizer"]["params"]  # CPU: torch's default
     z3 = load_config(None, {"train.use_gpu": True, "train.zero_stage": 3})
-    assert deepspeed_config(z3.optim, z3.train, 8)["zero_optimization"] == {"stage": 3}  # DeepSpeed's default: on
+    assert deepspeed_config(z3.optim, z3.train, 8, "cuda")["zero_optimization"] == {"stage": 3}  # DeepSpeed's default

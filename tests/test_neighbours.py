@@ -27,6 +27,19 @@ def test_matches_brute_force():
     assert not (idx == np.arange(500)[:, None]).any()  # self never in its own row
 
 
+def test_torch_backend_matches_faiss():
+    """The exact search a CUDA device runs when FAISS has no GPU (matmul + top-k), here on CPU."""
+    from pogdiff_dist.data.neighbours import knn_backend
+
+    z = np.random.default_rng(3).normal(size=(300, 16)).astype(np.float32)
+    idx, sims = build_knn(z, 7, query_batch=50, device="cpu", backend="torch")
+    ref_idx, ref_sims = build_knn(z, 7, use_gpu=False, backend="faiss")
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    assert knn_backend("cpu") == "faiss" and knn_backend(None) == "faiss"
+    assert knn_backend("cuda:0") == ("faiss" if faiss.get_num_gpus() > 0 else "torch")
+
+
 def test_duplicates_exclude_self_by_index():
     rng = np.random.default_rng(1)
     z = rng.normal(size=(50, 8)).astype(np.float32)

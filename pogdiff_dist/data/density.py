@@ -113,23 +113,28 @@ def _validated(pooled: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pooled, dtype=np.float32)
 
 
-def fit_density_vae(pooled: np.ndarray, cfg: DensityVAEConfig = DensityVAEConfig(), progress: bool = False) -> TextDensityVAE:
+def fit_density_vae(pooled: np.ndarray, cfg: DensityVAEConfig = DensityVAEConfig(), progress: bool = False,
+                    device: torch.device | str = "cpu") -> TextDensityVAE:
     """Train the density VAE on pooled text embeddings [N, D] by maximising the mean ELBO (Adam).
 
     Seeded: initialisation, shuffling and reparameterisation noise depend only on ``cfg.seed``
-    (the global torch RNG is left untouched). Returns the model in eval mode, on CPU.
+    (the global torch RNG is left untouched; the draws differ between CPU and CUDA, each
+    reproducible). The data, the model and the generator live on ``device``; the model is
+    returned there, in eval mode.
     """
-    y = torch.from_numpy(_validated(pooled))
+    device = torch.device(device)
+    y = torch.from_numpy(_validated(pooled)).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = TextDensityVAE(y.shape[1], cfg)
+    model.to(device)
     model.set_standardisation(y)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     model.train()
     bar = tqdm(range(cfg.epochs), desc="density vae", unit="epoch", disable=not progress)
     for _ in bar:
-        perm = torch.randperm(len(y), generator=gen)
+        perm = torch.randperm(len(y), generator=gen, device=device)
         total = 0.0
         for start in range(0, len(y), cfg.batch_size):
             batch = y[perm[start : start + cfg.batch_size]]

@@ -4,6 +4,8 @@ actors and a test can call it directly."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,26 +18,35 @@ from pogdiff_dist.models import LatentCodec, TextEncoder, load_image_embedder
 class SampleEncoder:
     """Batch in: ``index, image, caption, identity_id``. Batch out adds
     ``latent`` [C,H,W] f32, ``y`` [L,D] f16, ``tokens`` [L] i32, ``length``, ``pooled`` [D] f32,
-    ``z`` [d] f32 (L2-normalised image embedding)."""
+    ``z`` [d] f32 (L2-normalised image embedding), and ``encoded_by`` (host:pid:device, so the
+    prepare stage can record where its encoders ran).
+
+    Every encoder (VAE, text encoder, image encoder) lives on ``device``: the GPU a Ray
+    actor was given (``prepare.gpus_per_encoder``), or the CPU. Outputs return to numpy.
+    """
 
     def __init__(self, text_encoder_dir: str, tokenizer_dir: str, max_length: int, resolution: int,
-                 channels: int, image_encoder: str = "pixels", vae_dir: str | None = None):
-        torch.set_num_threads(1)  # one core per actor; Ray schedules the actors
-        self.text = TextEncoder(text_encoder_dir, tokenizer_dir, max_length)
-        self.embed = load_image_embedder(image_encoder)
-        self.codec = LatentCodec(vae_dir) if vae_dir else None
+                 channels: int, image_encoder: str = "pixels", vae_dir: str | None = None, device: str = "cpu"):
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # one core per actor; Ray schedules the actors
+        self.text = TextEncoder(text_encoder_dir, tokenizer_dir, max_length).to(self.device)
+        self.embed = load_image_embedder(image_encoder, self.device)
+        self.codec = LatentCodec(vae_dir, self.device) if vae_dir else None
         self.resolution, self.channels = resolution, channels
+        self.where = f"{socket.gethostname()}:{os.getpid()}:{self.device}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = np.stack([load_image(Path(p), self.resolution, self.channels) for p in batch["image"]])
         if self.codec is not None:
-            latent = self.codec.encode(torch.from_numpy(images)).numpy().astype(np.float32)
+            latent = self.codec.encode(torch.from_numpy(images)).float().cpu().numpy()
         else:
             latent = images
         ids, lengths = self.text.tokenize([str(c) for c in batch["caption"]])
-        hidden, pooled = self.text.encode_ids(torch.from_numpy(ids), torch.from_numpy(lengths))
-        out = {"latent": latent, "y": hidden.numpy().astype(np.float16), "pooled": pooled.numpy().astype(np.float32),
-               "z": self.embed(images).astype(np.float32)}
+        hidden, pooled = self.text.encode_ids(torch.from_numpy(ids).to(self.device),
+                                              torch.from_numpy(lengths).to(self.device))
+        out = {"latent": latent, "y": hidden.float().cpu().numpy().astype(np.float16),
+               "pooled": pooled.float().cpu().numpy(), "z": self.embed(images).astype(np.float32)}
         for name, a in out.items():  # e.g. a VAE overflowing in half precision, fp16 hidden states out of range
             bad = ~np.isfinite(a.reshape(len(a), -1)).all(1)
             if bad.any():
@@ -50,4 +61,5 @@ class SampleEncoder:
             "tokens": ids,
             "length": lengths,
             **out,
+            "encoded_by": np.array([self.where] * len(images)),
         }

@@ -2,15 +2,16 @@
 
 PoGDiff lets sample i borrow strength from its k nearest *other* samples in the frozen
 image-embedding space z. Here they are found once per dataset by exact inner-product
-search (``faiss.IndexFlatIP``) on L2-normalised embeddings, i.e. by cosine similarity,
-and turned into the sampling weights w_j used to draw one neighbour per training step.
+search on L2-normalised embeddings, i.e. by cosine similarity, and turned into the
+sampling weights w_j used to draw one neighbour per training step. The search is FAISS
+``IndexFlatIP`` (on its GPUs with faiss-gpu), or, on a CUDA device that FAISS cannot use
+(faiss-cpu installed on a GPU node), the same exact search as chunked matmul + top-k in torch.
 """
 
 from __future__ import annotations
 
 import logging
 
-import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -40,8 +41,10 @@ def _normalised_copy(z: np.ndarray) -> np.ndarray:
     return z
 
 
-def _make_index(d: int, use_gpu: str | bool) -> faiss.Index:
+def _make_index(d: int, use_gpu: str | bool):
     """Exact inner-product index, moved to all GPUs when asked for (or when ``"auto"`` finds one)."""
+    import faiss
+
     if use_gpu not in ("auto", True, False):
         raise ValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
     index = faiss.IndexFlatIP(d)
@@ -55,12 +58,56 @@ def _make_index(d: int, use_gpu: str | bool) -> faiss.Index:
     return index
 
 
+class _TorchExactIndex:
+    """Exact inner-product search as matmul + top-k on a torch device (FAISS's IndexFlatIP
+    semantics: ``search`` returns (similarities, indices), best first)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.device, self.z = torch, torch.device(device), None
+
+    def add(self, z: np.ndarray) -> None:
+        self.z = self.torch.from_numpy(z).to(self.device)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        # full fp32 products: TF32 would reorder near-ties that exact search must keep
+        allow = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            s, i = (torch.from_numpy(q).to(self.device) @ self.z.T).topk(k, dim=1)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allow
+        return s.cpu().numpy(), i.cpu().numpy()
+
+
+def knn_backend(device: str | None = None, backend: str = "auto") -> str:
+    """Which exact search ``build_knn`` runs: ``faiss`` (its GPUs when faiss-gpu sees one) or
+    ``torch`` (matmul + top-k on ``device``). ``auto``: FAISS, except on a CUDA device that
+    FAISS cannot use (faiss-cpu installed on a GPU node, or no FAISS at all)."""
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+    if backend != "auto":
+        return backend
+    on_cuda = device is not None and str(device).startswith("cuda")
+    try:
+        import faiss
+    except ImportError:
+        if on_cuda:
+            return "torch"
+        raise
+    return "torch" if on_cuda and faiss.get_num_gpus() == 0 else "faiss"
+
+
 def build_knn(
     z: np.ndarray,
     k_max: int,
     use_gpu: str | bool = "auto",
     query_batch: int = 65536,
     progress: bool = False,
+    device: str | None = None,
+    backend: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k_max`` nearest other samples of every sample by cosine similarity (Eq. 8).
 
@@ -70,6 +117,9 @@ def build_knn(
         use_gpu: ``True`` (error without a GPU), ``False``, or ``"auto"`` (GPU if FAISS sees one).
         query_batch: rows queried at once, bounding the [query_batch, k_max + 1] result memory.
         progress: show a tqdm bar over the query batches.
+        device: the torch device this process was given; a CUDA device searches there
+            (with faiss-gpu, or with torch when FAISS has no GPU support).
+        backend: ``auto``, ``faiss`` or ``torch`` (see ``knn_backend``).
 
     Returns:
         ``(idx, sims)``: int64 [N, k_max] neighbour indices and float32 [N, k_max] cosine
@@ -86,7 +136,10 @@ def build_knn(
             f"k_max={k_max} is larger than the dataset allows: N={n} samples leave only {n - 1} "
             "other samples to be neighbours"
         )
-    index = _make_index(d, use_gpu)
+    if knn_backend(device, backend) == "torch":
+        index = _TorchExactIndex(device or "cpu")
+    else:
+        index = _make_index(d, use_gpu)
     index.add(z)
 
     idx = np.empty((n, k_max), dtype=np.int64)

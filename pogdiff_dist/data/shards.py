@@ -30,6 +30,7 @@ import json
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -221,6 +222,54 @@ def collate(batch: dict[str, np.ndarray], on_bad: str = "raise", skipped: list[s
         index=torch.tensor([m["index"] for m in meta], dtype=torch.long),
         identity=torch.tensor([m["identity_id"] for m in meta], dtype=torch.long),
     )
+
+
+class StreamedBatch(NamedTuple):
+    """One streamed micro-batch as the trainer consumes it: the rows the stream delivered,
+    the collated tensors (None when every row was skipped) and the skip reports."""
+
+    rows: int
+    batch: Batch | None
+    skipped: list[str]
+
+
+def collate_stream(batches: Iterable[dict[str, np.ndarray]], manifest: Manifest,
+                   on_bad: str = "raise") -> Iterator[StreamedBatch]:
+    """Numpy batches (Ray Data's ``iter_batches`` or :func:`iter_shard_batches`) -> StreamedBatch."""
+    for numpy_batch in batches:
+        skipped: list[str] = []
+        batch = collate(numpy_batch, on_bad=on_bad, skipped=skipped, fingerprint=manifest.fingerprint)
+        yield StreamedBatch(len(numpy_batch["__key__"]), batch, skipped)
+
+
+def iter_shard_batches(shards: list[str], batch_size: int, shuffle_buffer: int = 0,
+                       seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Training shards read with ``webdataset`` in one process (no Ray), decoded by
+    :func:`decode_sample` and batched into the column dicts ``collate`` takes.
+    ``shuffle_buffer`` > 1 shuffles within a buffer of that many samples, seeded."""
+    import webdataset as wds
+
+    ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).map(decode_sample)
+    if shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed)
+    rows: list[dict] = []
+    for sample in ds:
+        rows.append(sample)
+        if len(rows) == batch_size:
+            yield _columns(rows)
+            rows = []
+    if rows:
+        yield _columns(rows)
+
+
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    keys = sorted({k for r in rows for k in r})
+    out = {}
+    for k in keys:
+        col = np.empty(len(rows), dtype=object)
+        col[:] = [r.get(k) for r in rows]
+        out[k] = col
+    return out
 
 
 def _stack(column: np.ndarray, rows: list[int]) -> np.ndarray:

@@ -1,28 +1,27 @@
-"""The training driver: prepare (if needed) -> TorchTrainer.fit -> diffusers export -> samples -> MLflow."""
+"""The training driver: prepare (if needed) -> TorchTrainer.fit -> MLflow.
+
+The workers train, and rank 0 writes the diffusers export and the sample grid into the
+run directory on its own device (a GPU on a GPU cluster); the driver, which may be a
+CPU-only head, only starts the run and records what the workers wrote."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import ray
-import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pogdiff_dist.config import Config, save_config
-from pogdiff_dist.data.records import IDENTITY_PROMPT
-from pogdiff_dist.data.shards import Manifest, decode_sample, verify_shards
+from pogdiff_dist.data.shards import decode_sample, verify_shards
 from pogdiff_dist.dist.prepare import run_prepare
 from pogdiff_dist.dist.runtime import init_ray
-from pogdiff_dist.dist.worker import UNET_EXPORT, check_manifest, train_loop_per_worker
-from pogdiff_dist.models import LatentCodec, TextEncoder, build_noise_scheduler
-from pogdiff_dist.pipeline import PoGDiffPipeline, export_pipeline, image_grid
+from pogdiff_dist.dist.trainer import MODEL_DIR, SAMPLES, check_manifest
+from pogdiff_dist.dist.worker import train_loop_per_worker
 from pogdiff_dist.tracking import finish_run, redact, resolve_tracking_uri, run_url_hint, start_run
 
 RUN_STATE = "pogdiff_run.json"
@@ -52,21 +51,6 @@ def _run_name(cfg: Config, resume: bool) -> str:
     return cfg.train.name
 
 
-def sample_grid(model_dir: Path, manifest: Manifest, cfg: Config, out: Path) -> Path:
-    """Images from fixed prompts for the most frequent majority and the rarest minority identity."""
-    pipe = PoGDiffPipeline.from_pretrained(str(model_dir))
-    names = [manifest.majority()[0]] if manifest.majority() else []
-    if manifest.minority():
-        names.append(manifest.minority()[-1])
-    prompts = [IDENTITY_PROMPT.format(name=n) for n in names]
-    images = pipe(prompts, num_inference_steps=cfg.train.sample_steps, guidance_scale=cfg.train.guidance_scale,
-                  num_images_per_prompt=cfg.train.samples_per_prompt,
-                  generator=torch.Generator().manual_seed(cfg.train.seed))
-    counts = dict(zip(manifest.identities, manifest.train_counts))
-    image_grid(images, rows=len(prompts), labels=[f"{n} ({counts[n]} imgs)" for n in names]).save(out)
-    return out
-
-
 def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = None) -> TrainOutcome:
     """``parent_run_id``: a new MLflow run is created as its child (a sweep trial)."""
     t0 = time.time()
@@ -91,7 +75,8 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
     shards = [str(prepared / "shards" / s) for s in manifest.shards]
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "prepared_dir": str(prepared), "run_id": run_id, "tracking_uri": uri},
+        train_loop_config={"cfg": cfg.to_dict(), "prepared_dir": str(prepared), "run_id": run_id, "tracking_uri": uri,
+                           "run_dir": str(run_dir)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
@@ -108,16 +93,11 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
         raise
     fit_s = time.time() - t_fit
 
-    model_dir = run_dir / "model"
-    with result.checkpoint.as_directory() as d:
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_pretrained(str(Path(d) / UNET_EXPORT))
-    text = TextEncoder(manifest.text_encoder_dir, manifest.tokenizer_dir, cfg.model.max_length)
-    vae = LatentCodec(manifest.vae_dir).vae if manifest.vae_dir else None
-    shutil.rmtree(model_dir, ignore_errors=True)
-    export_pipeline(model_dir, unet, build_noise_scheduler(cfg.model), text, vae)
-    samples = sample_grid(model_dir, manifest, cfg, run_dir / "samples.png")
+    # rank 0 exported the pipeline and rendered the grid on its device (run_dir is shared storage)
+    model_dir, samples = run_dir / MODEL_DIR, run_dir / SAMPLES
+    if not (model_dir / "model_index.json").is_file():
+        raise RuntimeError(f"training finished but rank 0 left no exported model in {model_dir}: is "
+                           f"train.storage_path ({cfg.train.storage_path}) on storage every node shares?")
 
     m = result.metrics or {}
     metrics = {

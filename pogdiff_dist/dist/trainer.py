@@ -1,0 +1,485 @@
+"""The training loop, without Ray: engine + step + state + checkpoint + export.
+
+A :class:`Trainer` gets the config, its device, its rank and the world size, a source of
+collated batches per epoch and a report callback. The Ray Train worker
+(:mod:`pogdiff_dist.dist.worker`) supplies ``ray.train.torch.get_device()``, its
+``streaming_split`` of the WebDataset stream and ``ray.train.report``; a plain process
+(:func:`train_local`: tests, ``scripts/gpu_check.sh``) supplies a device, the shards read
+with ``webdataset`` and a local checkpoint folder. Everything the step touches lives on
+the trainer's device: the UNet (placed by DeepSpeed), the frozen text encoder (in the
+compute dtype, outside ZeRO), the empty-caption states, the y' cache, the generator of
+noise, timesteps and neighbour draws, and every batch (moved in :meth:`Trainer.to_device`).
+
+The loop reads top to bottom as torchtitan's does: ``fit`` -> ``_run_epoch`` ->
+``_train_step``; the cross-rank rule "every rank agrees to step" and the non-finite
+policy are functions of their own (:func:`agree_to_step`, :func:`nonfinite_policy`).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pogdiff_dist.config import Config
+from pogdiff_dist.data.records import IDENTITY_PROMPT
+from pogdiff_dist.data.shards import Manifest, StreamedBatch
+from pogdiff_dist.dist.engine import Engine, init_single_process
+from pogdiff_dist.models import LatentCodec, ModelSpec, TextEncoder, build_noise_scheduler, build_unet
+from pogdiff_dist.pipeline import PoGDiffPipeline, export_pipeline, image_grid
+from pogdiff_dist.step import Batch, DualConditionStep
+
+STATE_FILE = "train_state_rank{rank}.safetensors"
+MODEL_DIR, SAMPLES = "model", "samples.png"
+
+# report(metrics, checkpoint_dir): checkpoint_dir is a temporary folder valid during the call
+Report = Callable[[dict, Path], None]
+
+
+def check_manifest(cfg: Config, manifest: Manifest) -> None:
+    """The run's config must fit the shards it reads; say which setting does not."""
+    if cfg.loss.k > manifest.k_max:
+        raise ValueError(f"loss.k={cfg.loss.k} exceeds the k_max={manifest.k_max} stored in the shards; "
+                         f"lower loss.k or re-prepare with prepare.k_max >= {cfg.loss.k}")
+    if manifest.text_shape[0] != cfg.model.max_length:
+        raise ValueError(f"shards hold captions of {manifest.text_shape[0]} tokens but model.max_length="
+                         f"{cfg.model.max_length}: the shards were prepared with another config")
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    """Everything of a rank's progress that is not in the DeepSpeed checkpoint, saved as one object."""
+
+    step: int = 0
+    epoch: int = 0
+    nonfinite: int = 0  # steps skipped for a non-finite loss, in all
+    nonfinite_run: int = 0  # ... in a row
+    epoch_rows_before_checkpoint: int = 0  # rows of the open epoch trained before the checkpoint
+    epochs: list[dict] = field(default_factory=list)  # closed epochs' accounting (EpochLedger.close)
+    last: dict = field(default_factory=dict)  # the last logged window's means
+    generator: torch.Tensor | None = None  # noise / timestep / neighbour generator state (CPU bytes)
+
+    def save(self, path: Path) -> None:
+        meta = {k: v for k, v in asdict(self).items() if k != "generator"}
+        save_file({"generator": self.generator}, str(path), metadata={"state": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainState":
+        if not path.is_file():
+            raise ValueError(f"checkpoint {path.parent} holds no {path.name}: written with another world size?")
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["state"])
+            return cls(**meta, generator=f.get_tensor("generator"))
+
+
+class EpochLedger:
+    """What each epoch trained on, so nothing is lost silently.
+
+    Per rank: rows received from the stream, rows skipped as bad (``data.on_bad=skip``),
+    distinct sample indices. Resume semantics: the stream has no resumable position, so an
+    epoch interrupted by a restart is read again from its start; the rows that epoch had
+    already trained on before the checkpoint (``carried``) are trained on twice, and that
+    count is reported as ``epoch_repeated_after_resume``.
+    """
+
+    def __init__(self, carried: int = 0):
+        self.rows, self.skipped, self.carried = 0, 0, carried
+        self.indices: list[np.ndarray] = []
+
+    def add(self, item: StreamedBatch) -> None:
+        self.rows += item.rows
+        self.skipped += len(item.skipped)
+        if item.batch is not None:
+            self.indices.append(item.batch.index.numpy())
+
+    def close(self, epoch: int, num_samples: int, device: torch.device) -> dict[str, float]:
+        """All ranks call at the end of a full pass; returns the global counts."""
+        mine = np.unique(np.concatenate(self.indices)) if self.indices else np.zeros(0, np.int64)
+        seen = torch.zeros(num_samples, dtype=torch.int32)
+        seen[torch.from_numpy(mine)] = 1
+        seen = all_reduce(seen, device)
+        rows, skipped, carried = all_reduce(torch.tensor([self.rows, self.skipped, self.carried],
+                                                         dtype=torch.float64), device).tolist()
+        self.__init__()
+        return {"epoch": epoch, "epoch_rows": rows, "epoch_samples": rows - skipped, "epoch_skipped_bad": skipped,
+                "epoch_unique_samples": float((seen > 0).sum()), "epoch_seen_twice": float((seen > 1).sum()),
+                "epoch_not_delivered": float(num_samples - rows), "epoch_repeated_after_resume": carried}
+
+
+# ----------------------------------------------------------------------------- cross-rank rules
+
+
+def all_reduce(t: torch.Tensor, device: torch.device, op=None) -> torch.Tensor:
+    """``t`` reduced over ranks (sum by default), returned on the CPU. The collective runs on
+    ``device``: NCCL needs CUDA tensors, gloo CPU ones."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    t = t.to(device)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def agree_to_step(loss: torch.Tensor | None, device: torch.device) -> tuple[bool, bool, bool]:
+    """(every rank has a batch, every rank's loss is finite, this rank's loss is finite).
+
+    Every rank must agree to step, or the gradient all-reduce would hang: a rank with
+    nothing left to train on, or a non-finite loss anywhere, makes every rank skip. One
+    small all-reduce (and one host sync) per micro-batch.
+    """
+    here = torch.ones((), device=device) if loss is None else torch.isfinite(loss.detach()).float()
+    flags = torch.stack([torch.ones((), device=device) * float(loss is not None), here])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    has_batch, finite = flags.tolist()
+    return bool(has_batch), bool(finite), bool(here.item())
+
+
+def nonfinite_policy(state: TrainState, train_cfg, finite_here: bool, where: str) -> None:
+    """Count a skipped step; raise when ``train.on_nonfinite=raise`` or after
+    ``train.max_nonfinite`` skips in a row. ``where`` describes this rank's bad loss."""
+    state.nonfinite += 1
+    state.nonfinite_run += 1
+    stop = train_cfg.on_nonfinite == "raise" or state.nonfinite_run >= train_cfg.max_nonfinite
+    if not stop:
+        if not finite_here:
+            print(f"[train] skipped step: {where}", flush=True)
+        return
+    why = ("train.on_nonfinite=raise" if train_cfg.on_nonfinite == "raise"
+           else f"{state.nonfinite_run} non-finite steps in a row (train.max_nonfinite)")
+    if finite_here:
+        raise FloatingPointError(f"non-finite loss on another rank at step {state.step + 1}; stopping: {why}")
+    raise FloatingPointError(f"{where}; stopping: {why}")
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """One rank's training: build once, ``load`` a checkpoint (optional), ``fit``.
+
+    ``epoch_batches(epoch)`` yields :class:`StreamedBatch` items for that epoch (CPU tensors);
+    ``report(metrics, dir)`` persists a checkpoint folder; ``tracker.log(step, metrics)``
+    records metrics (a null tracker on ranks other than 0). ``run_dir`` receives the
+    exported model and the sample grid, written by rank 0 on its device.
+    """
+
+    def __init__(self, cfg: Config, prepared_dir: str | Path, device: torch.device | str, rank: int, world: int,
+                 report: Report, tracker=None, run_dir: str | Path | None = None):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.device = torch.device(device)
+        self.report, self.run_dir = report, Path(run_dir) if run_dir is not None else None
+        self.tracker = tracker if tracker is not None else _NullTracker()
+        self.prepared = Path(prepared_dir)
+        self.manifest = Manifest.load(self.prepared)
+        check_manifest(cfg, self.manifest)
+        t = cfg.train
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+        else:
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
+            torch.backends.cudnn.allow_tf32 = t.allow_tf32
+        self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+
+        # Frozen text encoder for y': built here, never handed to DeepSpeed, so ZeRO-3 does not partition it.
+        m = self.manifest
+        self.text = TextEncoder(m.text_encoder_dir, m.tokenizer_dir, cfg.model.max_length).to(self.device, self.dtype)
+        uncond = self.text.encode([""])[0][0]
+        elbo = torch.from_numpy(np.load(self.prepared / m.elbo_file))
+        self.stepper = DualConditionStep(cfg.loss, build_noise_scheduler(cfg.model), self.text, uncond, elbo,
+                                         t.caption_dropout, t.text_cache_mib, device=self.device)
+
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        self.spec = ModelSpec(m.latent_shape[0], m.latent_shape[1], m.text_shape[1])
+        unet = build_unet(cfg.model, self.spec)
+        if t.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if t.channels_last:
+            unet = unet.to(memory_format=torch.channels_last)
+        self.attention = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+        self.engine = Engine(unet, cfg, world, self.device)
+        if t.compile:
+            self.engine.ds.compile()
+        self.generator = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + rank)
+        self.state = TrainState()
+        self.ledger = EpochLedger()
+        self._checkpoint_due = False
+        self._window: list[tuple[torch.Tensor, dict]] = []
+        self._window_t0, self._window_wait = time.time(), 0.0
+
+    # -- checkpoints
+
+    def load(self, checkpoint_dir: str | Path) -> None:
+        """Resume from a checkpoint folder (every rank's, as :meth:`save_checkpoint` wrote it)."""
+        d = Path(checkpoint_dir)
+        self.engine.load(d)
+        self.state = TrainState.load(d / STATE_FILE.format(rank=self.rank))
+        self.generator.set_state(self.state.generator)
+        assert self.state.step == self.engine.global_step, (self.state.step, self.engine.global_step)
+        self.ledger = EpochLedger(carried=self.state.epoch_rows_before_checkpoint)
+        print(f"[train] rank {self.rank} resumed at step {self.state.step} (lr {self.engine.lr:.3g})", flush=True)
+        self.tracker.log(self.state.step, {"resumed_from_step": self.state.step, "resumed_lr": self.engine.lr})
+
+    def save_checkpoint(self) -> None:
+        """Every rank writes its ZeRO partition and its state, then reports the folder."""
+        s = self.state
+        s.generator = self.generator.get_state()
+        s.epoch_rows_before_checkpoint = self.ledger.rows + self.ledger.carried
+        metrics = {"step": s.step, "epoch": s.epoch, **s.last, "nonfinite_skipped": s.nonfinite,
+                   "epochs": json.dumps(s.epochs)}
+        with tempfile.TemporaryDirectory() as d:
+            self.engine.save(d, tag=f"step{s.step}", client_state={"step": s.step, "epoch": s.epoch})
+            s.save(Path(d) / STATE_FILE.format(rank=self.rank))
+            self.report(metrics, Path(d))
+
+    # -- the loop
+
+    def to_device(self, batch: Batch) -> Batch:
+        """The one place a batch moves: pinned host memory, then an asynchronous copy."""
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+            if self.cfg.train.channels_last:
+                batch.x0 = batch.x0.contiguous(memory_format=torch.channels_last)
+            return batch
+        return batch.to(self.device)
+
+    def fit(self, epoch_batches: Callable[[int], Iterable[StreamedBatch]]) -> TrainState:
+        """Train to ``optim.max_steps``, then export (rank 0) and write the final checkpoint."""
+        max_steps = self.cfg.optim.max_steps
+        while self.state.step < max_steps:
+            if not self._run_epoch(epoch_batches(self.state.epoch)):
+                break
+            self._close_epoch()
+        self._finish()
+        return self.state
+
+    def _run_epoch(self, batches: Iterable[StreamedBatch]) -> bool:
+        """True when the epoch ran out (on every rank), False when ``max_steps`` was reached inside it."""
+        items = _timed(batches, self)
+        for item in items:
+            if self._checkpoint_due:  # taken before this batch, so a resume re-reads from here
+                self.save_checkpoint()
+                self._checkpoint_due = False
+            self.ledger.add(item)
+            for report in item.skipped:
+                print(f"[train] rank {self.rank} skipped bad sample (data.on_bad=skip): {report}", flush=True)
+            if self._train_step(item.batch) and self.state.step >= self.cfg.optim.max_steps:
+                return self._stream_ended(items)
+        return True
+
+    def _stream_ended(self, items: Iterator[StreamedBatch]) -> bool:
+        """At ``max_steps``: did this epoch's last batch just train on every rank? Then the
+        epoch is closed in the final checkpoint, and a resume starts the next epoch instead
+        of reading this one again. Peeks one batch (not trained, not counted)."""
+        more = torch.tensor([float(next(items, None) is not None)])
+        return all_reduce(more, self.device, op=dist.ReduceOp.MAX).item() == 0
+
+    def _train_step(self, batch: Batch | None) -> bool:
+        """Forward, the cross-rank agreement, backward and (at a boundary) the optimiser step.
+        True when an optimiser step happened."""
+        s = self.state
+        loss, stats = None, {}
+        if batch is not None:
+            loss, stats = self.stepper(self.engine, self.to_device(batch), self.generator, dtype=self.dtype)
+        has_batch, finite, finite_here = agree_to_step(loss, self.device)
+        if not finite:  # a non-finite loss on some rank: every rank skips and counts it
+            where = "" if finite_here else (f"non-finite loss {loss.item()} at step {s.step + 1} on rank {self.rank} "
+                                            f"(samples {batch.index.tolist()}; "
+                                            f"{ {k: float(v) for k, v in stats.items()} })")
+            nonfinite_policy(s, self.cfg.train, finite_here, where)
+            self.tracker.log(s.step, {"nonfinite_skipped": s.nonfinite})
+            return False
+        if not has_batch:  # some rank has nothing left to train on in this batch
+            return False
+        s.nonfinite_run = 0
+        if not self.engine.backward_step(loss):
+            return False
+        s.step += 1
+        self._window.append((loss.detach(), stats))
+        if s.step % self.cfg.train.log_every == 0 or s.step == self.cfg.optim.max_steps:
+            self._log_window()
+        # Deferred to the next batch or the end of the epoch, so a checkpoint on an epoch's
+        # last step records the closed epoch instead of an epoch to re-read.
+        self._checkpoint_due = s.step % self.cfg.train.checkpoint_every == 0 and s.step < self.cfg.optim.max_steps
+        return True
+
+    def _log_window(self) -> None:
+        """Means over the window since the last log: the only place step stats reach the host."""
+        s, now = self.state, time.time()
+        dt = now - self._window_t0
+        keys = list(self._window[0][1])
+        values = torch.stack([torch.stack([loss.float().cpu(), *[torch.as_tensor(st[k], dtype=torch.float32).cpu()
+                                                                  for k in keys]])
+                              for loss, st in self._window]).mean(0).tolist()
+        mean = dict(zip(["loss", *keys], values))
+        samples_per_step = self.cfg.optim.batch_size * self.cfg.optim.grad_accum * self.world
+        mean.update(lr=self.engine.lr, samples_per_s=len(self._window) * samples_per_step / dt, epoch=s.epoch,
+                    data_wait_frac=self._window_wait / dt)
+        self.tracker.log(s.step, mean)
+        if self.rank == 0:
+            print(f"[train] step {s.step}/{self.cfg.optim.max_steps} loss {mean['loss']:.4f} "
+                  f"(denoise {mean['loss_denoise']:.4f}, pog {mean['loss_pog']:.4f}) "
+                  f"lr {self.engine.lr:.2e} {mean['samples_per_s']:.1f} samples/s", flush=True)
+        s.last, self._window, self._window_t0, self._window_wait = mean, [], now, 0.0
+
+    def _close_epoch(self) -> None:
+        s, m = self.state, self.manifest
+        record = self.ledger.close(s.epoch, m.num_samples, self.device)
+        if record["epoch_samples"] == 0:
+            raise ValueError(f"epoch {s.epoch} delivered no trainable sample ({m.num_samples} samples "
+                             f"over {self.world} workers, {record['epoch_skipped_bad']:.0f} skipped as bad)")
+        s.epochs.append(record)
+        self.tracker.log(s.step, {k: v for k, v in record.items() if k != "epoch"})
+        if self.rank == 0:
+            print(f"[train] epoch {s.epoch}: trained on {record['epoch_samples']:.0f} of {m.num_samples} "
+                  f"samples ({record['epoch_skipped_bad']:.0f} skipped as bad, "
+                  f"{record['epoch_not_delivered']:.0f} not delivered by the split)", flush=True)
+        s.epoch += 1
+        if self._checkpoint_due:
+            self.save_checkpoint()
+            self._checkpoint_due = False
+
+    def _finish(self) -> None:
+        peaks = {"peak_rss_mib_max_worker": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024}
+        if self.device.type == "cuda":
+            peaks["peak_gpu_mib_max_worker"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        names = sorted(peaks)
+        peak = all_reduce(torch.tensor([peaks[k] for k in names], dtype=torch.float64), self.device,
+                          op=dist.ReduceOp.MAX).tolist()
+        peaks = dict(zip(names, peak))
+        self.tracker.log(self.state.step, {**peaks, "nonfinite_skipped": self.state.nonfinite})
+        self.state.last.update(peaks)
+        self.export()
+        self.save_checkpoint()
+
+    # -- export
+
+    def export(self) -> Path | None:
+        """The diffusers pipeline in ``run_dir/model`` and the sample grid in ``run_dir/samples.png``,
+        made by rank 0 on its device. Every rank calls (ZeRO-3 gathers the weights)."""
+        state = self.engine.export_state_dict()
+        if state is None or self.run_dir is None:
+            return None
+        m = self.manifest
+        unet = build_unet(self.cfg.model, self.spec)
+        unet.load_state_dict(state)
+        # a fresh fp32 copy of the frozen encoder: the trainer's runs in the compute dtype
+        text = TextEncoder(m.text_encoder_dir, m.tokenizer_dir, self.cfg.model.max_length)
+        vae = LatentCodec(m.vae_dir).vae if m.vae_dir else None
+        model_dir = self.run_dir / MODEL_DIR
+        shutil.rmtree(model_dir, ignore_errors=True)
+        export_pipeline(model_dir, unet, build_noise_scheduler(self.cfg.model), text, vae)
+        pipe = PoGDiffPipeline.from_pretrained(str(model_dir)).to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        sample_grid(pipe, m, self.cfg, self.run_dir / SAMPLES)
+        print(f"[train] rank {self.rank} exported the model to {model_dir} and the sample grid on {self.device}",
+              flush=True)
+        return model_dir
+
+
+def sample_grid(pipe, manifest: Manifest, cfg: Config, out: Path) -> Path:
+    """Images from fixed prompts for the most frequent majority and the rarest minority identity."""
+    names = [manifest.majority()[0]] if manifest.majority() else []
+    if manifest.minority():
+        names.append(manifest.minority()[-1])
+    prompts = [IDENTITY_PROMPT.format(name=n) for n in names]
+    images = pipe(prompts, num_inference_steps=cfg.train.sample_steps, guidance_scale=cfg.train.guidance_scale,
+                  num_images_per_prompt=cfg.train.samples_per_prompt,
+                  generator=torch.Generator().manual_seed(cfg.train.seed))
+    counts = dict(zip(manifest.identities, manifest.train_counts))
+    image_grid(images, rows=len(prompts), labels=[f"{n} ({counts[n]} imgs)" for n in names]).save(out)
+    return out
+
+
+def _timed(batches: Iterable[StreamedBatch], trainer: Trainer) -> Iterator[StreamedBatch]:
+    """The batches, with the time spent waiting for each added to the trainer's window."""
+    it = iter(batches)
+    while True:
+        t0 = time.time()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        trainer._window_wait += time.time() - t0
+        yield item
+
+
+class _NullTracker:
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- one plain process
+
+
+class LocalCheckpoints:
+    """``report`` for a plain process: each reported folder is copied to
+    ``root/checkpoint_<step>``, keeping the newest ``keep``; ``metrics`` lists every report."""
+
+    def __init__(self, root: str | Path, keep: int = 2):
+        self.root, self.keep, self.metrics = Path(root), keep, []
+
+    def __call__(self, metrics: dict, checkpoint_dir: Path) -> None:
+        dest = self.root / f"checkpoint_{metrics['step']:06d}"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, dest)
+        self.metrics.append(metrics)
+        for old in self.all()[:-self.keep]:
+            shutil.rmtree(old)
+
+    def all(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("checkpoint_*") if p.is_dir())
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+
+def local_epoch_batches(cfg: Config, prepared_dir: str | Path, manifest: Manifest, rank: int = 0,
+                        world: int = 1) -> Callable[[int], Iterator[StreamedBatch]]:
+    """Epochs read straight from the shards with ``webdataset``: this rank's shards
+    (every ``world``-th), a seeded shuffle buffer per epoch, collated as Ray's path does."""
+    from pogdiff_dist.data.shards import collate_stream, iter_shard_batches
+
+    shards = [str(Path(prepared_dir) / "shards" / s) for s in manifest.shards][rank::world]
+
+    def epoch_batches(epoch: int) -> Iterator[StreamedBatch]:
+        batches = iter_shard_batches(shards, cfg.optim.batch_size, cfg.train.shuffle_buffer,
+                                     seed=cfg.train.seed * 7919 + epoch * 31 + rank)
+        return collate_stream(batches, manifest, cfg.data.on_bad)
+
+    return epoch_batches
+
+
+def train_local(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, device: torch.device | str = "cpu",
+                resume: bool = False, tracker=None) -> tuple[Trainer, LocalCheckpoints]:
+    """The Trainer in this process, world size 1, no Ray: shards read with ``webdataset``,
+    checkpoints in ``run_dir/checkpoint_<step>`` (``resume`` continues from the newest)."""
+    init_single_process(device)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = LocalCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
+    trainer = Trainer(cfg, prepared_dir, device, rank=0, world=1, report=checkpoints, tracker=tracker,
+                      run_dir=run_dir)
+    if resume:
+        latest = checkpoints.latest()
+        if latest is None:
+            raise ValueError(f"resume: no checkpoint_* folder in {run_dir}")
+        trainer.load(latest)
+    trainer.fit(local_epoch_batches(cfg, prepared_dir, trainer.manifest))
+    return trainer, checkpoints
+

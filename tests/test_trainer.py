@@ -1,0 +1,127 @@
+"""The Trainer in one plain process (no Ray): N steps, checkpoint, resume to 2N on the same
+loss curve as an uninterrupted run, a diffusers export; ZeRO-3 leaves the frozen text
+encoder whole; the non-finite policy. Shards in the project's format, written without Ray."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+
+
+class RecordingTracker:
+    """Keeps what the trainer logs (the MLflow tracker's interface)."""
+
+    def __init__(self):
+        self.logs = []
+
+    def log(self, step, metrics):
+        self.logs.append((step, dict(metrics)))
+
+    def series(self, key):
+        return [(s, m[key]) for s, m in self.logs if key in m]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from pogdiff_dist.data.synthetic import build_synthetic_prepared
+    from pogdiff_dist.models import bundled_text_encoder_dir
+
+    d = bundled_text_encoder_dir()
+    out = tmp_path_factory.mktemp("synthetic")
+    # 16 samples: 4 steps per epoch at batch 4 with one worker
+    build_synthetic_prepared(out, [6, 6, 2, 2], (1, 16, 16), d, d, max_length=16, k_max=4, samples_per_shard=8)
+    return out
+
+
+def _cfg(**overrides):
+    from pogdiff_dist.config import load_config
+
+    base = {"train.num_workers": 1, "loss.k": 4, "prepare.k_max": 4, "train.checkpoint_every": 4,
+            "train.caption_dropout": 0.1, "loss.den_temperature": 20.0}
+    return load_config(REPO / "configs" / "tiny.yaml", {**base, **overrides})
+
+
+def test_resume_continues_the_uninterrupted_loss_curve_and_exports(synthetic, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from pogdiff_dist.dist.trainer import train_local
+    from pogdiff_dist.pipeline import PoGDiffPipeline
+
+    whole = RecordingTracker()
+    trainer, checkpoints = train_local(_cfg(**{"optim.max_steps": 8}), synthetic, tmp_path / "whole", tracker=whole)
+    assert trainer.state.step == 8 and [c.name for c in checkpoints.all()] == ["checkpoint_000004",
+                                                                             "checkpoint_000008"]
+    first, second = RecordingTracker(), RecordingTracker()
+    train_local(_cfg(**{"optim.max_steps": 4}), synthetic, tmp_path / "split", tracker=first)
+    resumed, _ = train_local(_cfg(**{"optim.max_steps": 8}), synthetic, tmp_path / "split", resume=True,
+                             tracker=second)
+
+    want = whole.series("loss")
+    got = first.series("loss") + second.series("loss")
+    assert [s for s, _ in got] == list(range(1, 9))
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5)
+    assert second.series("resumed_from_step") == [(4, 4)]
+    assert any(v > 0 for _, v in whole.series("loss_pog"))  # the PoG term was active
+    # the step-4 run closed its epoch, so the resumed run started epoch 1: nothing trained twice
+    assert [e["epoch"] for e in resumed.state.epochs] == [0, 1]
+    assert all(e["epoch_samples"] == e["epoch_unique_samples"] == 16 and e["epoch_repeated_after_resume"] == 0
+               for e in resumed.state.epochs)
+
+    # the export is a diffusers pipeline holding the trained weights, identical for both runs
+    a = UNet2DConditionModel.from_pretrained(str(tmp_path / "whole" / "model" / "unet"))
+    b = UNet2DConditionModel.from_pretrained(str(tmp_path / "split" / "model" / "unet"))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+    live = dict(trainer.engine.module.named_parameters())
+    torch.testing.assert_close(dict(a.named_parameters())["conv_in.weight"], live["conv_in.weight"].detach())
+    pipe = PoGDiffPipeline.from_pretrained(str(tmp_path / "whole" / "model"))
+    img = pipe(["An image of Person A."], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert img.shape == (1, 16, 16, 1) and img.std() > 0
+    assert (tmp_path / "whole" / "samples.png").stat().st_size > 0
+
+
+def test_zero3_partitions_the_unet_but_not_the_frozen_text_encoder(synthetic, tmp_path):
+    from pogdiff_dist.dist.trainer import LocalCheckpoints, Trainer, local_epoch_batches
+    from pogdiff_dist.dist.engine import init_single_process
+
+    init_single_process("cpu")
+    cfg = _cfg(**{"optim.max_steps": 2, "train.zero_stage": 3})
+    trainer = Trainer(cfg, synthetic, "cpu", 0, 1, report=LocalCheckpoints(tmp_path), run_dir=tmp_path)
+    assert all(hasattr(p, "ds_id") for p in trainer.engine.module.parameters())
+    assert not any(hasattr(p, "ds_id") for p in trainer.text.model.parameters())
+    assert trainer.text.model.dtype == torch.float32 and trainer.attention == ["AttnProcessor2_0"]  # SDPA
+    state = trainer.fit(local_epoch_batches(cfg, synthetic, trainer.manifest))
+    assert state.step == 2 and (tmp_path / "model" / "unet" / "config.json").is_file()
+
+
+def test_nonfinite_policy_counts_then_raises():
+    from pogdiff_dist.config import TrainConfig
+    from pogdiff_dist.dist.trainer import TrainState, agree_to_step, nonfinite_policy
+
+    state = TrainState(step=7)
+    skip = TrainConfig(on_nonfinite="skip", max_nonfinite=2)
+    nonfinite_policy(state, skip, finite_here=False, where="loss nan")
+    assert (state.nonfinite, state.nonfinite_run) == (1, 1)
+    with pytest.raises(FloatingPointError, match="loss nan; stopping: 2 non-finite steps in a row"):
+        nonfinite_policy(state, skip, finite_here=False, where="loss nan")
+    with pytest.raises(FloatingPointError, match="another rank at step 8.*on_nonfinite=raise"):
+        nonfinite_policy(TrainState(step=7), TrainConfig(on_nonfinite="raise"), finite_here=True, where="")
+    cpu = torch.device("cpu")
+    assert agree_to_step(torch.tensor(1.0), cpu) == (True, True, True)
+    assert agree_to_step(torch.tensor(float("inf")), cpu) == (True, False, False)
+    assert agree_to_step(None, cpu) == (False, True, True)
+
+
+def test_train_state_round_trips(tmp_path):
+    from pogdiff_dist.dist.trainer import TrainState
+
+    g = torch.Generator().manual_seed(3)
+    state = TrainState(step=5, epoch=1, nonfinite=2, epochs=[{"epoch": 0, "epoch_rows": 16.0}], last={"loss": 0.5},
+                       generator=g.get_state())
+    state.save(tmp_path / "s.safetensors")
+    back = TrainState.load(tmp_path / "s.safetensors")
+    assert (back.step, back.epoch, back.nonfinite, back.epochs, back.last) == (5, 1, 2, state.epochs, {"loss": 0.5})
+    assert torch.equal(back.generator, state.generator)
+    with pytest.raises(ValueError, match="holds no missing.safetensors"):
+        TrainState.load(tmp_path / "missing.safetensors")
