@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     ray_ = p.add_argument_group("Ray")
     ray_.add_argument("--workers", type=int, default=2, help="generation actors (default %(default)s)")
     ray_.add_argument("--cpus-per-worker", type=float, default=1.0, help="default %(default)s")
+    ray_.add_argument("--gpus-per-worker", default="auto",
+                      help="GPUs per generation actor; auto: 1 when the model's training used GPUs "
+                           "(train.use_gpu), else 0 (default %(default)s)")
     ray_.add_argument("--ray-address", help="join this cluster (default: $RAY_ADDRESS, else a local cluster)")
     args = p.parse_args(argv)
     try:
@@ -64,8 +67,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     out = Path(args.out) if args.out else source.model_dir.parent / "eval"
+    gpus = args.gpus_per_worker if args.gpus_per_worker == "auto" else float(args.gpus_per_worker)
     run_evaluate(source, out, cfg, num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                 ray_cfg=RayConfig(address=args.ray_address))
+                 ray_cfg=RayConfig(address=args.ray_address), gpus_per_worker=gpus)
     return 0
 
 

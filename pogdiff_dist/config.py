@@ -207,7 +207,6 @@ class TrainConfig:
     text_cache_mib: float = 256.0  # per worker: y' hidden states of distinct neighbour captions kept (LRU); 0: off
     gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~+30% step time)
     allow_tf32: bool = True  # CUDA: TF32 for fp32 matmuls/convolutions (bf16 compute is unaffected)
-    channels_last: bool = False  # CUDA: UNet weights and inputs in NHWC (faster convolutions on tensor cores)
     compile: bool = False  # torch.compile the UNet inside the DeepSpeed engine (first steps pay the compile)
 
     def __post_init__(self):

@@ -60,6 +60,26 @@ def _tokens(rows, j):
     raise AssertionError(f"no row lists {j} as neighbour")
 
 
+def test_prepare_stages_record_where_they_ran_and_the_driver_never_loads_embeddings(ray_local, tiny_cfg, prepared):
+    """Encode runs in Ray actors, k-NN and density in Ray tasks that read the encoded Parquet
+    themselves: none in this (driver) process, which never reads an embedding column."""
+    import json
+    import os
+
+    from pogdiff_dist.dist.prepare import EMBEDDING_COLUMNS, LOADED_COLUMNS
+
+    stages = Path(tiny_cfg.prepare.out_dir) / "stages"
+    encode = json.loads((stages / "encode.json").read_text())
+    assert encode["gpus_per_encoder"] == 0  # "auto" on a cluster without GPUs
+    assert encode["ran_on"] and all(int(w["pid"]) != os.getpid() and w["device"] == "cpu" for w in encode["ran_on"])
+    for name in ("neighbours", "density"):
+        ran_on = json.loads((stages / f"{name}.json").read_text())["ran_on"]
+        assert ran_on["pid"] != os.getpid() and ran_on["device"] == "cpu" and ran_on["node"], (name, ran_on)
+    assert json.loads((stages / "neighbours.json").read_text())["ran_on"]["backend"] == "faiss"
+    loaded_here = {c for cols in LOADED_COLUMNS for c in cols}
+    assert not loaded_here & set(EMBEDDING_COLUMNS), loaded_here
+
+
 def test_prepare_resumes_and_redoes_only_affected_stages(ray_local, tiny_cfg, prepared):
     from pogdiff_dist.dist.prepare import run_prepare
 
@@ -80,7 +100,7 @@ def test_prepare_resumes_and_redoes_only_affected_stages(ray_local, tiny_cfg, pr
     import numpy as np
 
     from pogdiff_dist.data.density import log_density_weights
-    from pogdiff_dist.dist.prepare import _collect
+    from pogdiff_dist.dist.prepare import read_encoded_columns
 
     out = Path(tiny_cfg.prepare.out_dir)
     caption_elbo = np.load(out / "elbo.npy")
@@ -89,7 +109,7 @@ def test_prepare_resumes_and_redoes_only_affected_stages(ray_local, tiny_cfg, pr
     assert third["encode.json"] == after["encode.json"] and third["neighbours.json"] == after["neighbours.json"]
     assert third["density.json"] != after["density.json"] and third["shards.json"] != after["shards.json"]
     elbo = np.load(out / "elbo.npy")
-    ident = _collect(out / "encoded", ["identity_id"])["identity_id"]
+    ident = read_encoded_columns(out / "encoded", ["identity_id"])["identity_id"]
     per_id = {i: elbo[ident == i] for i in np.unique(ident)}
     assert all(np.ptp(v) < 1e-6 for v in per_id.values())  # one prompt per identity
     assert not np.allclose(elbo, caption_elbo)

@@ -59,3 +59,33 @@ def test_finetune_pretrained_sd_layout(ray_local, tmp_path):
     assert set(ema) == set(exported)
     for name, shadow in ema.items():
         torch.testing.assert_close(exported[name].detach(), shadow.float())
+
+
+def test_sd15_config_prepares_trains_bf16_and_exports(ray_local, tmp_path):
+    """configs/sd15.yaml as shipped (bf16, ZeRO-2, EMA, 77 tokens... ), with only its paths and
+    sizes overridden to the tiny SD layout and this CPU machine."""
+    from pogdiff_dist.config import load_config
+    from pogdiff_dist.data.shards import Manifest
+    from pogdiff_dist.dist.train import run_train
+    from pogdiff_dist.pipeline import PoGDiffPipeline
+    from conftest import REPO
+
+    sd = make_tiny_sd(tmp_path / "sd")
+    cfg = load_config(REPO / "configs" / "sd15.yaml", {
+        "model.pretrained": str(sd), "model.image_encoder": "pixels", "data.dataset": "digits-it2i:S",
+        "data.resolution": 16, "data.heldout_per_identity": 2, "prepare.out_dir": str(tmp_path / "prepared"),
+        "prepare.k_max": 5, "prepare.density_epochs": 5, "prepare.num_encoders": 2, "loss.k": 5,
+        "optim.batch_size": 4, "optim.grad_accum": 2, "optim.max_steps": 2, "optim.warmup_steps": 1,
+        "train.use_gpu": False, "train.num_workers": 2, "train.cpus_per_worker": 1, "train.checkpoint_every": 1,
+        "train.sample_steps": 2, "train.samples_per_prompt": 1, "train.storage_path": str(tmp_path / "runs"),
+        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    })
+    assert (cfg.train.precision, cfg.train.zero_stage, cfg.train.ema, cfg.model.max_length) == ("bf16", 2, True, 77)
+    out = run_train(cfg)
+    assert out.metrics["final_step"] == 2 and out.metrics["final_loss"] > 0
+    m = Manifest.load(cfg.prepare.out_dir)
+    assert m.latent_shape == [4, 8, 8] and m.text_shape == [77, 32]  # VAE latents, 77-token captions
+    pipe = PoGDiffPipeline.from_pretrained(str(out.model_dir))
+    assert pipe.unet.dtype == torch.float32  # exported from the fp32 EMA weights, not the bf16 compute copy
+    img = pipe(["An image of Alice Moreau."], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert img.shape == (1, 16, 16, 3) and img.std() > 0

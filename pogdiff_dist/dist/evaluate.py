@@ -157,13 +157,15 @@ def resolve_source(model: str | None = None, prepared: str | None = None, mlflow
 
 
 class IdentityGenerator:
-    """Ray actor: loads the pipeline once, then generates identity after identity."""
+    """Ray actor: loads the pipeline once onto its device (the GPU Ray gave it, else the CPU),
+    then generates identity after identity."""
 
-    def __init__(self, model_dir: str, cfg: dict, threads: int):
+    def __init__(self, model_dir: str, cfg: dict, threads: int, gpus: float = 0.0):
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.pipe = load_pipeline(model_dir)
+        self.device = "cuda" if gpus > 0 else "cpu"
+        self.pipe = load_pipeline(model_dir, self.device)
         self.cfg = EvalConfig(**cfg)
 
     def generate(self, name: str) -> tuple[str, np.ndarray, float]:
@@ -171,15 +173,27 @@ class IdentityGenerator:
         return name, generate_identity(self.pipe, name, self.cfg), time.time() - t0
 
 
+def resolve_eval_gpus(setting: float | str, run_dir: Path | None) -> float:
+    """GPUs per generation actor: ``auto`` = 1 when the model's training run used GPUs
+    (``train.use_gpu`` in its config.yaml) or, without a run folder, when the cluster has GPUs."""
+    if setting != "auto":
+        return float(setting)
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        return 1.0 if yaml.safe_load((run_dir / "config.yaml").read_text())["train"].get("use_gpu") else 0.0
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
 def generate_distributed(model_dir: str | Path, names: list[str], cfg: EvalConfig, num_workers: int = 2,
-                         cpus_per_worker: float = 1.0, progress: bool = True) -> dict[str, np.ndarray]:
-    """identity name -> ``uint8 [num_images, H, W, C]``, made by up to ``num_workers`` actors."""
+                         cpus_per_worker: float = 1.0, progress: bool = True,
+                         gpus_per_worker: float = 0.0) -> dict[str, np.ndarray]:
+    """identity name -> ``uint8 [num_images, H, W, C]``, made by up to ``num_workers`` actors
+    (each on a GPU when ``gpus_per_worker`` > 0)."""
     from ray.util import ActorPool
 
-    actor = ray.remote(num_cpus=cpus_per_worker)(IdentityGenerator)
+    actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(IdentityGenerator)
     n_actors = max(1, min(num_workers, len(names)))
-    actors = [actor.remote(str(Path(model_dir).absolute()), cfg.to_dict(), int(max(1, cpus_per_worker)))
-              for _ in range(n_actors)]
+    actors = [actor.remote(str(Path(model_dir).absolute()), cfg.to_dict(), int(max(1, cpus_per_worker)),
+                           gpus_per_worker) for _ in range(n_actors)]
     out: dict[str, np.ndarray] = {}
     t0 = time.time()
     try:
@@ -196,15 +210,18 @@ def generate_distributed(model_dir: str | Path, names: list[str], cfg: EvalConfi
 
 
 def run_evaluate(source: EvalSource, out_dir: str | Path, cfg: EvalConfig, *, num_workers: int = 2,
-                 cpus_per_worker: float = 1.0, ray_cfg: RayConfig | None = None) -> EvalOutcome:
+                 cpus_per_worker: float = 1.0, ray_cfg: RayConfig | None = None,
+                 gpus_per_worker: float | str = "auto") -> EvalOutcome:
     """Generate on Ray, compute every metric, write the outputs, log to MLflow if a run is set."""
     t0 = time.time()
     init_ray(ray_cfg or RayConfig())
     manifest = Manifest.load(source.prepared_dir)
     names = evaluated_identities(manifest, cfg)
+    gpus = resolve_eval_gpus(gpus_per_worker, source.run_dir)
     print(f"[evaluate] model {source.model_dir}\n[evaluate] {len(names)} identities x {cfg.num_images} images, "
-          f"DDIM {cfg.steps} steps, seed {cfg.seed}, {num_workers} worker(s)", flush=True)
-    generated = generate_distributed(source.model_dir, names, cfg, num_workers, cpus_per_worker)
+          f"DDIM {cfg.steps} steps, seed {cfg.seed}, {num_workers} worker(s) with {gpus:g} GPU(s) each", flush=True)
+    generated = generate_distributed(source.model_dir, names, cfg, num_workers, cpus_per_worker,
+                                     gpus_per_worker=gpus)
     gen_s = time.time() - t0
     some = generated[names[0]]
     real = load_real_images(source.prepared_dir, manifest, some.shape[1], some.shape[3])

@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import ray
+import ray.data
 import torch
 
 from pogdiff_dist.config import Config
@@ -87,28 +90,94 @@ class _Stage:
         self.marker.write_text(json.dumps({"fingerprint": self.fingerprint, **info}))
 
 
-def _collect(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
-    """Read some (small) columns of the encoded parquet, ordered by sample index."""
-    parts: dict[str, list] = {c: [] for c in ["index", *columns]}
-    for batch in ray.data.read_parquet(str(path)).select_columns(["index", *columns]).iter_batches(
-            batch_size=8192, batch_format="numpy"):
-        for c in parts:
-            parts[c].append(batch[c])
-    out = {c: np.concatenate(v) for c, v in parts.items()}
+# Columns read from the encoded Parquet in this process, in order (tests check that the
+# driver never loads the embedding tables: the k-NN and density tasks read them themselves).
+LOADED_COLUMNS: list[tuple[str, ...]] = []
+EMBEDDING_COLUMNS = ("z", "pooled", "y", "latent")
+
+
+def read_encoded_columns(encoded: Path, columns: list[str]) -> dict[str, np.ndarray]:
+    """Some columns of the encoded Parquet, ordered by sample index, read with pyarrow in
+    this process. Tensor columns (Ray's ``arrow_tensor`` layout) come back as [N, ...] arrays."""
+    import pyarrow.dataset as pads
+
+    LOADED_COLUMNS.append(tuple(columns))
+    ds = pads.dataset(str(encoded), format="parquet")
+    table = ds.to_table(columns=["index", *columns])
+    out = {}
+    for name in ["index", *columns]:
+        col = table.column(name).combine_chunks()
+        meta = ds.schema.field(name).metadata or {}
+        shape = meta.get(b"ARROW:extension:metadata")
+        if shape is not None:
+            out[name] = np.asarray(col.flatten()).reshape(len(col), *json.loads(shape))
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
     order = np.argsort(out["index"])
     assert np.array_equal(out["index"][order], np.arange(len(order))), "encoded indices must be 0..N-1"
     return {c: v[order] for c, v in out.items()}
 
 
+def resolve_gpus(setting: float | str) -> float:
+    """``prepare.gpus_per_encoder``: ``auto`` is 1 when the Ray cluster has GPUs, else 0."""
+    if setting == "auto":
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return float(setting)
+
+
+def where_am_i(device: str) -> dict:
+    """Host, node, process and device of the caller, for the stage markers."""
+    return {"host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+            "device": device}
+
+
+def _task_device(gpus: float) -> str:
+    """The device of a Ray task or actor given ``gpus`` GPUs (Ray set CUDA_VISIBLE_DEVICES)."""
+    return "cuda" if gpus > 0 else "cpu"
+
+
+def knn_task(encoded: str, out: str, k_max: int, gpus: float) -> dict:
+    """The neighbours stage as a Ray task: reads the image embeddings itself, searches on its
+    device (faiss-gpu, or torch on a GPU FAISS cannot use), writes ``neighbours.npz``."""
+    from pogdiff_dist.data.neighbours import knn_backend
+
+    device = _task_device(gpus)
+    z = read_encoded_columns(Path(encoded), ["z"])["z"].astype(np.float32)
+    idx, sims = build_knn(z, k_max, device=device)
+    np.savez(Path(out) / "neighbours.npz", idx=idx, sims=sims)
+    return {**where_am_i(device), "backend": knn_backend(device)}
+
+
+def density_task(encoded: str, out: str, dcfg: DensityVAEConfig, density_text: str, identities: list[str],
+                 text_dirs: tuple[str, str], max_length: int, gpus: float) -> dict:
+    """The density stage as a Ray task: reads the pooled caption embeddings (or embeds the
+    identity prompts) itself, fits the text VAE on its device, writes ``elbo.npy``."""
+    device = _task_device(gpus)
+    if density_text == "identity":
+        ident = read_encoded_columns(Path(encoded), ["identity_id"])["identity_id"]
+        pooled = _identity_prompt_rows(ident, identities, *text_dirs, max_length, device)
+    else:
+        pooled = read_encoded_columns(Path(encoded), ["pooled"])["pooled"].astype(np.float32)
+    vae = fit_density_vae(pooled, dcfg, progress=False, device=device)
+    elbo = compute_elbo(vae, pooled)
+    np.save(Path(out) / "elbo.npy", elbo)
+    save_density_vae(vae, Path(out) / "density_vae.safetensors")
+    return {**where_am_i(device), "elbo_min": float(elbo.min()), "elbo_max": float(elbo.max())}
+
+
 def _identity_prompt_rows(identity_id: np.ndarray, identities: list[str], text_dir, tok_dir,
-                          max_length: int) -> np.ndarray:
+                          max_length: int, device: str = "cpu") -> np.ndarray:
     """[N, D] pooled embedding of each sample's identity prompt ("An image of {name}."):
     the density VAE's input for ``prepare.density_text=identity``. Every sample contributes
     one row, so an identity's weight in the fit is its image count."""
-    text = TextEncoder(text_dir, tok_dir, max_length)
+    text = TextEncoder(text_dir, tok_dir, max_length).to(device)
     with torch.no_grad():
         _, pooled = text.encode([IDENTITY_PROMPT.format(name=n) for n in identities])
-    return pooled.numpy().astype(np.float32)[np.asarray(identity_id, dtype=np.int64)]
+    return pooled.float().cpu().numpy()[np.asarray(identity_id, dtype=np.int64)]
+
+
+def _run_task(fn, gpus: float, *args) -> dict:
+    return ray.get(ray.remote(fn).options(num_cpus=1, num_gpus=gpus).remote(*args))
 
 
 class _AttachNeighbours:
@@ -148,6 +217,7 @@ def run_prepare(cfg: Config) -> Manifest:
     # records_fingerprint; a dataset that read cleanly reads the same under either policy.
     data_fp = {k: v for k, v in cfg.to_dict()["data"].items() if k != "on_bad"}
     fp_encode = _hash(records_fingerprint(records), data_fp, cfg.to_dict()["model"], str(text_dir))
+    gpus = resolve_gpus(cfg.prepare.gpus_per_encoder)
     stage = _Stage(out, "encode", fp_encode)
     if not stage.done():
         shutil.rmtree(encoded, ignore_errors=True)
@@ -156,25 +226,28 @@ def run_prepare(cfg: Config) -> Manifest:
         t0 = time.time()
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.prepare.batch_size, 64)))
         ds = ds.map_batches(SampleEncoder, batch_size=cfg.prepare.batch_size, batch_format="numpy",
-                            concurrency=cfg.prepare.num_encoders, num_cpus=1,
+                            concurrency=cfg.prepare.num_encoders, num_cpus=1, num_gpus=gpus,
                             fn_constructor_kwargs=dict(text_encoder_dir=str(text_dir), tokenizer_dir=str(tok_dir),
                                                        max_length=cfg.model.max_length,
                                                        resolution=cfg.data.resolution, channels=channels,
-                                                       image_encoder=cfg.model.image_encoder, vae_dir=vae_dir))
+                                                       image_encoder=cfg.model.image_encoder, vae_dir=vae_dir,
+                                                       device=_task_device(gpus)))
         ds.write_parquet(str(encoded))
         dt = time.time() - t0
-        print(f"[prepare] encode: {n} samples in {dt:.1f}s ({n / dt:.1f} samples/s)", flush=True)
-        stage.finish(seconds=dt)
+        ran_on = sorted(ray.data.read_parquet(str(encoded)).select_columns(["encoded_by"]).unique("encoded_by"))
+        print(f"[prepare] encode: {n} samples in {dt:.1f}s ({n / dt:.1f} samples/s) on {len(ran_on)} encoder(s) "
+              f"with {gpus:g} GPU(s) each", flush=True)
+        stage.finish(seconds=dt, gpus_per_encoder=gpus,
+                     ran_on=[dict(zip(("host", "pid", "device"), w.split(":", 2))) for w in ran_on])
 
     fp_knn = _hash(fp_encode, cfg.prepare.k_max)
     stage = _Stage(out, "neighbours", fp_knn)
     if not stage.done():
         t0 = time.time()
-        z = np.stack(_collect(encoded, ["z"])["z"]).astype(np.float32)
-        idx, sims = build_knn(z, cfg.prepare.k_max, progress=True)
-        np.savez(out / "neighbours.npz", idx=idx, sims=sims)
-        print(f"[prepare] neighbours: k_max={cfg.prepare.k_max} over {n} samples in {time.time() - t0:.1f}s", flush=True)
-        stage.finish()
+        ran_on = _run_task(knn_task, gpus, str(encoded.absolute()), str(out.absolute()), cfg.prepare.k_max, gpus)
+        print(f"[prepare] neighbours: k_max={cfg.prepare.k_max} over {n} samples in {time.time() - t0:.1f}s "
+              f"({ran_on['backend']} on {ran_on['device']}, pid {ran_on['pid']})", flush=True)
+        stage.finish(ran_on=ran_on)
 
     p = cfg.prepare
     dcfg = DensityVAEConfig(latent_dim=p.density_latent_dim, hidden_dim=p.density_hidden_dim,
@@ -183,18 +256,12 @@ def run_prepare(cfg: Config) -> Manifest:
     stage = _Stage(out, "density", fp_den)
     if not stage.done():
         t0 = time.time()
-        if p.density_text == "identity":
-            pooled = _identity_prompt_rows(_collect(encoded, ["identity_id"])["identity_id"], identities,
-                                           text_dir, tok_dir, cfg.model.max_length)
-        else:
-            pooled = np.stack(_collect(encoded, ["pooled"])["pooled"]).astype(np.float32)
-        vae = fit_density_vae(pooled, dcfg, progress=True)
-        elbo = compute_elbo(vae, pooled)
-        np.save(out / "elbo.npy", elbo)
-        save_density_vae(vae, out / "density_vae.safetensors")
-        print(f"[prepare] density: ELBO range [{elbo.min():.1f}, {elbo.max():.1f}] nats "
-              f"(spread {elbo.max() - elbo.min():.1f}) in {time.time() - t0:.1f}s", flush=True)
-        stage.finish(elbo_spread=float(elbo.max() - elbo.min()))
+        ran_on = _run_task(density_task, gpus, str(encoded.absolute()), str(out.absolute()), dcfg, p.density_text,
+                           identities, (str(text_dir), str(tok_dir)), cfg.model.max_length, gpus)
+        lo, hi = ran_on["elbo_min"], ran_on["elbo_max"]
+        print(f"[prepare] density: ELBO range [{lo:.1f}, {hi:.1f}] nats (spread {hi - lo:.1f}) in "
+              f"{time.time() - t0:.1f}s (on {ran_on['device']}, pid {ran_on['pid']})", flush=True)
+        stage.finish(elbo_spread=hi - lo, ran_on=ran_on)
 
     shard_dir = out / "shards"
     fp_shards = _hash(fp_knn, fp_den, cfg.prepare.samples_per_shard, SHARD_FORMAT)
@@ -202,9 +269,9 @@ def run_prepare(cfg: Config) -> Manifest:
     if not stage.done():
         t0 = time.time()
         shutil.rmtree(shard_dir, ignore_errors=True)
-        tab = _collect(encoded, ["tokens", "length", "identity_id"])
+        tab = read_encoded_columns(encoded, ["tokens", "length", "identity_id"])
         knn = np.load(out / "neighbours.npz")
-        tables = dict(nbr_idx=knn["idx"], nbr_sim=knn["sims"], tokens=np.stack(tab["tokens"]),
+        tables = dict(nbr_idx=knn["idx"], nbr_sim=knn["sims"], tokens=tab["tokens"],
                       lengths=tab["length"], identity=tab["identity_id"], elbo=np.load(out / "elbo.npy"),
                       fingerprint=fp_shards)
         ref = ray.put(tables)

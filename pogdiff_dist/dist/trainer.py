@@ -18,6 +18,7 @@ policy are functions of their own (:func:`agree_to_step`, :func:`nonfinite_polic
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import tempfile
@@ -188,7 +189,7 @@ class Trainer:
         check_manifest(cfg, self.manifest)
         t = cfg.train
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+            torch.set_num_threads(max(1, min(int(t.cpus_per_worker), os.cpu_count() or 1)))  # never oversubscribe
         else:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
@@ -208,8 +209,6 @@ class Trainer:
         unet = build_unet(cfg.model, self.spec)
         if t.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        if t.channels_last:
-            unet = unet.to(memory_format=torch.channels_last)
         self.attention = sorted({type(p).__name__ for p in unet.attn_processors.values()})
         self.engine = Engine(unet, cfg, world, self.device)
         if t.compile:
@@ -251,10 +250,7 @@ class Trainer:
     def to_device(self, batch: Batch) -> Batch:
         """The one place a batch moves: pinned host memory, then an asynchronous copy."""
         if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-            if self.cfg.train.channels_last:
-                batch.x0 = batch.x0.contiguous(memory_format=torch.channels_last)
-            return batch
+            return batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device)
 
     def fit(self, epoch_batches: Callable[[int], Iterable[StreamedBatch]]) -> TrainState:

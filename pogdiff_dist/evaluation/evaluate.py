@@ -81,15 +81,15 @@ def identity_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
 
 
-def load_pipeline(model_dir: str | Path):
-    """The exported diffusers pipeline (:func:`pogdiff_dist.pipeline.export_pipeline`)."""
+def load_pipeline(model_dir: str | Path, device: str = "cpu"):
+    """The exported diffusers pipeline (:func:`pogdiff_dist.pipeline.export_pipeline`), on ``device``."""
     from pogdiff_dist.pipeline import PoGDiffPipeline
 
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise ValueError(f"{model_dir} is not an exported model (no model_index.json); jobs/train.py writes "
                          f"one to runs/<name>/model")
-    pipe = PoGDiffPipeline.from_pretrained(str(model_dir))
+    pipe = PoGDiffPipeline.from_pretrained(str(model_dir)).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
