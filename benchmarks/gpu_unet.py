@@ -9,9 +9,9 @@ channels_last, optionally torch.compile'd. Reports images/s for vanilla, PoGDiff
 and full at several batch sizes, and MFU = counted FLOPs (torch's FlopCounterMode, backward
 included) / step time / ``--peak-tflops`` (default: H100 SXM bf16 dense, 989 TFLOP/s).
 
-  --engine torch      plain module, torch.autocast(bf16), fused AdamW
-  --engine deepspeed  the project's Engine (DeepSpeed ZeRO-2, bf16) in a single-GPU Ray
-                      Train worker, as training runs it
+The plain module (torch.autocast(bf16), fused AdamW): what the levers give outside the
+engine. The project's Trainer with DeepSpeed ZeRO-2, as training runs it, is measured by
+``scripts/gpu_check.sh`` (benchmarks/gpu_check.py).
 
 Goals (issue 5): vanilla >= 40% MFU on an H100; PoGDiff stop >= 0.72x vanilla images/s.
 
@@ -19,12 +19,10 @@ Without a CUDA device the GPU run exits with a message. What can be checked on C
 
     .venv/bin/python benchmarks/gpu_unet.py --count-only              # params + FLOPs/image (meta device)
     .venv/bin/python benchmarks/gpu_unet.py --device cpu --tiny --dtype fp32 --steps 3 --threads 1  # code paths
-    .venv/bin/python benchmarks/gpu_unet.py --device cpu --tiny --dtype fp32 --steps 3 --threads 1 --engine deepspeed
 
 On a GPU machine:
 
     .venv/bin/python benchmarks/gpu_unet.py --batch-sizes 8 16 32 [--compile]
-    .venv/bin/python benchmarks/gpu_unet.py --engine deepspeed --batch-sizes 8 16
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -213,96 +210,6 @@ def run_torch(args) -> list[dict]:
     return rows
 
 
-def engine_worker(config: dict) -> None:
-    """Ray Train worker: the project's Engine (ZeRO-2, bf16) around the SD UNet."""
-    import sys as _sys
-
-    _sys.path[:0] = config["paths"]
-    import gpu_unet as g  # this file, imported in the worker (the function itself is shipped by value)
-
-    g.engine_rows(config)
-
-
-def engine_rows(config: dict) -> None:
-    import ray.train
-
-    from pogdiff_dist.config import from_dict
-    from pogdiff_dist.dist.engine import Engine
-
-    args = argparse.Namespace(**config["args"])
-    device = "cuda" if args.device == "cuda" else "cpu"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device == "cuda":
-        torch.cuda.set_device(ray.train.torch.get_device())
-    torch.manual_seed(0)
-    unet, text, scheduler = build_models(args.tiny, "cpu")
-    # No channels_last weights here: DeepSpeed flattens parameters into one contiguous buffer
-    # and fails on channels_last conv weights ("self.stride(-1) must be 1 to view Float as
-    # Byte"); only the latents are channels_last under the engine.
-    text.model.to(device)
-    ctx = (TINY_SHAPES if args.tiny else SD15_SHAPES)["ctx"]
-    steps = steppers(scheduler, text, ctx, device)
-    vocab = text.model.config.vocab_size
-    # One engine for every batch size: DeepSpeed's micro-batch setting is bookkeeping only
-    # (it never checks the tensors it is given), so it is set to the first size.
-    engine = Engine(unet, from_dict(config["cfg"], {"optim.batch_size": args.batch_sizes[0]}), 1)
-    text.model.to(engine.dtype)
-    rows = []
-    for b in args.batch_sizes:
-        batch = make_batch(b, args.tiny, vocab, device)
-        if args.channels_last:
-            batch.x0 = batch.x0.contiguous(memory_format=torch.channels_last)
-
-        def runner(step):
-            def fn():
-                loss, _ = step(engine, batch, torch.Generator(device=device).manual_seed(0), dtype=engine.dtype)
-                engine.backward_step(loss)
-            return fn
-
-        try:
-            flops = {k: count_flops(runner(s)) for k, s in steps.items()}
-            times = time_cases({k: runner(s) for k, s in steps.items()}, device, args.warmup, args.steps)
-        except torch.OutOfMemoryError:
-            rows.append({"batch": b, "oom": True})
-            continue
-        extra = {"engine": "deepspeed-zero2", "precision": engine.dtype.__repr__()}
-        if device == "cuda":
-            extra["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        rows.append(summarise(b, times, flops, args.peak_tflops, extra))
-        report(rows[-1])
-    Path(config["out"]).write_text(json.dumps(rows))
-
-
-def run_engine(args) -> list[dict]:
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pogdiff_dist.config import RayConfig, load_config
-    from pogdiff_dist.dist.runtime import init_ray
-
-    cfg = load_config(BENCH / "bench.yaml", {"train.zero_stage": 2, "train.precision": args.dtype,
-                                            "optim.warmup_steps": 1, "optim.max_steps": 10**6,
-                                            "train.num_workers": 1, "train.use_gpu": args.device == "cuda"})
-    init_ray(RayConfig(num_cpus=4))
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "rows.json"
-            TorchTrainer(
-                engine_worker,
-                train_loop_config={"cfg": cfg.to_dict(), "args": vars(args), "out": str(out),
-                                   "paths": [str(BENCH), str(BENCH.parent)]},
-                scaling_config=ScalingConfig(num_workers=1, use_gpu=args.device == "cuda",
-                                             resources_per_worker=None if args.device == "cuda" else {"CPU": 1}),
-                torch_config=TorchConfig(backend="nccl" if args.device == "cuda" else "gloo"),
-                run_config=RunConfig(name="gpu-unet-engine", storage_path=str(Path(tmp) / "ray")),
-            ).fit()
-            return json.loads(out.read_text())
-    finally:
-        ray.shutdown()
-
-
 def report(row: dict) -> None:
     print(f"batch {row['batch']}: " + "  ".join(
         f"{k} {row['images_per_s'][k]:.1f} img/s ({row['ratio_to_vanilla_images_per_s'][k]:.2f}x, "
@@ -343,10 +250,9 @@ def count_only(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--engine", choices=("torch", "deepspeed"), default="torch")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=(8, 16, 32))
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (--engine torch)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help="the card's dense bf16 peak for MFU (H100 SXM: 989; A100: 312; H200: 989)")
@@ -375,12 +281,12 @@ def main() -> None:
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    rows = run_engine(args) if args.engine == "deepspeed" else run_torch(args)
+    rows = run_torch(args)
     result = {"config": vars(args), "rows": rows}
     if args.device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
     if args.out or (args.device == "cuda" and not args.tiny):
-        write_result("gpu_unet" if args.engine == "torch" else "gpu_unet_deepspeed", result, args.out)
+        write_result("gpu_unet", result, args.out)
 
 
 if __name__ == "__main__":

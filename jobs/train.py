@@ -1,8 +1,9 @@
 """Fine-tune a diffusers UNet with PoGDiff on Ray (prepares the data first if needed).
 
     python jobs/train.py                               # embedded default: Digits-IT2I M, 2 CPU workers
-    python jobs/train.py configs/sd15.yaml --set loss.a1=2 --set optim.max_steps=6000
-    ray job submit --working-dir . -- python jobs/train.py configs/digits.yaml
+    python jobs/train.py configs/tiny.yaml             # seconds: Digits-IT2I S, tiny UNet
+    python jobs/train.py configs/sd15.yaml --set data.dataset=/data/people --set loss.a1=2   # SD v1.5, one GPU node
+    ray job submit --working-dir . -- python jobs/train.py configs/sd15_cluster.yaml     # SD v1.5, 4 GPU workers
 """
 
 import argparse

@@ -98,3 +98,21 @@ def test_runtime_env_excludes_local_state():
     env = _load("runtime_env.yaml")
     assert env["working_dir"] == "."
     assert {".venv", "runs", "mlflow.db"} <= set(env["excludes"])
+
+
+@pytest.mark.parametrize("name", ["sd15.yaml", "sd15_cluster.yaml"])
+def test_sd15_configs_validate_with_the_papers_schedule(name):
+    from pogdiff_dist.config import load_config
+
+    cfg = load_config(REPO / "configs" / name)
+    o, t, m = cfg.optim, cfg.train, cfg.model
+    assert (o.lr, o.max_steps, o.batch_size) == (1e-5, 12000, 8)
+    assert o.batch_size * o.grad_accum * t.num_workers == 32  # the paper's 8 x grad-accum 4
+    assert (t.use_gpu, t.precision, t.zero_stage, t.ema) == (True, "bf16", 2, True)
+    assert (cfg.data.resolution, cfg.data.channels, m.max_length) == (512, 3, 77)
+    assert m.pretrained and m.image_encoder != "pixels" and cfg.prepare.gpus_per_encoder == "auto"
+    if name == "sd15_cluster.yaml":
+        paths = [cfg.data.dataset, m.pretrained, m.image_encoder, cfg.prepare.out_dir, t.storage_path,
+                 cfg.tracking.tracking_uri.removeprefix("sqlite:///")]
+        assert all(p.startswith("/shared/") for p in paths), paths  # on the volume every pod mounts
+        assert t.max_failures >= 1
