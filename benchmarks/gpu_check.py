@@ -115,7 +115,7 @@ def run_method(name: str, cfg, prepared: Path, work: Path, device: torch.device,
     """Train ``cfg.optim.max_steps`` steps with the Trainer; time the steps after ``warmup``; count one step's FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pogdiff_dist.dist.trainer import LocalCheckpoints, Trainer, local_epoch_batches
+    from pogdiff_dist.train.trainer import LocalCheckpoints, Trainer, local_epoch_batches
 
     clock = StepClock()
     trainer = Trainer(cfg, prepared, device, 0, 1, report=LocalCheckpoints(work / name, keep=1), tracker=clock,
@@ -169,8 +169,8 @@ def main() -> None:
     from _common import write_result
     from pogdiff_dist.config import load_config
     from pogdiff_dist.data.synthetic import POSES, build_synthetic_prepared, synthetic_identities
-    from pogdiff_dist.dist.engine import init_single_process
-    from pogdiff_dist.dist.trainer import train_local
+    from pogdiff_dist.train.engine import init_single_process
+    from pogdiff_dist.train.trainer import train_local
     from pogdiff_dist.pipeline import PoGDiffPipeline
 
     t_start = time.perf_counter()

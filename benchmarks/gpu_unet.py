@@ -91,7 +91,7 @@ def build_models(tiny: bool, device: str = "cpu"):
 
 def make_batch(b: int, tiny: bool, vocab: int, device, zero_frac: float = 0.0):
     """A micro-batch with psi = 0.9 for all but the first round(f * b) samples (psi = 0)."""
-    from pogdiff_dist.step import Batch
+    from pogdiff_dist.train.step import Batch
 
     shapes = TINY_SHAPES if tiny else SD15_SHAPES
     g = torch.Generator().manual_seed(1)
@@ -106,7 +106,7 @@ def make_batch(b: int, tiny: bool, vocab: int, device, zero_frac: float = 0.0):
 
 def steppers(scheduler, text, ctx, device):
     from pogdiff_dist.config import LossConfig
-    from pogdiff_dist.step import DualConditionStep
+    from pogdiff_dist.train.step import DualConditionStep
 
     uncond, elbo = torch.zeros(*ctx, device=device), torch.zeros(100)
 

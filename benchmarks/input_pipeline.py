@@ -31,9 +31,9 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from pogdiff_dist.data.shards import collate
-from pogdiff_dist.dist.prepare import run_prepare
-from pogdiff_dist.dist.runtime import init_ray
-from pogdiff_dist.dist.train import run_train
+from pogdiff_dist.prepare.pipeline import run_prepare
+from pogdiff_dist.runtime import init_ray
+from pogdiff_dist.train.driver import run_train
 
 
 def measure_stream(shards: list[str], cfg, epochs: int) -> dict:

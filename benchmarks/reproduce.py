@@ -114,7 +114,7 @@ class Experiment:
 
     def train(self, preset: str, name: str, overrides: dict) -> Path:
         """Train (or reuse a finished run) and return its exported model directory."""
-        from pogdiff_dist.dist.train import run_train
+        from pogdiff_dist.train.driver import run_train
 
         model = self.out / "runs" / name / "model"
         request = json.dumps(self.settings(preset, name, overrides), sort_keys=True, default=str)

@@ -1,6 +1,6 @@
 """Step cost of the dual-condition pass, side by side in one process, plus FLOPs per step.
 
-Runs the real ``pogdiff_dist.step.DualConditionStep`` (noise, psi, neighbour draw, y'
+Runs the real ``pogdiff_dist.train.step.DualConditionStep`` (noise, psi, neighbour draw, y'
 text encoding, UNet call(s), loss) followed by ``loss.backward()`` on one micro-batch:
 
   vanilla              method=vanilla: 1 forward + backward (the reference)
@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pogdiff_dist.config import LossConfig, ModelConfig
 from pogdiff_dist.models import ModelSpec, TextEncoder, build_noise_scheduler, build_unet, bundled_text_encoder_dir
-from pogdiff_dist.step import Batch, DualConditionStep
+from pogdiff_dist.train.step import Batch, DualConditionStep
 
 K = 5  # neighbours per sample in the synthetic batch
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -38,7 +38,7 @@ import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pogdiff_dist.dist.runtime import init_ray
+from pogdiff_dist.runtime import init_ray
 
 MEM_UNET = dict(  # 71.9M parameters at cross_attention_dim 384, 1 channel
     block_out_channels=(128, 256, 512),
@@ -70,7 +70,7 @@ def memory_loop(config: dict) -> None:
     from diffusers import UNet2DConditionModel
 
     from pogdiff_dist.config import from_dict
-    from pogdiff_dist.dist.engine import Engine
+    from pogdiff_dist.train.engine import Engine
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -92,7 +92,7 @@ def memory_loop(config: dict) -> None:
         return {"weights_mib": weights / 2**20, "master_mib": master / 2**20, "adam_states_mib": states / 2**20}
 
     if config.get("zero_overrides"):  # investigation: extra zero_optimization keys on top of the engine's config
-        import pogdiff_dist.dist.engine as engine_module
+        import pogdiff_dist.train.engine as engine_module
 
         generate = engine_module.deepspeed_config
 

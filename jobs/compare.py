@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from pogdiff_dist.compare import compare
+from pogdiff_dist.tracking.compare import compare
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from pogdiff_dist.config import RayConfig
-from pogdiff_dist.dist.evaluate import resolve_source, run_evaluate
+from pogdiff_dist.evaluation.generate import resolve_source, run_evaluate
 from pogdiff_dist.evaluation import EvalConfig
 from pogdiff_dist.evaluation.evaluate import CLASSIFIERS
 

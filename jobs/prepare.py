@@ -9,8 +9,8 @@ import argparse
 import sys
 
 from pogdiff_dist.config import load_config
-from pogdiff_dist.dist.prepare import run_prepare
-from pogdiff_dist.dist.runtime import init_ray
+from pogdiff_dist.prepare.pipeline import run_prepare
+from pogdiff_dist.runtime import init_ray
 
 
 def main(argv=None) -> int:

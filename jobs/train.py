@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from pogdiff_dist.config import load_config
-from pogdiff_dist.dist.train import run_train
+from pogdiff_dist.train.driver import run_train
 
 
 def main(argv=None) -> int:

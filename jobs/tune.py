@@ -18,7 +18,7 @@ MLflow: a parent run for the sweep, one child run per trial (python jobs/compare
 import argparse
 import sys
 
-from pogdiff_dist.dist.tune import load_sweep, run_sweep
+from pogdiff_dist.tuning.driver import load_sweep, run_sweep
 
 
 def main(argv=None) -> int:

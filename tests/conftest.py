@@ -17,7 +17,7 @@ def ray_local():
     import ray
 
     from pogdiff_dist.config import RayConfig
-    from pogdiff_dist.dist.runtime import init_ray
+    from pogdiff_dist.runtime import init_ray
 
     init_ray(RayConfig(num_cpus=4))
     yield ray
@@ -39,7 +39,7 @@ def tiny_cfg(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prepared(ray_local, tiny_cfg):
-    from pogdiff_dist.dist.prepare import run_prepare
+    from pogdiff_dist.prepare.pipeline import run_prepare
 
     return run_prepare(tiny_cfg)
 

@@ -18,7 +18,7 @@ from pogdiff_dist.losses import (
     t2h_targets,
 )
 from pogdiff_dist.models import ModelSpec, build_noise_scheduler, build_unet
-from pogdiff_dist.step import Batch, DualConditionStep
+from pogdiff_dist.train.step import Batch, DualConditionStep
 
 T = 1000
 

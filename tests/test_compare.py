@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pogdiff_dist.compare import compare, default_uri
+from pogdiff_dist.tracking.compare import compare, default_uri
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -166,7 +166,7 @@ def test_fingerprint_changes_only_with_its_sections():
 
 def test_deepspeed_config_from_the_typed_config():
     from pogdiff_dist.config import load_config
-    from pogdiff_dist.dist.engine import deepspeed_config
+    from pogdiff_dist.train.engine import deepspeed_config
 
     cfg = load_config(None, {"optim.batch_size": 4, "optim.grad_accum": 3, "train.zero_stage": 2})
     ds = deepspeed_config(cfg.optim, cfg.train, world_size=2)

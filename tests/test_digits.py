@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pogdiff_dist.data.digits import NAMES, PRESETS, build_digits_it2i, caption_for
+from pogdiff_dist.data.bundled.digits import NAMES, PRESETS, build_digits_it2i, caption_for
 from pogdiff_dist.data.records import load_image, read_dataset
 
 

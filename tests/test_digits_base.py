@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from pogdiff_dist.data.digits import BASE_NAMES, NAMES, PRESETS, _digits, _select, build_digits_it2i
+from pogdiff_dist.data.bundled.digits import BASE_NAMES, NAMES, PRESETS, _digits, _select, build_digits_it2i
 from pogdiff_dist.data.records import read_dataset
 
 
@@ -53,7 +53,7 @@ def test_base_builds_and_reads(tmp_path):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_val_preset_is_disjoint_from_m_and_base(seed):
     """Hyperparameters are chosen on "val": other names, and none of M's, S's or base's images."""
-    from pogdiff_dist.data.digits import VAL_NAMES
+    from pogdiff_dist.data.bundled.digits import VAL_NAMES
 
     val = PRESETS["val"]
     assert val.names == VAL_NAMES and not set(VAL_NAMES) & (set(NAMES) | set(BASE_NAMES))
@@ -66,7 +66,7 @@ def test_val_preset_is_disjoint_from_m_and_base(seed):
 
 
 def test_val_builds_and_reads(tmp_path):
-    from pogdiff_dist.data.digits import VAL_NAMES
+    from pogdiff_dist.data.bundled.digits import VAL_NAMES
 
     ds = read_dataset(build_digits_it2i(tmp_path, "val", resolution=8, heldout_per_identity=2))
     names = {d: VAL_NAMES[d] for d in PRESETS["val"].train_counts}

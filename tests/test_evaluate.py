@@ -65,7 +65,7 @@ def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_mod
     from mlflow.tracking import MlflowClient
 
     from pogdiff_dist.evaluation import EvalConfig, compute_metrics, generate_identity, load_pipeline
-    from pogdiff_dist.evaluation.classifiers import DigitsClassifier
+    from pogdiff_dist.evaluation.judges import DigitsClassifier
     from pogdiff_dist.evaluation.features import ImageEncoder, load_real_images
     from pogdiff_dist.evaluation.report import load_saved_images
 
@@ -154,8 +154,8 @@ def test_resolve_source_from_mlflow_run(tiny_cfg, prepared, tiny_model, tmp_path
     from mlflow.tracking import MlflowClient
 
     from pogdiff_dist.config import save_config
-    from pogdiff_dist.dist.evaluate import RUN_STATE, resolve_source
-    from pogdiff_dist.dist.train import RUN_STATE as TRAIN_RUN_STATE
+    from pogdiff_dist.evaluation.generate import RUN_STATE, resolve_source
+    from pogdiff_dist.train.driver import RUN_STATE as TRAIN_RUN_STATE
 
     assert RUN_STATE == TRAIN_RUN_STATE
     uri = tiny_cfg.tracking.tracking_uri
@@ -187,9 +187,9 @@ def test_user_folder_dataset_nearest_centroid(ray_local, tiny_cfg, tmp_path):
     DINO against training images, through evaluate_model (the Tune-trial API)."""
     from PIL import Image
 
-    from pogdiff_dist.dist.prepare import run_prepare
+    from pogdiff_dist.prepare.pipeline import run_prepare
     from pogdiff_dist.evaluation import evaluate_model
-    from pogdiff_dist.evaluation.classifiers import render_digits
+    from pogdiff_dist.evaluation.judges import render_digits
 
     images, labels = render_digits(16)
     root = tmp_path / "folders"

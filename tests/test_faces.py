@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pogdiff_dist.data import digits
-from pogdiff_dist.data.faces import (BACKGROUNDS, BASE_NAMES, EXPRESSIONS, LIGHTS, PRESETS, TARGET_NAMES,
+from pogdiff_dist.data.bundled import digits
+from pogdiff_dist.data.bundled.faces import (BACKGROUNDS, BASE_NAMES, EXPRESSIONS, LIGHTS, PRESETS, TARGET_NAMES,
                                      TILTS, build_faces_it2i, caption_for, identities, image_variation,
                                      main, preview_grid, render)
 from pogdiff_dist.data.records import load_image, read_dataset
@@ -212,7 +212,7 @@ def test_invalid_arguments(tmp_path):
 
 def test_load_records_with_faces_config(tmp_path):
     from pogdiff_dist.config import load_config
-    from pogdiff_dist.dist.prepare import load_records
+    from pogdiff_dist.prepare.pipeline import load_records
 
     overrides = {"prepare.out_dir": str(tmp_path / "prepared"), "data.resolution": 16,
                  "data.heldout_per_identity": 2}

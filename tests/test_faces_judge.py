@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pogdiff_dist.data import faces
-from pogdiff_dist.evaluation.classifiers import FACES_JUDGE_SPLIT, FacesClassifier, render_faces
+from pogdiff_dist.data.bundled import faces
+from pogdiff_dist.evaluation.judges import FACES_JUDGE_SPLIT, FacesClassifier, render_faces
 
 RESOLUTION = 24  # the resolution benchmarks/reproduce.py evaluates faces at on CPU
 
@@ -65,7 +65,7 @@ def _accuracy(predict, images: dict) -> float:
 def test_judge_accuracy_on_real_heldout_faces(faces_m, judge):
     """Real held-out images of the dataset, none of which the judge trained on: far above
     the nearest-centroid judge on pixel features (the previous faces judge)."""
-    from pogdiff_dist.evaluation.classifiers import NearestCentroidClassifier
+    from pogdiff_dist.evaluation.judges import NearestCentroidClassifier
     from pogdiff_dist.evaluation.features import ImageEncoder
 
     names, train, held = faces_m
@@ -122,7 +122,7 @@ def test_judge_cache_round_trip_is_safetensors(faces_m, judge, cache):
     x = np.concatenate(list(held.values()))
     assert loaded.predict(x) == judge.predict(x)
     with torch.no_grad():
-        from pogdiff_dist.evaluation.classifiers import _cnn_input
+        from pogdiff_dist.evaluation.judges import _cnn_input
 
         inp = _cnn_input(x, judge.input, 3)
         torch.testing.assert_close(loaded.net(inp), judge.net(inp), rtol=0, atol=0)
@@ -131,7 +131,7 @@ def test_judge_cache_round_trip_is_safetensors(faces_m, judge, cache):
 
 
 def test_auto_selects_the_faces_judge():
-    from pogdiff_dist.data.digits import NAMES as DIGIT_NAMES
+    from pogdiff_dist.data.bundled.digits import NAMES as DIGIT_NAMES
     from pogdiff_dist.evaluation.evaluate import CLASSIFIERS, EvalConfig, resolve_classifier
 
     assert "faces" in CLASSIFIERS and EvalConfig(classifier="faces").classifier == "faces"
@@ -148,7 +148,7 @@ def test_auto_selects_the_faces_judge():
 
 
 def test_forcing_faces_on_unknown_names_names_them():
-    from pogdiff_dist.dist.tune import EvalSpec
+    from pogdiff_dist.tuning.driver import EvalSpec
     from pogdiff_dist.evaluation.evaluate import resolve_classifier
 
     with pytest.raises(ValueError, match="Nobody Here"):

@@ -51,7 +51,7 @@ def _committed_checkpoints(run_dir: Path) -> int:
 
 
 def test_killed_worker_restarts_from_checkpoint(ray_local, tiny_cfg, prepared):
-    from pogdiff_dist.dist.train import run_train
+    from pogdiff_dist.train.driver import run_train
 
     # 32 samples / (2 workers x batch 4) = 4 steps per epoch; checkpoints every 6 land mid-epoch.
     # Enough steps that the kill lands well before the end.
@@ -146,7 +146,7 @@ def test_nonfinite_loss_is_skipped_counted_or_raised(ray_local, tiny_cfg, prepar
     import numpy as np
     import torch
 
-    from pogdiff_dist.dist.train import run_train
+    from pogdiff_dist.train.driver import run_train
     from pogdiff_dist.losses import log_density_normaliser
 
     elbo = torch.from_numpy(np.load(Path(tiny_cfg.prepare.out_dir) / "elbo.npy"))
@@ -197,7 +197,7 @@ def _tamper(shard: Path, marker: Path) -> str:
 
 
 def test_bad_sample_skipped_and_every_epoch_accounted_for(ray_local, tiny_cfg, prepared):
-    from pogdiff_dist.dist.train import run_train
+    from pogdiff_dist.train.driver import run_train
 
     out_dir = Path(tiny_cfg.prepare.out_dir)
     shard, marker = out_dir / "shards" / prepared.shards[0], out_dir / "stages" / "shards.json"

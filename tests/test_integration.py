@@ -15,7 +15,7 @@ def test_shards_round_trip(ray_local, tiny_cfg, prepared):
     """What prepare writes is what the training stream yields, sample for sample."""
     from pogdiff_dist.data.records import load_image
     from pogdiff_dist.data.shards import collate
-    from pogdiff_dist.dist.prepare import load_records
+    from pogdiff_dist.prepare.pipeline import load_records
 
     out = Path(tiny_cfg.prepare.out_dir)
     ds = ray_local.data.read_webdataset([str(out / "shards" / s) for s in prepared.shards])
@@ -66,7 +66,7 @@ def test_prepare_stages_record_where_they_ran_and_the_driver_never_loads_embeddi
     import json
     import os
 
-    from pogdiff_dist.dist.prepare import EMBEDDING_COLUMNS, LOADED_COLUMNS
+    from pogdiff_dist.prepare.pipeline import EMBEDDING_COLUMNS, LOADED_COLUMNS
 
     stages = Path(tiny_cfg.prepare.out_dir) / "stages"
     encode = json.loads((stages / "encode.json").read_text())
@@ -81,7 +81,7 @@ def test_prepare_stages_record_where_they_ran_and_the_driver_never_loads_embeddi
 
 
 def test_prepare_resumes_and_redoes_only_affected_stages(ray_local, tiny_cfg, prepared):
-    from pogdiff_dist.dist.prepare import run_prepare
+    from pogdiff_dist.prepare.pipeline import run_prepare
 
     stages = Path(tiny_cfg.prepare.out_dir) / "stages"
     before = {p.name: p.stat().st_mtime_ns for p in stages.glob("*.json")}
@@ -100,7 +100,7 @@ def test_prepare_resumes_and_redoes_only_affected_stages(ray_local, tiny_cfg, pr
     import numpy as np
 
     from pogdiff_dist.data.density import log_density_weights
-    from pogdiff_dist.dist.prepare import read_encoded_columns
+    from pogdiff_dist.prepare.pipeline import read_encoded_columns
 
     out = Path(tiny_cfg.prepare.out_dir)
     caption_elbo = np.load(out / "elbo.npy")
@@ -127,7 +127,7 @@ def test_prepare_resumes_and_redoes_only_affected_stages(ray_local, tiny_cfg, pr
 def test_train_checkpoint_resume_export_mlflow(ray_local, tiny_cfg, prepared):
     from mlflow.tracking import MlflowClient
 
-    from pogdiff_dist.dist.train import run_train
+    from pogdiff_dist.train.driver import run_train
     from pogdiff_dist.pipeline import PoGDiffPipeline
 
     cfg = tiny_cfg.with_overrides({"optim.max_steps": 2, "train.name": "it"})

@@ -133,7 +133,7 @@ def test_identity_accuracy_and_all_few_split():
 # ---- classifiers and encoders --------------------------------------------------------------
 
 def test_nearest_centroid_classifier():
-    from pogdiff_dist.evaluation.classifiers import NearestCentroidClassifier
+    from pogdiff_dist.evaluation.judges import NearestCentroidClassifier
 
     rng = np.random.default_rng(0)
     centres = np.eye(3) * 5
@@ -147,7 +147,7 @@ def test_nearest_centroid_classifier():
 @pytest.fixture(scope="module")
 def digits_heldout(tmp_path_factory):
     """Digits-IT2I M at 32 px with 20 held-out images per identity, as prepare builds it."""
-    from pogdiff_dist.data.digits import build_digits_it2i
+    from pogdiff_dist.data.bundled.digits import build_digits_it2i
     from pogdiff_dist.data.records import read_dataset
 
     root = build_digits_it2i(tmp_path_factory.mktemp("digits"), preset="M", resolution=32, heldout_per_identity=20)
@@ -159,8 +159,8 @@ def test_digits_classifier_accuracy_on_unseen_real_digits(digits_heldout):
     prepared Digits-IT2I files) and, as sklearn digits, the same images rendered again."""
     from PIL import Image
 
-    from pogdiff_dist.data.digits import NAMES
-    from pogdiff_dist.evaluation.classifiers import DigitsClassifier, digit_names, render_digits
+    from pogdiff_dist.data.bundled.digits import NAMES
+    from pogdiff_dist.evaluation.judges import DigitsClassifier, digit_names, render_digits
 
     src = [int(Path(r.image).stem.rsplit("-", 1)[1]) for r in digits_heldout]
     clf = DigitsClassifier.train(32, exclude=src)
@@ -180,7 +180,7 @@ def test_digits_classifier_accuracy_on_unseen_real_digits(digits_heldout):
 def test_digits_classifier_cache_round_trip(tmp_path_factory):
     """The cached 16-px CNN (shared with tests/test_evaluate.py in a session): reloads to
     the same predictions, and reads all of load_digits, which it was trained on."""
-    from pogdiff_dist.evaluation.classifiers import DigitsClassifier, render_digits
+    from pogdiff_dist.evaluation.judges import DigitsClassifier, render_digits
 
     cache = tmp_path_factory.getbasetemp() / "eval_cache"
     a = DigitsClassifier.load_or_train(cache, 16)

@@ -25,7 +25,7 @@ def test_finetune_pretrained_sd_layout(ray_local, tmp_path):
     from diffusers import AutoencoderKL
 
     from pogdiff_dist.config import load_config
-    from pogdiff_dist.dist.train import run_train
+    from pogdiff_dist.train.driver import run_train
     from pogdiff_dist.pipeline import PoGDiffPipeline
     from conftest import REPO
 
@@ -66,7 +66,7 @@ def test_sd15_config_prepares_trains_bf16_and_exports(ray_local, tmp_path):
     sizes overridden to the tiny SD layout and this CPU machine."""
     from pogdiff_dist.config import load_config
     from pogdiff_dist.data.shards import Manifest
-    from pogdiff_dist.dist.train import run_train
+    from pogdiff_dist.train.driver import run_train
     from pogdiff_dist.pipeline import PoGDiffPipeline
     from conftest import REPO
 

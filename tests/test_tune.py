@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pogdiff_dist.config import load_config
-from pogdiff_dist.dist.tune import (
+from pogdiff_dist.tuning.driver import (
     EVAL_KEYS,
     Param,
     SweepSpec,
@@ -129,7 +129,7 @@ def test_sweep_stops_a_trial_records_mlflow_and_writes_best_config(ray_local, ti
     eval/accuracy_few; the evaluation still runs and is logged here at every rung."""
     from mlflow.tracking import MlflowClient
 
-    from pogdiff_dist.dist.tune import run_sweep
+    from pogdiff_dist.tuning.driver import run_sweep
 
     base = tiny_cfg.with_overrides({"train.caption_dropout": 0.0})  # every sample has its y' term
     spec = spec_from_dict({
@@ -210,7 +210,7 @@ def test_failed_trials_are_reported_in_the_table_and_the_parent_run(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from pogdiff_dist.dist.tune import _create_parent, _finish_parent, _rows, format_table
+    from pogdiff_dist.tuning.driver import _create_parent, _finish_parent, _rows, format_table
 
     spec, base = load_sweep(REPO / "configs" / "sweeps" / "psi.yaml")
     base = base.with_overrides({"tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})

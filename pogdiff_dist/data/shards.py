@@ -35,7 +35,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from pogdiff_dist.step import Batch
+from pogdiff_dist.train.step import Batch
 
 ARRAY_FIELDS = ("latent.npy", "y.npy", "nbr_tokens.npy", "nbr_len.npy", "nbr_index.npy", "nbr_sim.npy", "nbr_same.npy")
 META_FIELD = "meta.json"

@@ -4,7 +4,7 @@ in the feature space of a pluggable image encoder, FID, DINO score, gRecall and 
 accuracy, each averaged over all and over few-shot identities.
 
 Modules, in data-flow order (none imports ray; the Ray distribution is
-:mod:`pogdiff_dist.dist.evaluate`):
+:mod:`pogdiff_dist.evaluation.generate`):
 
 - ``evaluate``: :class:`EvalConfig`, per-identity generation, :func:`compute_metrics`,
   :func:`evaluate_model` (one process: what a Ray Tune trial calls)

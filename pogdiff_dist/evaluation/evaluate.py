@@ -4,7 +4,7 @@
 :func:`compute_metrics` turns generated and real images into every metric (no model of
 the diffusion side involved); :func:`evaluate_model` does both sequentially, which is
 what a Ray Tune trial runs for a small fixed-seed check at the end of training.
-:mod:`pogdiff_dist.dist.evaluate` runs the same generation over a Ray cluster.
+:mod:`pogdiff_dist.evaluation.generate` runs the same generation over a Ray cluster.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from pogdiff_dist.data.records import IDENTITY_PROMPT
 from pogdiff_dist.data.shards import Manifest
 from pogdiff_dist.evaluation import metrics as M
-from pogdiff_dist.evaluation.classifiers import (DigitsClassifier, FacesClassifier, NearestCentroidClassifier,
+from pogdiff_dist.evaluation.judges import (DigitsClassifier, FacesClassifier, NearestCentroidClassifier,
                                                  digit_names, face_names)
 from pogdiff_dist.evaluation.features import ImageEncoder, RealImages, load_real_images
 

@@ -26,7 +26,7 @@ import yaml
 
 from pogdiff_dist.config import RayConfig
 from pogdiff_dist.data.shards import MANIFEST, Manifest
-from pogdiff_dist.dist.runtime import init_ray
+from pogdiff_dist.runtime import init_ray
 from pogdiff_dist.evaluation.evaluate import (
     EvalConfig,
     compute_metrics,
@@ -36,9 +36,9 @@ from pogdiff_dist.evaluation.evaluate import (
 )
 from pogdiff_dist.evaluation.features import load_real_images
 from pogdiff_dist.evaluation.report import log_to_mlflow, write_outputs
-from pogdiff_dist.tracking import resolve_tracking_uri
+from pogdiff_dist.tracking.mlflow_runs import resolve_tracking_uri
 
-RUN_STATE = "pogdiff_run.json"  # = pogdiff_dist.dist.train.RUN_STATE (not imported: it pulls in DeepSpeed)
+RUN_STATE = "pogdiff_run.json"  # = pogdiff_dist.train.driver.RUN_STATE (not imported: it pulls in DeepSpeed)
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 
 from pogdiff_dist.config import Config
 from pogdiff_dist.data.density import DensityVAEConfig, compute_elbo, fit_density_vae, save_density_vae
-from pogdiff_dist.data.digits import build_digits_it2i
+from pogdiff_dist.data.bundled.digits import build_digits_it2i
 from pogdiff_dist.data.encode import SampleEncoder
 from pogdiff_dist.data.neighbours import build_knn
 from pogdiff_dist.data.records import IDENTITY_PROMPT, DatasetRecords, read_dataset
@@ -50,7 +50,7 @@ def load_records(cfg: Config) -> DatasetRecords:
         root = Path(cfg.prepare.out_dir) / "raw"
         build = build_digits_it2i
         if name == "faces-it2i":
-            from pogdiff_dist.data.faces import build_faces_it2i as build
+            from pogdiff_dist.data.bundled.faces import build_faces_it2i as build
 
             if cfg.data.channels != 3 and cfg.model.pretrained is None:
                 raise ValueError(f"data.dataset={cfg.data.dataset!r} is an RGB dataset whose captions name "

@@ -2,7 +2,7 @@
 
 A :class:`Trainer` gets the config, its device, its rank and the world size, a source of
 collated batches per epoch and a report callback. The Ray Train worker
-(:mod:`pogdiff_dist.dist.worker`) supplies ``ray.train.torch.get_device()``, its
+(:mod:`pogdiff_dist.train.worker`) supplies ``ray.train.torch.get_device()``, its
 ``streaming_split`` of the WebDataset stream and ``ray.train.report``; a plain process
 (:func:`train_local`: tests, ``scripts/gpu_check.sh``) supplies a device, the shards read
 with ``webdataset`` and a local checkpoint folder. Everything the step touches lives on
@@ -36,10 +36,10 @@ from safetensors.torch import save_file
 from pogdiff_dist.config import Config
 from pogdiff_dist.data.records import IDENTITY_PROMPT
 from pogdiff_dist.data.shards import Manifest, StreamedBatch
-from pogdiff_dist.dist.engine import Engine, init_single_process
+from pogdiff_dist.train.engine import Engine, init_single_process
 from pogdiff_dist.models import LatentCodec, ModelSpec, TextEncoder, build_noise_scheduler, build_unet
 from pogdiff_dist.pipeline import PoGDiffPipeline, export_pipeline, image_grid
-from pogdiff_dist.step import Batch, DualConditionStep
+from pogdiff_dist.train.step import Batch, DualConditionStep
 
 STATE_FILE = "train_state_rank{rank}.safetensors"
 MODEL_DIR, SAMPLES = "model", "samples.png"

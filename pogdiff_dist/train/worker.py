@@ -1,4 +1,4 @@
-"""``train_loop_per_worker``: the Ray Train adapter around :class:`~pogdiff_dist.dist.trainer.Trainer`,
+"""``train_loop_per_worker``: the Ray Train adapter around :class:`~pogdiff_dist.train.trainer.Trainer`,
 and the only ray.train user inside the library.
 
 It supplies what the Trainer does not know about: the worker's device
@@ -15,8 +15,8 @@ import ray.train.torch
 
 from pogdiff_dist.config import from_dict
 from pogdiff_dist.data.shards import collate_stream
-from pogdiff_dist.dist.trainer import Trainer
-from pogdiff_dist.tracking import MlflowTracker, NullTracker
+from pogdiff_dist.train.trainer import Trainer
+from pogdiff_dist.tracking.mlflow_runs import MlflowTracker, NullTracker
 
 
 def _report(metrics: dict, checkpoint_dir: Path) -> None:

@@ -43,7 +43,7 @@ FACES_JUDGE_SPLIT = 2  # the judge's renders: Faces-IT2I's own images use split 
 def digit_names() -> dict[str, int]:
     """Identity name -> digit class, for every naming Digits-IT2I uses (its presets and
     the ``base`` pretraining population)."""
-    from pogdiff_dist.data import digits
+    from pogdiff_dist.data.bundled import digits
 
     out = {}
     for names in (getattr(digits, "NAMES", ()), getattr(digits, "BASE_NAMES", ())):
@@ -223,7 +223,7 @@ class DigitsClassifier:
 
 def face_names() -> set[str]:
     """Every Faces-IT2I identity name (targets and the ``base`` population)."""
-    from pogdiff_dist.data import faces
+    from pogdiff_dist.data.bundled import faces
 
     return set(faces.identities())
 
@@ -232,9 +232,9 @@ def render_faces(names, resolution: int, per_identity: int, seed: int = 0) -> tu
     """Fresh Faces-IT2I renders for the judge: ``per_identity`` images of each of
     ``names`` (labels index ``names``), ``uint8 [N, R, R, 3]``. Image ``j`` of an identity
     varies with ``default_rng([seed, identity number, FACES_JUDGE_SPLIT, j])``, a seed no
-    image of the dataset uses (:func:`pogdiff_dist.data.faces.image_variation`: split 0
+    image of the dataset uses (:func:`pogdiff_dist.data.bundled.faces.image_variation`: split 0
     or 1), so the judge never sees a dataset image, whatever the dataset's seed."""
-    from pogdiff_dist.data import faces
+    from pogdiff_dist.data.bundled import faces
 
     people = faces.identities()
     number = {n: i for i, n in enumerate(people)}
@@ -276,7 +276,7 @@ class FacesClassifier:
         (:func:`render_faces`) and train on them on one thread: Adam with a one-cycle
         schedule, light augmentation (shift +-4%, scale +-5%, edge padding, pixel noise
         std 0.02: poses already vary in the renders)."""
-        from pogdiff_dist.data import faces
+        from pogdiff_dist.data.bundled import faces
 
         names = sorted(set(identities))
         unknown = sorted(set(names) - face_names())
@@ -303,7 +303,7 @@ class FacesClassifier:
     @classmethod
     def cache_stem(cls, cache_dir: str | Path, identities, resolution: int, channels: int = 3) -> Path:
         """``faces_cnn_r{resolution}_c{channels}_{hash of the sorted names}_v{version}r{render version}``."""
-        from pogdiff_dist.data import faces
+        from pogdiff_dist.data.bundled import faces
 
         key = hashlib.sha256("\n".join(sorted(set(identities))).encode()).hexdigest()[:16]
         version = f"v{FACES_CNN_VERSION}r{faces.RENDER_VERSION}"

@@ -5,7 +5,7 @@ over dotted config keys (the CLI's ``--set`` syntax), an objective, a scheduler 
 search algorithm; :func:`load_sweep` reads and validates it, :func:`run_sweep` runs it.
 
 Each trial is a full training run (Ray Train V2 pattern: the Tune trial function calls
-:func:`pogdiff_dist.dist.train.run_train`, which builds and fits a ``TorchTrainer`` with
+:func:`pogdiff_dist.train.driver.run_train`, which builds and fits a ``TorchTrainer`` with
 DeepSpeed workers). Trials train in *rungs*: train to ``rungs[0]`` steps, run a small
 fixed-seed evaluation (:func:`pogdiff_dist.evaluation.evaluate_model`), ``tune.report``;
 if the scheduler lets the trial go on, the same run is resumed from its checkpoint to
@@ -39,10 +39,10 @@ from ray import tune
 
 from pogdiff_dist.config import BUNDLED_TEXT_ENCODER, Config, from_dict, load_config, save_config
 from pogdiff_dist.evaluation.evaluate import CLASSIFIERS, METRICS
-from pogdiff_dist.tracking import redact, resolve_tracking_uri, safe_params
+from pogdiff_dist.tracking.mlflow_runs import redact, resolve_tracking_uri, safe_params
 
 SWEEP_STATE = "sweep.json"
-RUN_STATE = "pogdiff_run.json"  # = pogdiff_dist.dist.train.RUN_STATE (that module pulls in DeepSpeed)
+RUN_STATE = "pogdiff_run.json"  # = pogdiff_dist.train.driver.RUN_STATE (that module pulls in DeepSpeed)
 TUNE_DIR = "tune"  # Tune's experiment folder inside the sweep folder
 
 # What a trial reports at each rung, i.e. what ``metric`` may name.
@@ -362,7 +362,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     after its last report, and a run interrupted mid-rung resumes from its checkpoint."""
     from mlflow.tracking import MlflowClient
 
-    from pogdiff_dist.dist.train import run_train
+    from pogdiff_dist.train.driver import run_train
     from pogdiff_dist.evaluation.evaluate import evaluate_model
 
     spec = setup.spec
@@ -627,8 +627,8 @@ def run_sweep(spec: SweepSpec, base: Config, resume: bool = False, retry_failed:
     """Prepare once, run the sweep (or restore it, ``resume``), write the best config."""
     from mlflow.tracking import MlflowClient
 
-    from pogdiff_dist.dist.prepare import run_prepare
-    from pogdiff_dist.dist.runtime import init_ray
+    from pogdiff_dist.prepare.pipeline import run_prepare
+    from pogdiff_dist.runtime import init_ray
 
     t0 = time.time()
     name = _sweep_name(base, spec.name, resume)

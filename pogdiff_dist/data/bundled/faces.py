@@ -26,7 +26,7 @@ a split depends only on ``(seed, identity, split, j)``, so presets nest (``S``'s
 are ``M``'s) and changing the held-out count leaves training images untouched.
 
 The output is layout 1 of :mod:`pogdiff_dist.data.records` (``metadata.csv`` + images).
-Run ``python -m pogdiff_dist.data.faces --preset M --out faces_grid.png`` to look at it.
+Run ``python -m pogdiff_dist.data.bundled.faces --preset M --out faces_grid.png`` to look at it.
 """
 
 from __future__ import annotations

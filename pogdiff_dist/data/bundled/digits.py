@@ -12,7 +12,7 @@ training images each, under ten other names (``BASE_NAMES``), drawn from images 
 and L do not use (see :func:`_select` for the one exception). A base model learns to
 draw every digit but never sees the names S, M and L fine-tune on. Digits cannot give it
 other *identities* (there are only ten classes); Faces-IT2I
-(:mod:`pogdiff_dist.data.faces`) can.
+(:mod:`pogdiff_dist.data.bundled.faces`) can.
 
 The output is layout 1 of :mod:`pogdiff_dist.data.records` (``metadata.csv`` + images).
 """

@@ -1,0 +1,1 @@
+"""The bundled datasets (Digits-IT2I, Faces-IT2I)."""

@@ -1,1 +1,0 @@
-"""Everything that touches Ray or DeepSpeed lives in this package."""

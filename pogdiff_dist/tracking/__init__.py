@@ -1,0 +1,1 @@
+"""Tracking: the only MLflow user. Runs (create, log, finish, tags) and the comparison of runs."""

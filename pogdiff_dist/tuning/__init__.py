@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps with Ray Tune: the sweep spec, the trial, the driver."""
