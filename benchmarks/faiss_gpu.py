@@ -23,11 +23,11 @@ from pathlib import Path
 sys.path[:0] = [p for p in (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1]))
                 if p not in sys.path]
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import faiss
+import numpy as np
+import torch
 
-from pogdiff_dist.data.neighbours import build_knn  # noqa: E402
+from pogdiff_dist.data.neighbours import build_knn
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:

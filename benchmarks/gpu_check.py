@@ -38,9 +38,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [p for p in (str(BENCH), str(BENCH.parent)) if p not in sys.path]
 
-import torch  # noqa: E402
-
-from gpu_unet import SD15_TEXT, SD15_UNET, TINY_TEXT, TINY_UNET  # noqa: E402
+import torch
+from gpu_unet import SD15_TEXT, SD15_UNET, TINY_TEXT, TINY_UNET
 
 # SD v1.5 vae/config.json and scheduler/scheduler_config.json (runwayml/stable-diffusion-v1-5), verbatim values
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
@@ -115,7 +114,8 @@ def run_method(name: str, cfg, prepared: Path, work: Path, device: torch.device,
     """Train ``cfg.optim.max_steps`` steps with the Trainer; time the steps after ``warmup``; count one step's FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pogdiff_dist.train.trainer import LocalCheckpoints, Trainer, local_epoch_batches
+    from pogdiff_dist.train.local import LocalCheckpoints, local_epoch_batches
+    from pogdiff_dist.train.trainer import Trainer
 
     clock = StepClock()
     trainer = Trainer(cfg, prepared, device, 0, 1, report=LocalCheckpoints(work / name, keep=1), tracker=clock,
@@ -164,14 +164,14 @@ def main() -> None:
         sys.exit("gpu_check: no CUDA device (torch.cuda.is_available() is False); "
                  "use --device cpu --tiny to check the code paths on CPU")
 
+    from _common import write_result
     from diffusers import UNet2DConditionModel
 
-    from _common import write_result
     from pogdiff_dist.config import load_config
     from pogdiff_dist.data.synthetic import POSES, build_synthetic_prepared, synthetic_identities
-    from pogdiff_dist.train.engine import init_single_process
-    from pogdiff_dist.train.trainer import train_local
     from pogdiff_dist.pipeline import PoGDiffPipeline
+    from pogdiff_dist.train.engine import init_single_process
+    from pogdiff_dist.train.local import train_local
 
     t_start = time.perf_counter()
     init_single_process(device)

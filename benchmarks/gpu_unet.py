@@ -28,7 +28,6 @@ On a GPU machine:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [p for p in (str(BENCH), str(BENCH.parent)) if p not in sys.path]
 
-import torch  # noqa: E402
+import torch
 
 # Stable Diffusion v1.5 unet/config.json (runwayml/stable-diffusion-v1-5), verbatim values.
 SD15_UNET = dict(
@@ -91,7 +90,7 @@ def build_models(tiny: bool, device: str = "cpu"):
 
 def make_batch(b: int, tiny: bool, vocab: int, device, zero_frac: float = 0.0):
     """A micro-batch with psi = 0.9 for all but the first round(f * b) samples (psi = 0)."""
-    from pogdiff_dist.train.step import Batch
+    from pogdiff_dist.data.shards import Batch
 
     shapes = TINY_SHAPES if tiny else SD15_SHAPES
     g = torch.Generator().manual_seed(1)

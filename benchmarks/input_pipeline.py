@@ -25,9 +25,8 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import bench_config, write_result
-
 import ray
+from _common import bench_config, write_result
 from mlflow.tracking import MlflowClient
 
 from pogdiff_dist.data.shards import collate

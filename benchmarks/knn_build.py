@@ -22,11 +22,10 @@ import argparse
 import statistics
 import time
 
-from _common import write_result
-
 import faiss
 import numpy as np
 import torch
+from _common import write_result
 
 from pogdiff_dist.data.neighbours import build_knn
 

@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pogdiff_dist.config import load_config  # noqa: E402
-from pogdiff_dist.data.shards import Manifest  # noqa: E402
-from pogdiff_dist.losses import log_density_normaliser, neighbour_weights, psi_den, psi_weights  # noqa: E402
+from pogdiff_dist.config import load_config
+from pogdiff_dist.data.shards import Manifest
+from pogdiff_dist.losses import log_density_normaliser, neighbour_weights, psi_den, psi_weights
 
 
 def psi_table(prepared: Path, overrides: list[str] | None = None) -> dict:

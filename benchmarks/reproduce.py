@@ -39,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pogdiff_dist.config import Config, load_config  # noqa: E402
+from pogdiff_dist.config import Config, load_config
 
 # Identical budgets per method; "cpu" fits this 2-core machine, "gpu" is the real thing.
 BUDGETS = {

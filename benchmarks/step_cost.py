@@ -31,14 +31,14 @@ import statistics
 import time
 from types import SimpleNamespace
 
-from _common import interleaved, medians, spread, write_result
-
 import torch
+from _common import interleaved, medians, spread, write_result
 from torch.utils.flop_counter import FlopCounterMode
 
 from pogdiff_dist.config import LossConfig, ModelConfig
+from pogdiff_dist.data.shards import Batch
 from pogdiff_dist.models import ModelSpec, TextEncoder, build_noise_scheduler, build_unet, bundled_text_encoder_dir
-from pogdiff_dist.train.step import Batch, DualConditionStep
+from pogdiff_dist.train.step import DualConditionStep
 
 K = 5  # neighbours per sample in the synthetic batch
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -32,9 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import bench_config, write_result
-
 import ray
+from _common import bench_config, write_result
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from pogdiff_dist.config import RayConfig
-from pogdiff_dist.evaluation.generate import resolve_source, run_evaluate
 from pogdiff_dist.evaluation import EvalConfig
 from pogdiff_dist.evaluation.evaluate import CLASSIFIERS
+from pogdiff_dist.evaluation.generate import resolve_source, run_evaluate
 
 
 def main(argv=None) -> int:

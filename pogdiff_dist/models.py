@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoModel, AutoTokenizer
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -82,7 +82,7 @@ class TextEncoder:
                     max_length)
 
     @classmethod
-    def from_parts(cls, model, tokenizer, max_length: int) -> "TextEncoder":
+    def from_parts(cls, model, tokenizer, max_length: int) -> TextEncoder:
         """Wrap already-loaded parts (e.g. those of an exported pipeline)."""
         self = cls.__new__(cls)
         self._setup(model, tokenizer, max_length)
@@ -121,7 +121,7 @@ class TextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "TextEncoder":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> TextEncoder:
         """Move (and optionally cast: the frozen encoder runs in the compute dtype)."""
         self.model.to(device=device, dtype=dtype)
         return self

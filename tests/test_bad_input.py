@@ -188,10 +188,10 @@ def test_every_field_is_checked():
 def test_encoder_producing_nan_names_the_images(tmp_path):
     """A VAE that emits NaN (e.g. fp16 overflow) is stopped at prepare, naming the images."""
     import torch
+    from conftest import make_tiny_sd
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from conftest import make_tiny_sd
     from pogdiff_dist.data.encode import SampleEncoder
 
     sd = make_tiny_sd(tmp_path / "sd")

@@ -8,6 +8,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from pogdiff_dist.config import LossConfig, ModelConfig
+from pogdiff_dist.data.shards import Batch
 from pogdiff_dist.losses import (
     cbdm_loss,
     ddpm_posterior_mean,
@@ -18,7 +19,7 @@ from pogdiff_dist.losses import (
     t2h_targets,
 )
 from pogdiff_dist.models import ModelSpec, build_noise_scheduler, build_unet
-from pogdiff_dist.train.step import Batch, DualConditionStep
+from pogdiff_dist.train.step import DualConditionStep
 
 T = 1000
 

@@ -7,7 +7,6 @@ from importlib.metadata import version
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 CLUSTER = REPO / "cluster"
@@ -39,11 +38,11 @@ def _cluster_specs():
 
 def test_dockerfile_base_matches_pinned_ray_and_installs_package():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
-    base = re.search(r"^FROM rayproject/ray:(\S+)", dockerfile, re.M).group(1)
+    base = re.search(r"^FROM rayproject/ray:(\S+)", dockerfile, re.MULTILINE).group(1)
     assert base.startswith(_constraint("ray") + "-py311")
     assert _constraint("ray") == version("ray")
     assert 'pip install --no-cache-dir -c constraints.txt -e ".[gpu]"' in dockerfile
-    for path in re.findall(r"^COPY --chown=\S+ (.+) \./", dockerfile, re.M):
+    for path in re.findall(r"^COPY --chown=\S+ (.+) \./", dockerfile, re.MULTILINE):
         for part in path.split():
             assert (REPO / part).exists(), part
 

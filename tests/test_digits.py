@@ -51,7 +51,7 @@ def test_train_and_heldout_disjoint(digits_m):
     from sklearn.datasets import load_digits
     target = load_digits().target
     assert all(NAMES[target[s]] == name for name, s in train | held)  # identity = digit class
-    pixels = lambda rs: {load_image(r.image, 16, 1).tobytes() for r in rs}  # noqa: E731
+    pixels = lambda rs: {load_image(r.image, 16, 1).tobytes() for r in rs}
     assert not pixels(digits_m.train()) & pixels(digits_m.heldout())
 
 

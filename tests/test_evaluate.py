@@ -65,8 +65,8 @@ def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_mod
     from mlflow.tracking import MlflowClient
 
     from pogdiff_dist.evaluation import EvalConfig, compute_metrics, generate_identity, load_pipeline
-    from pogdiff_dist.evaluation.judges import DigitsClassifier
     from pogdiff_dist.evaluation.features import ImageEncoder, load_real_images
+    from pogdiff_dist.evaluation.judges import DigitsClassifier
     from pogdiff_dist.evaluation.report import load_saved_images
 
     path = Path(__file__).resolve().parents[1] / "jobs" / "evaluate.py"
@@ -187,9 +187,9 @@ def test_user_folder_dataset_nearest_centroid(ray_local, tiny_cfg, tmp_path):
     DINO against training images, through evaluate_model (the Tune-trial API)."""
     from PIL import Image
 
-    from pogdiff_dist.prepare.pipeline import run_prepare
     from pogdiff_dist.evaluation import evaluate_model
     from pogdiff_dist.evaluation.judges import render_digits
+    from pogdiff_dist.prepare.pipeline import run_prepare
 
     images, labels = render_digits(16)
     root = tmp_path / "folders"

@@ -11,9 +11,22 @@ import pytest
 from PIL import Image
 
 from pogdiff_dist.data.bundled import digits
-from pogdiff_dist.data.bundled.faces import (BACKGROUNDS, BASE_NAMES, EXPRESSIONS, LIGHTS, PRESETS, TARGET_NAMES,
-                                     TILTS, build_faces_it2i, caption_for, identities, image_variation,
-                                     main, preview_grid, render)
+from pogdiff_dist.data.bundled.faces import (
+    BACKGROUNDS,
+    BASE_NAMES,
+    EXPRESSIONS,
+    LIGHTS,
+    PRESETS,
+    TARGET_NAMES,
+    TILTS,
+    build_faces_it2i,
+    caption_for,
+    identities,
+    image_variation,
+    main,
+    preview_grid,
+    render,
+)
 from pogdiff_dist.data.records import load_image, read_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +131,7 @@ def test_captions_fit_the_text_encoder():
     from pogdiff_dist.models import resolve_text_encoder_dir
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_text_encoder_dir(BUNDLED_TEXT_ENCODER, None)[1]))
-    longest = lambda options: max(options, key=lambda o: len(tokenizer.tokenize(o)))  # noqa: E731
+    longest = lambda options: max(options, key=lambda o: len(tokenizer.tokenize(o)))
     var = replace(image_variation(TARGET_NAMES[0], "train", 0, 0), expression=longest(EXPRESSIONS),
                   tilt_label=longest(TILTS), light=longest(LIGHTS), background=longest(tuple(BACKGROUNDS)))
     worst = max(len(tokenizer(caption_for(n, var))["input_ids"]) for n in TARGET_NAMES + BASE_NAMES)
@@ -131,7 +144,7 @@ def test_captions_describe_the_image():
     ident = people["Sena Holloway"]  # black side-swept hair on light skin
     var = replace(image_variation(ident.name, "train", 0, 0), tilt=0.0, shift=(0.0, 0.0), scale=1.0,
                   light="the front", light_strength=0.0, background_rgb=(128, 128, 128))
-    gray = lambda v: render(ident, v, 32).astype(float).mean(axis=2)  # noqa: E731
+    gray = lambda v: render(ident, v, 32).astype(float).mean(axis=2)
     for light, sign in (("the left", 1), ("the right", -1)):
         img = gray(replace(var, light=light, light_strength=0.3))
         assert sign * (img[:, :4].mean() - img[:, -4:].mean()) > 30

@@ -65,8 +65,8 @@ def _accuracy(predict, images: dict) -> float:
 def test_judge_accuracy_on_real_heldout_faces(faces_m, judge):
     """Real held-out images of the dataset, none of which the judge trained on: far above
     the nearest-centroid judge on pixel features (the previous faces judge)."""
-    from pogdiff_dist.evaluation.judges import NearestCentroidClassifier
     from pogdiff_dist.evaluation.features import ImageEncoder
+    from pogdiff_dist.evaluation.judges import NearestCentroidClassifier
 
     names, train, held = faces_m
     assert sorted(judge.names) == sorted(names) and len(names) == 10
@@ -148,8 +148,8 @@ def test_auto_selects_the_faces_judge():
 
 
 def test_forcing_faces_on_unknown_names_names_them():
-    from pogdiff_dist.tuning.driver import EvalSpec
     from pogdiff_dist.evaluation.evaluate import resolve_classifier
+    from pogdiff_dist.tuning.driver import EvalSpec
 
     with pytest.raises(ValueError, match="Nobody Here"):
         resolve_classifier("faces", ["Mara Quill", "Nobody Here"])

@@ -3,8 +3,8 @@ killed mid-run, the driver killed mid-run, non-finite losses. What was lost is c
 through MLflow's metric history and the run's metrics.json (target: nothing)."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -33,7 +32,7 @@ def _history(uri, run_id, key):
 def _train_worker_pids() -> list[int]:
     """PIDs of this cluster's live Ray Train worker actors (GCS actor table; the public
     state API needs the dashboard, which the local test cluster does not run)."""
-    import ray._private.state as state
+    from ray._private import state
 
     table = state.state.actor_table(None)
     return [a["Pid"] for a in table.values()
@@ -146,8 +145,8 @@ def test_nonfinite_loss_is_skipped_counted_or_raised(ray_local, tiny_cfg, prepar
     import numpy as np
     import torch
 
-    from pogdiff_dist.train.driver import run_train
     from pogdiff_dist.losses import log_density_normaliser
+    from pogdiff_dist.train.driver import run_train
 
     elbo = torch.from_numpy(np.load(Path(tiny_cfg.prepare.out_dir) / "elbo.npy"))
     log_den = (-elbo.double() - log_density_normaliser(elbo, 1.0)).sort(descending=True).values

@@ -127,8 +127,8 @@ def test_prepare_resumes_and_redoes_only_affected_stages(ray_local, tiny_cfg, pr
 def test_train_checkpoint_resume_export_mlflow(ray_local, tiny_cfg, prepared):
     from mlflow.tracking import MlflowClient
 
-    from pogdiff_dist.train.driver import run_train
     from pogdiff_dist.pipeline import PoGDiffPipeline
+    from pogdiff_dist.train.driver import run_train
 
     cfg = tiny_cfg.with_overrides({"optim.max_steps": 2, "train.name": "it"})
     first = run_train(cfg)

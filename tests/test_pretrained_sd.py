@@ -4,7 +4,6 @@ save_pretrained) -> VAE latents at prepare -> fine-tune its UNet -> export with 
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_sd
 
 pytestmark = pytest.mark.integration
@@ -22,12 +21,12 @@ def test_missing_component_is_named(tmp_path):
 
 
 def test_finetune_pretrained_sd_layout(ray_local, tmp_path):
+    from conftest import REPO
     from diffusers import AutoencoderKL
 
     from pogdiff_dist.config import load_config
-    from pogdiff_dist.train.driver import run_train
     from pogdiff_dist.pipeline import PoGDiffPipeline
-    from conftest import REPO
+    from pogdiff_dist.train.driver import run_train
 
     sd = make_tiny_sd(tmp_path / "sd")
     cfg = load_config(REPO / "configs" / "tiny.yaml", {
@@ -64,11 +63,12 @@ def test_finetune_pretrained_sd_layout(ray_local, tmp_path):
 def test_sd15_config_prepares_trains_bf16_and_exports(ray_local, tmp_path):
     """configs/sd15.yaml as shipped (bf16, ZeRO-2, EMA, 77 tokens... ), with only its paths and
     sizes overridden to the tiny SD layout and this CPU machine."""
+    from conftest import REPO
+
     from pogdiff_dist.config import load_config
     from pogdiff_dist.data.shards import Manifest
-    from pogdiff_dist.train.driver import run_train
     from pogdiff_dist.pipeline import PoGDiffPipeline
-    from conftest import REPO
+    from pogdiff_dist.train.driver import run_train
 
     sd = make_tiny_sd(tmp_path / "sd")
     cfg = load_config(REPO / "configs" / "sd15.yaml", {

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from pogdiff_dist.config import LossConfig, ModelConfig
+from pogdiff_dist.data.shards import Batch
 from pogdiff_dist.losses import log_density_normaliser
 from pogdiff_dist.models import ModelSpec, TextEncoder, build_noise_scheduler, build_unet, bundled_text_encoder_dir
-from pogdiff_dist.train.step import Batch, DualConditionStep
+from pogdiff_dist.train.step import DualConditionStep
 
 B, K, L = 4, 3, 8
 CAPTIONS = ["a red digit three", "a blue seven", "digit zero on grey", "a small green one"]

@@ -5,7 +5,6 @@ encoder whole; the non-finite policy. Shards in the project's format, written wi
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
 
 
@@ -45,8 +44,8 @@ def _cfg(**overrides):
 def test_resume_continues_the_uninterrupted_loss_curve_and_exports(synthetic, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from pogdiff_dist.train.trainer import train_local
     from pogdiff_dist.pipeline import PoGDiffPipeline
+    from pogdiff_dist.train.local import train_local
 
     whole = RecordingTracker()
     trainer, checkpoints = train_local(_cfg(**{"optim.max_steps": 8}), synthetic, tmp_path / "whole", tracker=whole)
@@ -82,8 +81,9 @@ def test_resume_continues_the_uninterrupted_loss_curve_and_exports(synthetic, tm
 
 
 def test_zero3_partitions_the_unet_but_not_the_frozen_text_encoder(synthetic, tmp_path):
-    from pogdiff_dist.train.trainer import LocalCheckpoints, Trainer, local_epoch_batches
     from pogdiff_dist.train.engine import init_single_process
+    from pogdiff_dist.train.local import LocalCheckpoints, local_epoch_batches
+    from pogdiff_dist.train.trainer import Trainer
 
     init_single_process("cpu")
     cfg = _cfg(**{"optim.max_steps": 2, "train.zero_stage": 3})
@@ -97,7 +97,7 @@ def test_zero3_partitions_the_unet_but_not_the_frozen_text_encoder(synthetic, tm
 
 def test_nonfinite_policy_counts_then_raises():
     from pogdiff_dist.config import TrainConfig
-    from pogdiff_dist.train.trainer import TrainState, agree_to_step, nonfinite_policy
+    from pogdiff_dist.train.state import TrainState, agree_to_step, nonfinite_policy
 
     state = TrainState(step=7)
     skip = TrainConfig(on_nonfinite="skip", max_nonfinite=2)
@@ -114,7 +114,7 @@ def test_nonfinite_policy_counts_then_raises():
 
 
 def test_train_state_round_trips(tmp_path):
-    from pogdiff_dist.train.trainer import TrainState
+    from pogdiff_dist.train.state import TrainState
 
     g = torch.Generator().manual_seed(3)
     state = TrainState(step=5, epoch=1, nonfinite=2, epochs=[{"epoch": 0, "epoch_rows": 16.0}], last={"loss": 0.5},

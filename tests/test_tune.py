@@ -13,7 +13,6 @@ from pogdiff_dist.config import load_config
 from pogdiff_dist.tuning.driver import (
     EVAL_KEYS,
     Param,
-    SweepSpec,
     TrialRow,
     build_search_alg,
     check_space,

@@ -28,20 +28,43 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
-
-from pogdiff_dist.train.step import Batch
 
 ARRAY_FIELDS = ("latent.npy", "y.npy", "nbr_tokens.npy", "nbr_len.npy", "nbr_index.npy", "nbr_sim.npy", "nbr_same.npy")
 META_FIELD = "meta.json"
 META_KEYS = ("index", "identity_id", "caption", "elbo", "fingerprint")
 MANIFEST = "manifest.json"
 SHARD_FORMAT = 3  # bump when the fields or layout change: prepare re-writes shards of another format
+
+
+@dataclass
+class Batch:
+    """A collated micro-batch: the tensors of the fields above (CPU until the trainer moves it)."""
+
+    x0: torch.Tensor  # [B, C, H, W] latents or pixels
+    y: torch.Tensor  # [B, L, D] caption hidden states
+    nbr_tokens: torch.Tensor  # [B, K, L] neighbours' caption token ids
+    nbr_len: torch.Tensor  # [B, K]
+    nbr_sim: torch.Tensor  # [B, K] cosine similarity, descending
+    nbr_same: torch.Tensor  # [B, K] 1 where the neighbour has the same identity
+    elbo: torch.Tensor  # [B] text-density ELBO of the sample's caption
+    index: torch.Tensor  # [B] dataset index
+    identity: torch.Tensor | None = None  # [B] identity id (DiffROP pairs samples of different identities)
+
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        return Batch(**{k: None if v is None else v.to(device, non_blocking=non_blocking) for k, v in vars(self).items()})
+
+    def pin_memory(self) -> Batch:
+        return Batch(**{k: None if v is None else v.pin_memory() for k, v in vars(self).items()})
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
 
 
 @dataclass
@@ -80,7 +103,7 @@ class Manifest:
         (Path(prepared_dir) / MANIFEST).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def load(cls, prepared_dir: str | Path) -> "Manifest":
+    def load(cls, prepared_dir: str | Path) -> Manifest:
         path = Path(prepared_dir) / MANIFEST
         if not path.is_file():
             raise ValueError(f"{path} not found: run jobs/prepare.py with the same config first")

@@ -21,9 +21,14 @@ import numpy as np
 from pogdiff_dist.data.records import IDENTITY_PROMPT
 from pogdiff_dist.data.shards import Manifest
 from pogdiff_dist.evaluation import metrics as M
-from pogdiff_dist.evaluation.judges import (DigitsClassifier, FacesClassifier, NearestCentroidClassifier,
-                                                 digit_names, face_names)
 from pogdiff_dist.evaluation.features import ImageEncoder, RealImages, load_real_images
+from pogdiff_dist.evaluation.judges import (
+    DigitsClassifier,
+    FacesClassifier,
+    NearestCentroidClassifier,
+    digit_names,
+    face_names,
+)
 
 PROMPT = IDENTITY_PROMPT  # PoGDiff Sec. 4.1
 METRICS = ("fid", "dino", "grecall", "accuracy")
@@ -60,7 +65,7 @@ class EvalConfig:
         check(self.classifier in CLASSIFIERS, f"classifier must be one of {list(CLASSIFIERS)}, got {self.classifier!r}")
         check(self.fid_dims >= 1, f"fid_dims must be >= 1, got {self.fid_dims}")
         check(self.fid_eps > 0, f"fid_eps must be > 0, got {self.fid_eps}")
-        check(-1 <= self.grecall_threshold <= 1, f"grecall_threshold must be a cosine in [-1, 1]")
+        check(-1 <= self.grecall_threshold <= 1, "grecall_threshold must be a cosine in [-1, 1]")
         check(self.few_threshold is None or self.few_threshold >= 0, "few_threshold must be >= 0 or None")
         check(self.encoder == "pixels" or Path(self.encoder).is_dir(),
               f"encoder must be 'pixels' or a local transformers vision model directory, got {self.encoder!r}")
@@ -187,9 +192,9 @@ def compute_metrics(generated: dict[str, np.ndarray], real: RealImages, manifest
     for n in names:
         use_heldout = n in held_f and len(held_f[n]) >= MIN_HELDOUT
         ref = held_f[n] if use_heldout else train_f.get(n)
-        row = {"train_count": counts[n], "few_shot": n in few, "num_generated": int(len(gen_f[n])),
+        row = {"train_count": counts[n], "few_shot": n in few, "num_generated": len(gen_f[n]),
                "reference": "heldout" if use_heldout else "train",
-               "num_reference": 0 if ref is None else int(len(ref))}
+               "num_reference": 0 if ref is None else len(ref)}
         if ref is None:
             row["fid"] = row["dino"] = math.nan
         else:

@@ -26,7 +26,6 @@ import yaml
 
 from pogdiff_dist.config import RayConfig
 from pogdiff_dist.data.shards import MANIFEST, Manifest
-from pogdiff_dist.runtime import init_ray
 from pogdiff_dist.evaluation.evaluate import (
     EvalConfig,
     compute_metrics,
@@ -36,6 +35,7 @@ from pogdiff_dist.evaluation.evaluate import (
 )
 from pogdiff_dist.evaluation.features import load_real_images
 from pogdiff_dist.evaluation.report import log_to_mlflow, write_outputs
+from pogdiff_dist.runtime import init_ray
 from pogdiff_dist.tracking.mlflow_runs import resolve_tracking_uri
 
 RUN_STATE = "pogdiff_run.json"  # = pogdiff_dist.train.driver.RUN_STATE (not imported: it pulls in DeepSpeed)
@@ -129,7 +129,7 @@ def resolve_source(model: str | None = None, prepared: str | None = None, mlflow
         uri = resolve_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or state_uri or "sqlite:///mlflow.db")
         try:
             run = MlflowClient(uri).get_run(mlflow_run)
-        except Exception as e:  # noqa: BLE001 - MLflow raises its own types; say where we looked
+        except Exception as e:
             raise ValueError(f"MLflow run {mlflow_run!r} not found in {uri} ({type(e).__name__}: {e}); "
                              f"pass --tracking-uri") from e
         if model is None:

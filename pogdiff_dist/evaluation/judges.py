@@ -176,7 +176,7 @@ class DigitsClassifier:
         self.info = info
 
     @classmethod
-    def train(cls, resolution: int, exclude=(), epochs: int = 12, seed: int = 0) -> "DigitsClassifier":
+    def train(cls, resolution: int, exclude=(), epochs: int = 12, seed: int = 0) -> DigitsClassifier:
         """Train on every load_digits image except the indices in ``exclude`` (a test uses
         that to measure held-out accuracy honestly): Adam with a one-cycle schedule, shift
         and scale augmentation, on one thread."""
@@ -188,12 +188,12 @@ class DigitsClassifier:
             g = torch.Generator().manual_seed(seed)
             net = _fit(_network(), x, y, epochs, g, _augment)
         info = {"classifier": cls.name, "version": DIGITS_CNN_VERSION, "resolution": resolution,
-                "input": DIGITS_INPUT, "epochs": epochs, "seed": seed, "train_images": int(len(keep)),
+                "input": DIGITS_INPUT, "epochs": epochs, "seed": seed, "train_images": len(keep),
                 "trained_on": "scikit-learn load_digits (balanced, 10 classes)"}
         return cls(net, info)
 
     @classmethod
-    def load_or_train(cls, cache_dir: str | Path, resolution: int) -> "DigitsClassifier":
+    def load_or_train(cls, cache_dir: str | Path, resolution: int) -> DigitsClassifier:
         """The classifier for ``resolution`` from ``cache_dir``, training and caching it on
         first use (safetensors weights + a JSON with how it was trained)."""
         stem = Path(cache_dir) / f"digits_cnn_r{resolution}_v{DIGITS_CNN_VERSION}"
@@ -271,7 +271,7 @@ class FacesClassifier:
 
     @classmethod
     def train(cls, identities, resolution: int, channels: int = 3, per_identity: int = 250, epochs: int = 8,
-              seed: int = 0) -> "FacesClassifier":
+              seed: int = 0) -> FacesClassifier:
         """Render ``per_identity`` fresh images of every identity at ``resolution``
         (:func:`render_faces`) and train on them on one thread: Adam with a one-cycle
         schedule, light augmentation (shift +-4%, scale +-5%, edge padding, pixel noise
@@ -290,7 +290,7 @@ class FacesClassifier:
         info = {"classifier": cls.name, "version": FACES_CNN_VERSION, "render_version": faces.RENDER_VERSION,
                 "resolution": resolution, "channels": channels, "input": size, "width": cls.WIDTH,
                 "identities": names, "per_identity": per_identity, "epochs": epochs, "seed": seed,
-                "train_images": int(len(y)),
+                "train_images": len(y),
                 "trained_on": f"fresh Faces-IT2I renders ({per_identity} per identity, balanced; variation seeds "
                               f"[seed, identity, {FACES_JUDGE_SPLIT}, j], disjoint from the dataset's images)"}
         with _one_thread():
@@ -310,7 +310,7 @@ class FacesClassifier:
         return Path(cache_dir) / f"faces_cnn_r{resolution}_c{channels}_{key}_{version}"
 
     @classmethod
-    def load_or_train(cls, cache_dir: str | Path, identities, resolution: int, channels: int = 3) -> "FacesClassifier":
+    def load_or_train(cls, cache_dir: str | Path, identities, resolution: int, channels: int = 3) -> FacesClassifier:
         """The classifier for these identities at ``resolution`` from ``cache_dir``,
         training and caching it on first use (safetensors weights + a JSON with how it
         was trained, including the identity names it separates)."""

@@ -120,7 +120,7 @@ def grecall_identity(generated: np.ndarray, train: np.ndarray,
                      threshold: float = GRECALL_THRESHOLD) -> tuple[int, int]:
     """(#covered training images, #training images) for one identity."""
     covered = coverage(cosine_matrix(generated, train), threshold)
-    return int(covered.sum()), int(len(covered))
+    return int(covered.sum()), len(covered)
 
 
 def identity_accuracy(predicted: list, target) -> float:

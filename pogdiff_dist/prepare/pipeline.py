@@ -22,8 +22,8 @@ import ray.data
 import torch
 
 from pogdiff_dist.config import Config
-from pogdiff_dist.data.density import DensityVAEConfig, compute_elbo, fit_density_vae, save_density_vae
 from pogdiff_dist.data.bundled.digits import build_digits_it2i
+from pogdiff_dist.data.density import DensityVAEConfig, compute_elbo, fit_density_vae, save_density_vae
 from pogdiff_dist.data.encode import SampleEncoder
 from pogdiff_dist.data.neighbours import build_knn
 from pogdiff_dist.data.records import IDENTITY_PROMPT, DatasetRecords, read_dataset

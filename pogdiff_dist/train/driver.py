@@ -20,9 +20,15 @@ from pogdiff_dist.config import Config, save_config
 from pogdiff_dist.data.shards import decode_sample, verify_shards
 from pogdiff_dist.prepare.pipeline import run_prepare
 from pogdiff_dist.runtime import init_ray
+from pogdiff_dist.tracking.mlflow_runs import (
+    finish_run,
+    redact,
+    resolve_tracking_uri,
+    run_url_hint,
+    start_run,
+)
 from pogdiff_dist.train.trainer import MODEL_DIR, SAMPLES, check_manifest
 from pogdiff_dist.train.worker import train_loop_per_worker
-from pogdiff_dist.tracking.mlflow_runs import finish_run, redact, resolve_tracking_uri, run_url_hint, start_run
 
 RUN_STATE = "pogdiff_run.json"
 

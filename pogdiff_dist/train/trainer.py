@@ -4,7 +4,7 @@ A :class:`Trainer` gets the config, its device, its rank and the world size, a s
 collated batches per epoch and a report callback. The Ray Train worker
 (:mod:`pogdiff_dist.train.worker`) supplies ``ray.train.torch.get_device()``, its
 ``streaming_split`` of the WebDataset stream and ``ray.train.report``; a plain process
-(:func:`train_local`: tests, ``scripts/gpu_check.sh``) supplies a device, the shards read
+(:func:`pogdiff_dist.train.local.train_local`: tests, ``scripts/gpu_check.sh``) supplies a device, the shards read
 with ``webdataset`` and a local checkpoint folder. Everything the step touches lives on
 the trainer's device: the UNet (placed by DeepSpeed), the frozen text encoder (in the
 compute dtype, outside ZeRO), the empty-caption states, the y' cache, the generator of
@@ -23,25 +23,34 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from pogdiff_dist.config import Config
 from pogdiff_dist.data.records import IDENTITY_PROMPT
-from pogdiff_dist.data.shards import Manifest, StreamedBatch
-from pogdiff_dist.train.engine import Engine, init_single_process
-from pogdiff_dist.models import LatentCodec, ModelSpec, TextEncoder, build_noise_scheduler, build_unet
+from pogdiff_dist.data.shards import Batch, Manifest, StreamedBatch
+from pogdiff_dist.models import (
+    LatentCodec,
+    ModelSpec,
+    TextEncoder,
+    build_noise_scheduler,
+    build_unet,
+)
 from pogdiff_dist.pipeline import PoGDiffPipeline, export_pipeline, image_grid
-from pogdiff_dist.train.step import Batch, DualConditionStep
+from pogdiff_dist.train.engine import Engine
+from pogdiff_dist.train.state import (
+    EpochLedger,
+    TrainState,
+    agree_to_step,
+    all_reduce,
+    nonfinite_policy,
+)
+from pogdiff_dist.train.step import DualConditionStep
 
-STATE_FILE = "train_state_rank{rank}.safetensors"
+STATE_FILE = "train_state_rank{rank}.safetensors"  # TrainState of each rank, next to DeepSpeed's files
 MODEL_DIR, SAMPLES = "model", "samples.png"
 
 # report(metrics, checkpoint_dir): checkpoint_dir is a temporary folder valid during the call
@@ -56,114 +65,6 @@ def check_manifest(cfg: Config, manifest: Manifest) -> None:
     if manifest.text_shape[0] != cfg.model.max_length:
         raise ValueError(f"shards hold captions of {manifest.text_shape[0]} tokens but model.max_length="
                          f"{cfg.model.max_length}: the shards were prepared with another config")
-
-
-# ----------------------------------------------------------------------------- state
-
-
-@dataclass
-class TrainState:
-    """Everything of a rank's progress that is not in the DeepSpeed checkpoint, saved as one object."""
-
-    step: int = 0
-    epoch: int = 0
-    nonfinite: int = 0  # steps skipped for a non-finite loss, in all
-    nonfinite_run: int = 0  # ... in a row
-    epoch_rows_before_checkpoint: int = 0  # rows of the open epoch trained before the checkpoint
-    epochs: list[dict] = field(default_factory=list)  # closed epochs' accounting (EpochLedger.close)
-    last: dict = field(default_factory=dict)  # the last logged window's means
-    generator: torch.Tensor | None = None  # noise / timestep / neighbour generator state (CPU bytes)
-
-    def save(self, path: Path) -> None:
-        meta = {k: v for k, v in asdict(self).items() if k != "generator"}
-        save_file({"generator": self.generator}, str(path), metadata={"state": json.dumps(meta)})
-
-    @classmethod
-    def load(cls, path: Path) -> "TrainState":
-        if not path.is_file():
-            raise ValueError(f"checkpoint {path.parent} holds no {path.name}: written with another world size?")
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["state"])
-            return cls(**meta, generator=f.get_tensor("generator"))
-
-
-class EpochLedger:
-    """What each epoch trained on, so nothing is lost silently.
-
-    Per rank: rows received from the stream, rows skipped as bad (``data.on_bad=skip``),
-    distinct sample indices. Resume semantics: the stream has no resumable position, so an
-    epoch interrupted by a restart is read again from its start; the rows that epoch had
-    already trained on before the checkpoint (``carried``) are trained on twice, and that
-    count is reported as ``epoch_repeated_after_resume``.
-    """
-
-    def __init__(self, carried: int = 0):
-        self.rows, self.skipped, self.carried = 0, 0, carried
-        self.indices: list[np.ndarray] = []
-
-    def add(self, item: StreamedBatch) -> None:
-        self.rows += item.rows
-        self.skipped += len(item.skipped)
-        if item.batch is not None:
-            self.indices.append(item.batch.index.numpy())
-
-    def close(self, epoch: int, num_samples: int, device: torch.device) -> dict[str, float]:
-        """All ranks call at the end of a full pass; returns the global counts."""
-        mine = np.unique(np.concatenate(self.indices)) if self.indices else np.zeros(0, np.int64)
-        seen = torch.zeros(num_samples, dtype=torch.int32)
-        seen[torch.from_numpy(mine)] = 1
-        seen = all_reduce(seen, device)
-        rows, skipped, carried = all_reduce(torch.tensor([self.rows, self.skipped, self.carried],
-                                                         dtype=torch.float64), device).tolist()
-        self.__init__()
-        return {"epoch": epoch, "epoch_rows": rows, "epoch_samples": rows - skipped, "epoch_skipped_bad": skipped,
-                "epoch_unique_samples": float((seen > 0).sum()), "epoch_seen_twice": float((seen > 1).sum()),
-                "epoch_not_delivered": float(num_samples - rows), "epoch_repeated_after_resume": carried}
-
-
-# ----------------------------------------------------------------------------- cross-rank rules
-
-
-def all_reduce(t: torch.Tensor, device: torch.device, op=None) -> torch.Tensor:
-    """``t`` reduced over ranks (sum by default), returned on the CPU. The collective runs on
-    ``device``: NCCL needs CUDA tensors, gloo CPU ones."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return t
-    t = t.to(device)
-    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.cpu()
-
-
-def agree_to_step(loss: torch.Tensor | None, device: torch.device) -> tuple[bool, bool, bool]:
-    """(every rank has a batch, every rank's loss is finite, this rank's loss is finite).
-
-    Every rank must agree to step, or the gradient all-reduce would hang: a rank with
-    nothing left to train on, or a non-finite loss anywhere, makes every rank skip. One
-    small all-reduce (and one host sync) per micro-batch.
-    """
-    here = torch.ones((), device=device) if loss is None else torch.isfinite(loss.detach()).float()
-    flags = torch.stack([torch.ones((), device=device) * float(loss is not None), here])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    has_batch, finite = flags.tolist()
-    return bool(has_batch), bool(finite), bool(here.item())
-
-
-def nonfinite_policy(state: TrainState, train_cfg, finite_here: bool, where: str) -> None:
-    """Count a skipped step; raise when ``train.on_nonfinite=raise`` or after
-    ``train.max_nonfinite`` skips in a row. ``where`` describes this rank's bad loss."""
-    state.nonfinite += 1
-    state.nonfinite_run += 1
-    stop = train_cfg.on_nonfinite == "raise" or state.nonfinite_run >= train_cfg.max_nonfinite
-    if not stop:
-        if not finite_here:
-            print(f"[train] skipped step: {where}", flush=True)
-        return
-    why = ("train.on_nonfinite=raise" if train_cfg.on_nonfinite == "raise"
-           else f"{state.nonfinite_run} non-finite steps in a row (train.max_nonfinite)")
-    if finite_here:
-        raise FloatingPointError(f"non-finite loss on another rank at step {state.step + 1}; stopping: {why}")
-    raise FloatingPointError(f"{where}; stopping: {why}")
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -282,7 +183,7 @@ class Trainer:
         epoch is closed in the final checkpoint, and a resume starts the next epoch instead
         of reading this one again. Peeks one batch (not trained, not counted)."""
         more = torch.tensor([float(next(items, None) is not None)])
-        return all_reduce(more, self.device, op=dist.ReduceOp.MAX).item() == 0
+        return all_reduce(more, self.device, op="max").item() == 0
 
     def _train_step(self, batch: Batch | None) -> bool:
         """Forward, the cross-rank agreement, backward and (at a boundary) the optimiser step.
@@ -355,7 +256,7 @@ class Trainer:
             peaks["peak_gpu_mib_max_worker"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         names = sorted(peaks)
         peak = all_reduce(torch.tensor([peaks[k] for k in names], dtype=torch.float64), self.device,
-                          op=dist.ReduceOp.MAX).tolist()
+                          op="max").tolist()
         peaks = dict(zip(names, peak))
         self.tracker.log(self.state.step, {**peaks, "nonfinite_skipped": self.state.nonfinite})
         self.state.last.update(peaks)
@@ -417,65 +318,3 @@ def _timed(batches: Iterable[StreamedBatch], trainer: Trainer) -> Iterator[Strea
 class _NullTracker:
     def log(self, step: int, metrics: dict) -> None:
         pass
-
-
-# ----------------------------------------------------------------------------- one plain process
-
-
-class LocalCheckpoints:
-    """``report`` for a plain process: each reported folder is copied to
-    ``root/checkpoint_<step>``, keeping the newest ``keep``; ``metrics`` lists every report."""
-
-    def __init__(self, root: str | Path, keep: int = 2):
-        self.root, self.keep, self.metrics = Path(root), keep, []
-
-    def __call__(self, metrics: dict, checkpoint_dir: Path) -> None:
-        dest = self.root / f"checkpoint_{metrics['step']:06d}"
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, dest)
-        self.metrics.append(metrics)
-        for old in self.all()[:-self.keep]:
-            shutil.rmtree(old)
-
-    def all(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("checkpoint_*") if p.is_dir())
-
-    def latest(self) -> Path | None:
-        found = self.all()
-        return found[-1] if found else None
-
-
-def local_epoch_batches(cfg: Config, prepared_dir: str | Path, manifest: Manifest, rank: int = 0,
-                        world: int = 1) -> Callable[[int], Iterator[StreamedBatch]]:
-    """Epochs read straight from the shards with ``webdataset``: this rank's shards
-    (every ``world``-th), a seeded shuffle buffer per epoch, collated as Ray's path does."""
-    from pogdiff_dist.data.shards import collate_stream, iter_shard_batches
-
-    shards = [str(Path(prepared_dir) / "shards" / s) for s in manifest.shards][rank::world]
-
-    def epoch_batches(epoch: int) -> Iterator[StreamedBatch]:
-        batches = iter_shard_batches(shards, cfg.optim.batch_size, cfg.train.shuffle_buffer,
-                                     seed=cfg.train.seed * 7919 + epoch * 31 + rank)
-        return collate_stream(batches, manifest, cfg.data.on_bad)
-
-    return epoch_batches
-
-
-def train_local(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, device: torch.device | str = "cpu",
-                resume: bool = False, tracker=None) -> tuple[Trainer, LocalCheckpoints]:
-    """The Trainer in this process, world size 1, no Ray: shards read with ``webdataset``,
-    checkpoints in ``run_dir/checkpoint_<step>`` (``resume`` continues from the newest)."""
-    init_single_process(device)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = LocalCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
-    trainer = Trainer(cfg, prepared_dir, device, rank=0, world=1, report=checkpoints, tracker=tracker,
-                      run_dir=run_dir)
-    if resume:
-        latest = checkpoints.latest()
-        if latest is None:
-            raise ValueError(f"resume: no checkpoint_* folder in {run_dir}")
-        trainer.load(latest)
-    trainer.fit(local_epoch_batches(cfg, prepared_dir, trainer.manifest))
-    return trainer, checkpoints
-

@@ -15,8 +15,8 @@ import ray.train.torch
 
 from pogdiff_dist.config import from_dict
 from pogdiff_dist.data.shards import collate_stream
-from pogdiff_dist.train.trainer import Trainer
 from pogdiff_dist.tracking.mlflow_runs import MlflowTracker, NullTracker
+from pogdiff_dist.train.trainer import Trainer
 
 
 def _report(metrics: dict, checkpoint_dir: Path) -> None:

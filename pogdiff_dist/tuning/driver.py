@@ -85,7 +85,7 @@ class Param:
     values: tuple | None = None
 
     @classmethod
-    def parse(cls, key: str, d: Any) -> "Param":
+    def parse(cls, key: str, d: Any) -> Param:
         where = f"space.{key}"
         _check(isinstance(d, dict), f"{where} must be a mapping like {{type: uniform, low: 0, high: 1}}, got {d!r}")
         unknown = sorted(set(d) - {"type", "low", "high", "values"})
@@ -362,8 +362,8 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     after its last report, and a run interrupted mid-rung resumes from its checkpoint."""
     from mlflow.tracking import MlflowClient
 
-    from pogdiff_dist.train.driver import run_train
     from pogdiff_dist.evaluation.evaluate import evaluate_model
+    from pogdiff_dist.train.driver import run_train
 
     spec = setup.spec
     ev = spec["eval"]

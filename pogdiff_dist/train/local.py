@@ -1,0 +1,76 @@
+"""The Trainer in one plain process (world size 1, no Ray): tests and ``scripts/gpu_check.sh``.
+
+Shards are read with ``webdataset`` instead of Ray Data's ``streaming_split``, and each
+checkpoint folder the Trainer reports is copied into the run directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from pogdiff_dist.config import Config
+from pogdiff_dist.data.shards import Manifest, StreamedBatch
+from pogdiff_dist.train.engine import init_single_process
+from pogdiff_dist.train.trainer import Trainer
+
+
+class LocalCheckpoints:
+    """``report`` for a plain process: each reported folder is copied to
+    ``root/checkpoint_<step>``, keeping the newest ``keep``; ``metrics`` lists every report."""
+
+    def __init__(self, root: str | Path, keep: int = 2):
+        self.root, self.keep, self.metrics = Path(root), keep, []
+
+    def __call__(self, metrics: dict, checkpoint_dir: Path) -> None:
+        dest = self.root / f"checkpoint_{metrics['step']:06d}"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, dest)
+        self.metrics.append(metrics)
+        for old in self.all()[:-self.keep]:
+            shutil.rmtree(old)
+
+    def all(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("checkpoint_*") if p.is_dir())
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+
+def local_epoch_batches(cfg: Config, prepared_dir: str | Path, manifest: Manifest, rank: int = 0,
+                        world: int = 1) -> Callable[[int], Iterator[StreamedBatch]]:
+    """Epochs read straight from the shards with ``webdataset``: this rank's shards
+    (every ``world``-th), a seeded shuffle buffer per epoch, collated as Ray's path does."""
+    from pogdiff_dist.data.shards import collate_stream, iter_shard_batches
+
+    shards = [str(Path(prepared_dir) / "shards" / s) for s in manifest.shards][rank::world]
+
+    def epoch_batches(epoch: int) -> Iterator[StreamedBatch]:
+        batches = iter_shard_batches(shards, cfg.optim.batch_size, cfg.train.shuffle_buffer,
+                                     seed=cfg.train.seed * 7919 + epoch * 31 + rank)
+        return collate_stream(batches, manifest, cfg.data.on_bad)
+
+    return epoch_batches
+
+
+def train_local(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, device: torch.device | str = "cpu",
+                resume: bool = False, tracker=None) -> tuple[Trainer, LocalCheckpoints]:
+    """The Trainer in this process, world size 1, no Ray: shards read with ``webdataset``,
+    checkpoints in ``run_dir/checkpoint_<step>`` (``resume`` continues from the newest)."""
+    init_single_process(device)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = LocalCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
+    trainer = Trainer(cfg, prepared_dir, device, rank=0, world=1, report=checkpoints, tracker=tracker,
+                      run_dir=run_dir)
+    if resume:
+        latest = checkpoints.latest()
+        if latest is None:
+            raise ValueError(f"resume: no checkpoint_* folder in {run_dir}")
+        trainer.load(latest)
+    trainer.fit(local_epoch_batches(cfg, prepared_dir, trainer.manifest))
+    return trainer, checkpoints

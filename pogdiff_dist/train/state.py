@@ -1,0 +1,123 @@
+"""A rank's training state and the rules every rank must agree on.
+
+:class:`TrainState` is what a checkpoint holds besides the DeepSpeed partitions (one object,
+one safetensors file per rank); :class:`EpochLedger` accounts for what each epoch trained on;
+:func:`agree_to_step` and :func:`nonfinite_policy` are the cross-rank rules of the loop. The
+only torch.distributed user of the training loop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pogdiff_dist.data.shards import StreamedBatch
+
+
+@dataclass
+class TrainState:
+    """Everything of a rank's progress that is not in the DeepSpeed checkpoint, saved as one object."""
+
+    step: int = 0
+    epoch: int = 0
+    nonfinite: int = 0  # steps skipped for a non-finite loss, in all
+    nonfinite_run: int = 0  # ... in a row
+    epoch_rows_before_checkpoint: int = 0  # rows of the open epoch trained before the checkpoint
+    epochs: list[dict] = field(default_factory=list)  # closed epochs' accounting (EpochLedger.close)
+    last: dict = field(default_factory=dict)  # the last logged window's means
+    generator: torch.Tensor | None = None  # noise / timestep / neighbour generator state (CPU bytes)
+
+    def save(self, path: Path) -> None:
+        meta = {k: v for k, v in asdict(self).items() if k != "generator"}
+        save_file({"generator": self.generator}, str(path), metadata={"state": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: Path) -> TrainState:
+        if not path.is_file():
+            raise ValueError(f"checkpoint {path.parent} holds no {path.name}: written with another world size?")
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["state"])
+            return cls(**meta, generator=f.get_tensor("generator"))
+
+
+class EpochLedger:
+    """What each epoch trained on, so nothing is lost silently.
+
+    Per rank: rows received from the stream, rows skipped as bad (``data.on_bad=skip``),
+    distinct sample indices. Resume semantics: the stream has no resumable position, so an
+    epoch interrupted by a restart is read again from its start; the rows that epoch had
+    already trained on before the checkpoint (``carried``) are trained on twice, and that
+    count is reported as ``epoch_repeated_after_resume``.
+    """
+
+    def __init__(self, carried: int = 0):
+        self.rows, self.skipped, self.carried = 0, 0, carried
+        self.indices: list[np.ndarray] = []
+
+    def add(self, item: StreamedBatch) -> None:
+        self.rows += item.rows
+        self.skipped += len(item.skipped)
+        if item.batch is not None:
+            self.indices.append(item.batch.index.numpy())
+
+    def close(self, epoch: int, num_samples: int, device: torch.device) -> dict[str, float]:
+        """All ranks call at the end of a full pass; returns the global counts."""
+        mine = np.unique(np.concatenate(self.indices)) if self.indices else np.zeros(0, np.int64)
+        seen = torch.zeros(num_samples, dtype=torch.int32)
+        seen[torch.from_numpy(mine)] = 1
+        seen = all_reduce(seen, device)
+        rows, skipped, carried = all_reduce(torch.tensor([self.rows, self.skipped, self.carried],
+                                                         dtype=torch.float64), device).tolist()
+        self.__init__()
+        return {"epoch": epoch, "epoch_rows": rows, "epoch_samples": rows - skipped, "epoch_skipped_bad": skipped,
+                "epoch_unique_samples": float((seen > 0).sum()), "epoch_seen_twice": float((seen > 1).sum()),
+                "epoch_not_delivered": float(num_samples - rows), "epoch_repeated_after_resume": carried}
+
+
+def all_reduce(t: torch.Tensor, device: torch.device, op: str = "sum") -> torch.Tensor:
+    """``t`` reduced over ranks (``sum``, ``max`` or ``min``), returned on the CPU. The
+    collective runs on ``device``: NCCL needs CUDA tensors, gloo CPU ones."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    t = t.to(device)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.cpu()
+
+
+def agree_to_step(loss: torch.Tensor | None, device: torch.device) -> tuple[bool, bool, bool]:
+    """(every rank has a batch, every rank's loss is finite, this rank's loss is finite).
+
+    Every rank must agree to step, or the gradient all-reduce would hang: a rank with
+    nothing left to train on, or a non-finite loss anywhere, makes every rank skip. One
+    small all-reduce (and one host sync) per micro-batch.
+    """
+    here = torch.ones((), device=device) if loss is None else torch.isfinite(loss.detach()).float()
+    flags = torch.stack([torch.ones((), device=device) * float(loss is not None), here])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    has_batch, finite = flags.tolist()
+    return bool(has_batch), bool(finite), bool(here.item())
+
+
+def nonfinite_policy(state: TrainState, train_cfg, finite_here: bool, where: str) -> None:
+    """Count a skipped step; raise when ``train.on_nonfinite=raise`` or after
+    ``train.max_nonfinite`` skips in a row. ``where`` describes this rank's bad loss."""
+    state.nonfinite += 1
+    state.nonfinite_run += 1
+    stop = train_cfg.on_nonfinite == "raise" or state.nonfinite_run >= train_cfg.max_nonfinite
+    if not stop:
+        if not finite_here:
+            print(f"[train] skipped step: {where}", flush=True)
+        return
+    why = ("train.on_nonfinite=raise" if train_cfg.on_nonfinite == "raise"
+           else f"{state.nonfinite_run} non-finite steps in a row (train.max_nonfinite)")
+    if finite_here:
+        raise FloatingPointError(f"non-finite loss on another rank at step {state.step + 1}; stopping: {why}")
+    raise FloatingPointError(f"{where}; stopping: {why}")
