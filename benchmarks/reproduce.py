@@ -133,14 +133,15 @@ class Experiment:
 
     def evaluate(self, preset: str, model: Path) -> dict:
         """Fixed-seed evaluation of every identity (cached next to the model)."""
+        from pogdiff_dist.config import EvalConfig
         from pogdiff_dist.evaluation.evaluate import evaluate_model
 
         cached = model.parent / f"eval-v{EVAL_VERSION}.json"
         if cached.is_file():
             return json.loads(cached.read_text())
         t0 = time.time()
-        res = evaluate_model(model, self.out / f"prepared-{preset}", num_images=self.b["eval_images"],
-                             steps=self.b["eval_steps"], seed=1234)
+        res = evaluate_model(model, self.out / f"prepared-{preset}",
+                             EvalConfig(num_images=self.b["eval_images"], steps=self.b["eval_steps"], seed=1234))
         row = {"summary": res["summary"], "per_identity": res["per_identity"],
                "judge_accuracy_on_real": res["classifier"].get("accuracy_on_real_heldout"),
                "seconds": time.time() - t0}

@@ -18,7 +18,8 @@ MLflow: a parent run for the sweep, one child run per trial (python jobs/compare
 import argparse
 import sys
 
-from pogdiff_dist.tuning.driver import load_sweep, run_sweep
+from pogdiff_dist.tuning.driver import run_sweep
+from pogdiff_dist.tuning.spec import load_sweep
 
 
 def main(argv=None) -> int:

@@ -40,6 +40,19 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.getbasetemp() / "eval_cache"
 
 
+def load_saved_images(images_dir, names):
+    """Read back the PNGs the evaluation wrote (``uint8 [n, H, W, C]`` per identity)."""
+    from PIL import Image
+
+    from pogdiff_dist.data.records import slugify
+
+    out = {}
+    for name in names:
+        arrays = [np.asarray(Image.open(f)) for f in sorted((Path(images_dir) / slugify(name)).glob("*.png"))]
+        out[name] = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
+    return out
+
+
 def _cos(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
@@ -64,10 +77,11 @@ def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_mod
 
     from mlflow.tracking import MlflowClient
 
-    from pogdiff_dist.evaluation import EvalConfig, compute_metrics, generate_identity, load_pipeline
+    from pogdiff_dist.config import EvalConfig
     from pogdiff_dist.evaluation.features import ImageEncoder, load_real_images
+    from pogdiff_dist.evaluation.generate import generate_identity, load_pipeline
     from pogdiff_dist.evaluation.judges import DigitsClassifier
-    from pogdiff_dist.evaluation.report import load_saved_images
+    from pogdiff_dist.evaluation.scoring import compute_metrics
 
     path = Path(__file__).resolve().parents[1] / "jobs" / "evaluate.py"
     spec = importlib.util.spec_from_file_location("jobs_evaluate", path)
@@ -80,8 +94,8 @@ def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_mod
     out = tmp_path / "eval"
     prepared_dir = Path(tiny_cfg.prepare.out_dir)
     assert job.main(["--model", str(tiny_model), "--prepared", str(prepared_dir), "--mlflow-run", run_id,
-                     "--tracking-uri", uri, "--steps", "2", "--num-images", "3", "--out", str(out),
-                     "--cache-dir", str(cache_dir)]) == 0
+                     "--tracking-uri", uri, "--set", "eval.steps=2", "--set", "eval.num_images=3",
+                     "--out", str(out), "--set", f"eval.cache_dir={cache_dir}"]) == 0
     printed = capsys.readouterr().out
     assert "generated 2/2" in printed and str(out / "metrics.json") in printed
 
@@ -146,40 +160,39 @@ def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_mod
     assert {"eval/metrics.json", "eval/metrics_vs_frequency.png", "eval/grids"} <= logged
 
 
-def test_resolve_source_from_mlflow_run(tiny_cfg, prepared, tiny_model, tmp_path, monkeypatch):
-    """--mlflow-run alone: the run folder from its params (relative storage path), checked by
-    pogdiff_run.json; the prepared dir from its config.yaml."""
+def test_resolve_source_from_mlflow_run(tiny_cfg, prepared, tiny_model, tmp_path):
+    """--mlflow-run alone: the model and prepared folders from the run's tags; --model inside a
+    run folder: the prepared folder from its pogdiff_run.json."""
     import shutil
 
     from mlflow.tracking import MlflowClient
 
-    from pogdiff_dist.config import save_config
-    from pogdiff_dist.evaluation.generate import RUN_STATE, resolve_source
-    from pogdiff_dist.train.driver import RUN_STATE as TRAIN_RUN_STATE
+    from pogdiff_dist.evaluation.evaluate import resolve_source
+    from pogdiff_dist.tracking.runs import TAG_MODEL, TAG_PREPARED, TAG_RUN_DIR, write_run_state
 
-    assert RUN_STATE == TRAIN_RUN_STATE
     uri = tiny_cfg.tracking.tracking_uri
     client = MlflowClient(uri)
     exp = client.create_experiment("resolve-test")
-    run_id = client.create_run(exp, run_name="evrun").info.run_id
-    client.log_param(run_id, "train.storage_path", "runs")
-    monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "runs" / "evrun"
     shutil.copytree(tiny_model, run_dir / "model")
-    (run_dir / RUN_STATE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
-    save_config(tiny_cfg.with_overrides({"train.storage_path": "runs"}), run_dir / "config.yaml")
+    prepared_dir = Path(tiny_cfg.prepare.out_dir).absolute()
+    run_id = client.create_run(exp, run_name="evrun", tags={
+        TAG_RUN_DIR: str(run_dir), TAG_MODEL: str(run_dir / "model"), TAG_PREPARED: str(prepared_dir)}).info.run_id
+    write_run_state(run_dir, run_id, uri, prepared_dir)
 
     src = resolve_source(mlflow_run=run_id, tracking_uri=uri)
-    assert src.model_dir == run_dir / "model" and src.run_id == run_id
-    assert src.prepared_dir == Path(tiny_cfg.prepare.out_dir).absolute()
+    assert src.model_dir == run_dir / "model" and src.run_id == run_id and src.run_dir == run_dir
+    assert src.prepared_dir == prepared_dir
     # --model inside a run folder finds the prepared dir too, and logs nowhere
     src2 = resolve_source(model=str(run_dir / "model"))
-    assert src2.prepared_dir == src.prepared_dir and src2.run_id is None
+    assert src2.prepared_dir == prepared_dir and src2.run_id is None
     with pytest.raises(ValueError, match="--prepared"):
         resolve_source(model=str(tiny_model))
     other = client.create_run(exp, run_name="elsewhere").info.run_id
-    with pytest.raises(ValueError, match="cannot find the folder"):
+    with pytest.raises(ValueError, match="records no model folder"):
         resolve_source(mlflow_run=other, tracking_uri=uri)
+    with pytest.raises(ValueError, match="not found in"):
+        resolve_source(mlflow_run="0" * 32, tracking_uri=uri)
 
 
 def test_user_folder_dataset_nearest_centroid(ray_local, tiny_cfg, tmp_path):
@@ -187,7 +200,8 @@ def test_user_folder_dataset_nearest_centroid(ray_local, tiny_cfg, tmp_path):
     DINO against training images, through evaluate_model (the Tune-trial API)."""
     from PIL import Image
 
-    from pogdiff_dist.evaluation import evaluate_model
+    from pogdiff_dist.config import EvalConfig
+    from pogdiff_dist.evaluation.evaluate import evaluate_model
     from pogdiff_dist.evaluation.judges import render_digits
     from pogdiff_dist.prepare.pipeline import run_prepare
 
@@ -202,7 +216,7 @@ def test_user_folder_dataset_nearest_centroid(ray_local, tiny_cfg, tmp_path):
                                    "prepare.num_encoders": 1})
     manifest = run_prepare(cfg)
     model = export_tiny_model(tmp_path / "model", cfg.model, manifest)
-    results = evaluate_model(model, cfg.prepare.out_dir, num_images=2, steps=2, out_dir=tmp_path / "eval")
+    results = evaluate_model(model, cfg.prepare.out_dir, EvalConfig(num_images=2, steps=2), out_dir=tmp_path / "eval")
     _check_complete(results)
     assert results["classifier"]["classifier"] == "nearest-centroid"
     assert results["few_shot_identities"] == ["Lea Brook"]

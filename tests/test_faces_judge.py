@@ -132,7 +132,8 @@ def test_judge_cache_round_trip_is_safetensors(faces_m, judge, cache):
 
 def test_auto_selects_the_faces_judge():
     from pogdiff_dist.data.bundled.digits import NAMES as DIGIT_NAMES
-    from pogdiff_dist.evaluation.evaluate import CLASSIFIERS, EvalConfig, resolve_classifier
+    from pogdiff_dist.config import CLASSIFIERS, EvalConfig
+    from pogdiff_dist.evaluation.scoring import resolve_classifier
 
     assert "faces" in CLASSIFIERS and EvalConfig(classifier="faces").classifier == "faces"
     m = list(faces.PRESETS["M"].train_counts)
@@ -148,8 +149,8 @@ def test_auto_selects_the_faces_judge():
 
 
 def test_forcing_faces_on_unknown_names_names_them():
-    from pogdiff_dist.evaluation.evaluate import resolve_classifier
-    from pogdiff_dist.tuning.driver import EvalSpec
+    from pogdiff_dist.config import load_config
+    from pogdiff_dist.evaluation.scoring import resolve_classifier
 
     with pytest.raises(ValueError, match="Nobody Here"):
         resolve_classifier("faces", ["Mara Quill", "Nobody Here"])
@@ -157,16 +158,17 @@ def test_forcing_faces_on_unknown_names_names_them():
         resolve_classifier("faces", ["Alice Moreau"])  # a digit's name is not a face's
     with pytest.raises(ValueError, match="Nobody Here"):
         FacesClassifier.train(["Mara Quill", "Nobody Here"], RESOLUTION)
-    assert EvalSpec(classifier="faces").classifier == "faces"  # Ray Tune's eval spec accepts it
+    assert load_config(None, {"eval.classifier": "faces"}).eval.classifier == "faces"  # a sweep's rungs too
     with pytest.raises(ValueError, match="faces"):
-        EvalSpec(classifier="nope")
+        load_config(None, {"eval.classifier": "nope"})
 
 
 def test_compute_metrics_uses_the_faces_judge(faces_m, judge, cache):
     """compute_metrics with classifier "auto" on a Faces-IT2I manifest: the cached judge,
     and its reported accuracy on the real held-out images (here also the "generated")."""
     from pogdiff_dist.data.shards import Manifest
-    from pogdiff_dist.evaluation.evaluate import EvalConfig, compute_metrics
+    from pogdiff_dist.config import EvalConfig
+    from pogdiff_dist.evaluation.scoring import compute_metrics
     from pogdiff_dist.evaluation.features import RealImages
 
     names, train, held = faces_m

@@ -216,7 +216,7 @@ def test_vision_encoder_from_local_dir(tmp_path):
 
 
 def test_pixel_encoder_and_identity_seed():
-    from pogdiff_dist.evaluation import identity_seed
+    from pogdiff_dist.evaluation.generate import identity_seed
     from pogdiff_dist.evaluation.features import ImageEncoder
 
     images = np.random.default_rng(0).integers(0, 255, size=(2, 8, 8, 1), dtype=np.uint8)
@@ -229,7 +229,7 @@ def test_pixel_encoder_and_identity_seed():
 
 
 def test_eval_config_validates():
-    from pogdiff_dist.evaluation import EvalConfig
+    from pogdiff_dist.config import EvalConfig
 
     with pytest.raises(ValueError, match="num_images"):
         EvalConfig(num_images=0)

@@ -10,17 +10,8 @@ import pytest
 import yaml
 
 from pogdiff_dist.config import load_config
-from pogdiff_dist.tuning.driver import (
-    EVAL_KEYS,
-    Param,
-    TrialRow,
-    build_search_alg,
-    check_space,
-    fit_concurrency,
-    load_sweep,
-    pick_best,
-    spec_from_dict,
-)
+from pogdiff_dist.tuning.driver import build_search_alg, fit_concurrency, prefer_longer, to_tune
+from pogdiff_dist.tuning.spec import EVAL_KEYS, Param, check_space, load_sweep, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +56,8 @@ def test_bundled_sweep_file_loads():
     ({"scheduler": {"type": "asha", "grace_period": 4}}, "grace_period (4) is more rungs"),
     ({"scheduler": {"type": "asha", "patience": 4}}, "scheduler: unknown field(s) ['patience']"),
     ({"overrides": {"optim.schedule": "cosine"}}, "optim.schedule=cosine"),
+    ({"eval": {"num_images": 0}}, "eval.num_images must be >= 1"),
+    ({"space.eval.steps": {"type": "randint", "low": 1, "high": 9}}, "how every trial is measured"),
 ])
 def test_sweep_file_errors_name_the_key(tmp_path, change, message):
     with pytest.raises(ValueError) as e:
@@ -81,7 +74,7 @@ def test_k_range_checked_against_the_prepared_k_max():
 
 def test_search_space_conversion():
     p = Param.parse("loss.k", {"type": "randint", "low": 1, "high": 5})
-    dist = p.to_tune()  # both ends included: Tune's randint excludes its upper end
+    dist = to_tune(p)  # both ends included: Tune's randint excludes its upper end
     assert (dist.lower, dist.upper) == (1, 6)
     assert sorted({dist.sample() for _ in range(400)}) == [1, 2, 3, 4, 5]
     lr = Param.parse("optim.lr", {"type": "loguniform", "low": "1e-5", "high": 1e-3})  # YAML's 1e-5 is a string
@@ -90,7 +83,7 @@ def test_search_space_conversion():
     spec, _ = load_sweep(REPO / "configs" / "sweeps" / "psi.yaml")
     searcher = build_search_alg(spec, max_concurrent=1)
     # Optuna accepts every distribution of the bundled space (raises otherwise)
-    assert searcher.set_search_properties(spec.metric, spec.mode, {p.key: p.to_tune() for p in spec.space})
+    assert searcher.set_search_properties(spec.metric, spec.mode, {p.key: to_tune(p) for p in spec.space})
     suggestion = searcher.suggest("t0")
     assert set(suggestion) == set(spec.keys) and 1 <= suggestion["loss.k"] <= 20
     assert 0.25 <= suggestion["loss.a1"] <= 4 and suggestion["loss.neighbor_grad"] in ("full", "stop")
@@ -104,15 +97,27 @@ def test_concurrency_fits_the_cluster():
     assert fit_concurrency(gpu, spec, {"CPU": 32.0, "GPU": 4.0}) == 2  # 2 GPUs per trial
 
 
+def test_rung_evaluation_is_the_base_configs_eval_section(tmp_path):
+    """The sweep file's eval: mapping becomes eval.* overrides of the base config (one builder)."""
+    spec, base = load_sweep(REPO / "configs" / "sweeps" / "psi.yaml")
+    assert spec.overrides["eval.num_images"] == 4 and base.eval.num_images == 4 and base.eval.steps == 10
+    spec, base = load_sweep(_sweep_file(tmp_path, overrides={"eval.num_images": 16}))
+    assert base.eval.num_images == 16 and base.eval.steps == 10  # overrides win over the eval: mapping
+
+
 def test_best_is_the_last_rung_value_ties_to_the_longer_trial():
-    rows = [TrialRow("a", "stopped_early", {}, 100, 1, 0.5, {}, "r1"),
-            TrialRow("b", "completed", {}, 300, 3, 0.5, {}, "r2"),
-            TrialRow("c", "error", {}, 100, 1, 0.9, {}, "r3", "boom"),
-            TrialRow("d", "completed", {}, 300, 3, None, {}, "r4")]
-    assert pick_best(rows, "max").trial_id == "b"
-    assert pick_best(rows, "min").trial_id == "b"
-    rows[0].value = 0.7
-    assert pick_best(rows, "max").trial_id == "a" and pick_best(rows, "min").trial_id == "b"
+    """prefer_longer, on Ray Train's own Result objects: among trials with the best value
+    (what ResultGrid.get_best_result returned), the one that reported more steps."""
+    from ray.train import Result
+
+    def result(step, value):
+        return Result(metrics={"step": step, "eval/accuracy_few": value}, checkpoint=None, error=None, path=f"t{step}")
+
+    a, b, c = result(100, 0.5), result(300, 0.5), result(200, 0.4)
+    assert prefer_longer(a, [a, b, c], "eval/accuracy_few") is b
+    assert prefer_longer(c, [a, b, c], "eval/accuracy_few") is c  # no tie
+    nan = Result(metrics={"step": 1}, checkpoint=None, error=None, path="t")
+    assert prefer_longer(nan, [nan], "eval/accuracy_few") is None  # no value: no best
 
 
 @pytest.mark.integration
@@ -137,6 +142,7 @@ def test_sweep_stops_a_trial_records_mlflow_and_writes_best_config(ray_local, ti
         "eval": {"num_images": 2, "steps": 2},
         "space": {"loss.a3": {"type": "grid", "values": [1000.0, 0.001]}},
     }, name="grid-a3")
+    base = base.with_overrides(spec.overrides)  # the eval: mapping, as load_sweep applies it
     out = run_sweep(spec, base)
 
     by_a3 = {r.params["loss.a3"]: r for r in out.rows}
@@ -161,7 +167,11 @@ def test_sweep_stops_a_trial_records_mlflow_and_writes_best_config(ray_local, ti
         child = client.get_run(row.run_id)
         assert child.info.run_name == f"trial-{row.trial_id}" and child.info.status == "FINISHED"
         assert float(child.data.params["loss.a3"]) == row.params["loss.a3"]
-        assert child.data.params["loss.method"] == "pogdiff" and child.data.params["optim.max_steps"] == "1"
+        # max_steps changes per rung: a metric at the step each segment starts and a tag, never a param
+        assert child.data.params["loss.method"] == "pogdiff" and "optim.max_steps" not in child.data.params
+        segments = [(m.step, m.value) for m in client.get_metric_history(row.run_id, "segment/optim.max_steps")]
+        assert segments == [(0, 1.0), (1, 2.0)][:row.rungs_done], segments
+        assert child.data.tags["pogdiff.optim.max_steps"] == str(row.steps)
         assert child.data.tags["sweep.status"] == row.status and child.data.tags["sweep.trial_id"] == row.trial_id
         assert child.data.metrics["final_step"] == row.steps
         assert {a.path for a in client.list_artifacts(row.run_id)} >= {"samples.png", "eval"}
@@ -190,7 +200,12 @@ def test_sweep_stops_a_trial_records_mlflow_and_writes_best_config(ray_local, ti
     seen = []
     monkeypatch.setattr(jobs_train, "run_train", lambda c, resume=False: seen.append(c))
     assert jobs_train.main([str(out.best_config)]) == 0 and seen == [cfg]
-    assert len((out.sweep_dir / "trials.csv").read_text().strip().splitlines()) == 3
+    trials = out.trials  # Ray Tune's get_dataframe(), with status and MLflow run: also trials.csv
+    assert len(trials) == 2 and set(trials["status"]) == {"completed", "stopped_early"}
+    assert {"config/loss.a3", "training_iteration", "mlflow_run_id"} <= set(trials.columns)
+    import pandas as pd
+
+    assert len(pd.read_csv(out.sweep_dir / "trials.csv")) == 2
 
     # --resume (Tuner.restore) of the finished sweep: same parent run, no trial runs again.
     again = run_sweep(spec, base, resume=True)
@@ -204,33 +219,39 @@ def test_sweep_stops_a_trial_records_mlflow_and_writes_best_config(ray_local, ti
 
 def test_failed_trials_are_reported_in_the_table_and_the_parent_run(tmp_path):
     """A trial that raised shows as `error` with its message, in the printed table and in
-    the sweep's parent run (tag, metric, status); it never becomes the best trial."""
-    from types import SimpleNamespace
-
+    the sweep's parent run (tag, metric, status); it never becomes the best trial. The
+    trials are Ray Tune's own Result objects."""
     from mlflow.tracking import MlflowClient
+    from ray.tune import Result
 
-    from pogdiff_dist.tuning.driver import _create_parent, _finish_parent, _rows, format_table
+    from pogdiff_dist.tuning.driver import _row, create_parent, finish_parent, format_table
 
     spec, base = load_sweep(REPO / "configs" / "sweeps" / "psi.yaml")
     base = base.with_overrides({"tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     uri = base.tracking.tracking_uri
-    parent = _create_parent(uri, base, spec, "psi")
+    parent = create_parent(uri, base, spec, "psi")
     cfg = {"loss.a1": 1.5, "loss.a2": 1.0, "loss.a3": 2.0, "loss.k": 7, "optim.lr": 1e-3, "loss.neighbor_grad": "stop"}
+
+    def result(i, metrics, error=None):  # Tune keeps a trial's config in its metrics
+        return Result(metrics={**metrics, "config": cfg}, checkpoint=None, error=error,
+                      path=str(tmp_path / f"trial-t_0000{i}"))
+
     results = [
-        SimpleNamespace(path=str(tmp_path / "trial-t_00000"), config=cfg, error=None,
-                        metrics={"rung": 3, "step": 300, "eval/accuracy_few": 0.5, "mlflow_run_id": None}),
-        SimpleNamespace(path=str(tmp_path / "trial-t_00001"), config=cfg, error=None,
-                        metrics={"rung": 1, "step": 100, "eval": {"accuracy_few": 0.25}}),  # Tune's nested form
-        SimpleNamespace(path=str(tmp_path / "trial-t_00002"), config=cfg, metrics={},
-                        error=RuntimeError("Training failed\nFloatingPointError: non-finite loss at step 3")),
+        result(0, {"rung": 3, "step": 300, "eval/accuracy_few": 0.5, "mlflow_run_id": None}),
+        result(1, {"rung": 1, "step": 100, "eval": {"accuracy_few": 0.25}}),  # Tune's nested form
+        result(2, {}, RuntimeError("Training failed\nFloatingPointError: non-finite loss at step 3")),
+        Result(metrics={}, checkpoint=None, error=RuntimeError("died before reporting"),
+               path=str(tmp_path / "trial-t_00003")),  # no report, no config
     ]
-    rows = _rows(results, spec, tmp_path)
+    rows = [_row(r, spec, tmp_path) for r in results]
     assert [(r.trial_id, r.status, r.value) for r in rows] == [
-        ("t_00000", "completed", 0.5), ("t_00001", "stopped_early", 0.25), ("t_00002", "error", None)]
-    best = pick_best(rows, spec.mode)
+        ("t_00000", "completed", 0.5), ("t_00001", "stopped_early", 0.25), ("t_00002", "error", None),
+        ("t_00003", "error", None)]
+    rows = rows[:3]
+    best = rows[0]
     table = format_table(rows, spec, best)
     assert "t_00000 *" in table and "trial t_00002 failed: FloatingPointError: non-finite loss at step 3" in table
-    _finish_parent(uri, parent, spec, rows, best, [], wall=12.5)
+    finish_parent(uri, parent, spec, rows, best, [], wall=12.5)
 
     run = MlflowClient(uri).get_run(parent)
     assert run.info.status == "FINISHED"  # some trials succeeded
@@ -242,6 +263,6 @@ def test_failed_trials_are_reported_in_the_table_and_the_parent_run(tmp_path):
     assert run.data.params["loss.method"] == "pogdiff"  # the base config's fixed values
 
     all_failed = [r for r in rows if r.status == "error"]
-    parent2 = _create_parent(uri, base, spec, "psi-2")
-    _finish_parent(uri, parent2, spec, all_failed, None, [], wall=1.0)
+    parent2 = create_parent(uri, base, spec, "psi-2")
+    finish_parent(uri, parent2, spec, all_failed, None, [], wall=1.0)
     assert MlflowClient(uri).get_run(parent2).info.status == "FAILED"

@@ -1,30 +1,17 @@
 """Evaluation of an exported model (METHOD.md, "Evaluation"): generate "An image of
 {name}." for every identity with DDIM and fixed per-identity seeds, then, per identity and
 in the feature space of a pluggable image encoder, FID, DINO score, gRecall and identity
-accuracy, each averaged over all and over few-shot identities.
+accuracy, each averaged over all and over few-shot identities. Settings: ``Config.eval``
+(:class:`pogdiff_dist.config.EvalConfig`).
 
-Modules, in data-flow order (none imports ray; the Ray distribution is
-:mod:`pogdiff_dist.evaluation.generate`):
+Modules, in data-flow order:
 
-- ``evaluate``: :class:`EvalConfig`, per-identity generation, :func:`compute_metrics`,
-  :func:`evaluate_model` (one process: what a Ray Tune trial calls)
+- ``generate``: per-identity generation, in this process or on Ray actors (GPUs when given)
 - ``features``: image encoders and the real (training, held-out) images
-- ``classifiers``: the Digits-IT2I digit CNN, the Faces-IT2I CNN and the nearest-centroid
-  classifier
+- ``judges``: the identity classifiers (the datasets' CNNs, nearest centroid)
 - ``metrics``: the pure metric math (FID, DINO score, gRecall, accuracy, averaging)
-- ``report``: metrics.json, images, grids, the metric-vs-frequency plot, MLflow
+- ``scoring``: generated + real images -> every metric, per identity and averaged
+- ``report``: metrics.json, images, grids, the metric-vs-frequency plot
+- ``evaluate``: what to evaluate (``resolve_source``), :func:`evaluate_model` (one process),
+  :func:`run_evaluate` (Ray)
 """
-
-from pogdiff_dist.evaluation.evaluate import (
-    METRICS,
-    PROMPT,
-    EvalConfig,
-    compute_metrics,
-    evaluate_model,
-    generate_identity,
-    identity_seed,
-    load_pipeline,
-)
-
-__all__ = ["METRICS", "PROMPT", "EvalConfig", "compute_metrics", "evaluate_model", "generate_identity",
-           "identity_seed", "load_pipeline"]

@@ -31,8 +31,7 @@ import math
 import numpy as np
 import scipy.linalg
 
-GRECALL_THRESHOLD = 0.7  # PoGDiff Sec. 4.1: cosine similarity of image embeddings
-FID_EPS = 1e-6
+from pogdiff_dist.config.sections import FID_EPS, GRECALL_THRESHOLD  # defined with Config.eval
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""Evaluation outputs: metrics.json, the generated images, per-identity grids, a plot of
-each metric against training-set frequency, and the MLflow record.
+"""Evaluation outputs: metrics.json, the generated images, per-identity grids and a plot of
+each metric against training-set frequency (MLflow logging: :func:`pogdiff_dist.tracking.runs.log_eval`).
 
 Layout of ``out_dir``::
 
@@ -45,16 +45,6 @@ def save_images(out_dir: Path, generated: dict[str, np.ndarray]) -> Path:
         for j, im in enumerate(images):
             Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(folder / f"{slugify(name)}-{j:03d}.png")
     return root
-
-
-def load_saved_images(images_dir: str | Path, names: list[str]) -> dict[str, np.ndarray]:
-    """Read back what :func:`save_images` wrote (``uint8 [n, H, W, C]`` per identity)."""
-    out = {}
-    for name in names:
-        files = sorted((Path(images_dir) / slugify(name)).glob("*.png"))
-        arrays = [np.asarray(Image.open(f)) for f in files]
-        out[name] = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
-    return out
 
 
 def identity_grid(name: str, generated: np.ndarray, train: np.ndarray, row: dict) -> Image.Image:
@@ -127,21 +117,3 @@ def write_outputs(out_dir: str | Path, results: dict, generated: dict[str, np.nd
     results = dict(results, outputs={k: str(v) for k, v in paths.items()})
     (out / "metrics.json").write_text(json.dumps(_json_safe(results), indent=1))
     return paths
-
-
-def log_to_mlflow(tracking_uri: str, run_id: str, results: dict, paths: dict[str, Path]) -> list[str]:
-    """``eval/<metric>_{all,few}`` metrics and the outputs (but not every image) as
-    artifacts under ``eval/`` of an existing run; returns the metric keys logged."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    client.get_run(run_id)  # fails early, with MLflow's message, for an unknown run
-    keys = []
-    for k, v in results["summary"].items():
-        if v is not None and math.isfinite(v):
-            client.log_metric(run_id, f"eval/{k}", float(v))
-            keys.append(f"eval/{k}")
-    client.log_artifact(run_id, str(paths["metrics"]), artifact_path="eval")
-    client.log_artifact(run_id, str(paths["plot"]), artifact_path="eval")
-    client.log_artifacts(run_id, str(paths["grids"]), artifact_path="eval/grids")
-    return keys

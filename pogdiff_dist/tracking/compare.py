@@ -20,7 +20,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from pogdiff_dist.config import TrackingConfig
-from pogdiff_dist.tracking.mlflow_runs import resolve_tracking_uri
+from pogdiff_dist.tracking.runs import resolve_tracking_uri
 
 EVAL_METRICS = ("accuracy", "dino", "grecall", "fid")
 LOWER_IS_BETTER = ("fid", "loss")

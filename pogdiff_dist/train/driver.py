@@ -20,17 +20,21 @@ from pogdiff_dist.config import Config, save_config
 from pogdiff_dist.data.shards import decode_sample, verify_shards
 from pogdiff_dist.prepare.pipeline import run_prepare
 from pogdiff_dist.runtime import init_ray
-from pogdiff_dist.tracking.mlflow_runs import (
+from pogdiff_dist.tracking.runs import (
+    RUN_STATE,
+    TAG_MODEL,
+    TAG_PREPARED,
+    TAG_RUN_DIR,
     finish_run,
-    redact,
+    log_segment,
+    read_run_state,
     resolve_tracking_uri,
     run_url_hint,
     start_run,
+    write_run_state,
 )
 from pogdiff_dist.train.trainer import MODEL_DIR, SAMPLES, check_manifest
 from pogdiff_dist.train.worker import train_loop_per_worker
-
-RUN_STATE = "pogdiff_run.json"
 
 
 @dataclass
@@ -69,12 +73,17 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
     run_dir = Path(cfg.train.storage_path).absolute() / name
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(cfg.tracking.resolved_uri())
+    tags = {TAG_RUN_DIR: str(run_dir), TAG_PREPARED: str(prepared), TAG_MODEL: str(run_dir / MODEL_DIR)}
+    start_step = 0
     if resume:
-        run_id = json.loads((run_dir / RUN_STATE).read_text())["run_id"]
-        start_run(cfg, run_id=run_id)
+        run_id = read_run_state(run_dir)["run_id"]
+        start_run(cfg, run_id=run_id, tags=tags)
+        if (run_dir / "metrics.json").is_file():  # where the previous segment ended
+            start_step = int(json.loads((run_dir / "metrics.json").read_text()).get("final_step", 0))
     else:
-        run_id = start_run(cfg, run_name=name, parent_run_id=parent_run_id)
-        (run_dir / RUN_STATE).write_text(json.dumps({"run_id": run_id, "tracking_uri": redact(uri)}))
+        run_id = start_run(cfg, run_name=name, parent_run_id=parent_run_id, tags=tags)
+    write_run_state(run_dir, run_id, uri, prepared)
+    log_segment(uri, run_id, cfg, start_step)
     save_config(cfg, run_dir / "config.yaml")
 
     verify_shards(prepared / "shards", manifest, checksum=cfg.train.verify_shards)

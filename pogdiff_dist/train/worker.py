@@ -15,7 +15,7 @@ import ray.train.torch
 
 from pogdiff_dist.config import from_dict
 from pogdiff_dist.data.shards import collate_stream
-from pogdiff_dist.tracking.mlflow_runs import MlflowTracker, NullTracker
+from pogdiff_dist.tracking.runs import MlflowTracker, NullTracker
 from pogdiff_dist.train.trainer import Trainer
 
 

@@ -1,22 +1,10 @@
-"""Typed configuration for every stage, validated once.
-
-One override syntax serves the CLI and Ray Tune: dotted keys such as ``loss.a1=2.0``
-(``--set loss.a1=2.0`` on the command line, ``{"loss.a1": tune.uniform(...)}`` in a
-search space). A config is built once with :func:`load_config` and never mutated:
-overrides produce a new, re-validated object, so what is logged is what ran.
-"""
+"""The sections of the typed config: one frozen dataclass per stage, validated in __post_init__."""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 BUNDLED_TEXT_ENCODER = "bundled:minilm"  # the offline all-MiniLM-L6-v2 package
 
@@ -242,122 +230,48 @@ class RayConfig:
     num_cpus: int | None = None  # logical CPUs of a local cluster (None: 2 x physical, see ENVIRONMENT.md)
 
 
+
+EVAL_METRICS = ("fid", "dino", "grecall", "accuracy")
+CLASSIFIERS = ("auto", "digits", "faces", "centroid")
+FID_EPS = 1e-6  # added to both covariances' diagonals before sqrtm
+GRECALL_THRESHOLD = 0.7  # PoGDiff Sec. 4.1: cosine similarity of image embeddings
+
+
 @dataclass(frozen=True)
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+class EvalConfig:
+    """Evaluation (``jobs/evaluate.py``, a sweep's rungs): everything that changes a number
+    is here and in metrics.json. Set with ``--set eval.num_images=16``."""
+
+    num_images: int = 10  # generated per identity (the paper samples 10 per identity)
+    steps: int = 50  # DDIM steps (the paper's 50)
+    guidance_scale: float = 3.0  # classifier-free guidance, as train.guidance_scale
+    seed: int = 0  # identity i's generator is seeded from (seed, name): see identity_seed
+    encoder: str = "pixels"  # "pixels" or a local transformers vision model dir (DINOv2...)
+    # "digits" (Digits-IT2I CNN), "faces" (Faces-IT2I CNN), "centroid" (nearest centroid of encoder
+    # features), or "auto": the CNN of the bundled dataset the data was prepared from, else centroid
+    classifier: str = "auto"
+    fid_dims: int = 16  # FID on this many principal axes of the real features (see metrics.py)
+    fid_eps: float = FID_EPS
+    grecall_threshold: float = GRECALL_THRESHOLD
+    few_threshold: int | None = None  # few-shot: <= this many training images (None: Manifest.minority default)
+    identities: tuple[str, ...] | None = None  # a subset to evaluate (None: all)
+    cache_dir: str | None = None  # classifier cache (None: <prepared>/eval_cache)
 
     def __post_init__(self):
-        _check(self.loss.k <= self.prepare.k_max,
-               f"loss.k={self.loss.k} is larger than prepare.k_max={self.prepare.k_max} stored at prepare time")
+        _check(self.num_images >= 1, f"eval.num_images must be >= 1, got {self.num_images}")
+        _check(self.steps >= 1, f"eval.steps must be >= 1, got {self.steps}")
+        _check(self.guidance_scale >= 0, f"eval.guidance_scale must be >= 0, got {self.guidance_scale}")
+        _one_of("eval.classifier", self.classifier, CLASSIFIERS)
+        _check(self.fid_dims >= 1, f"eval.fid_dims must be >= 1, got {self.fid_dims}")
+        _check(self.fid_eps > 0, f"eval.fid_eps must be > 0, got {self.fid_eps}")
+        _check(-1 <= self.grecall_threshold <= 1, "eval.grecall_threshold must be a cosine in [-1, 1]")
+        _check(self.few_threshold is None or self.few_threshold >= 0, "eval.few_threshold must be >= 0 or null")
+        _check(self.encoder == "pixels" or Path(self.encoder).is_dir(),
+               f"eval.encoder must be 'pixels' or a local transformers vision model directory, got {self.encoder!r}")
+        if self.identities is not None:
+            object.__setattr__(self, "identities", tuple(self.identities))
 
     def to_dict(self) -> dict:
+        import dataclasses
+
         return dataclasses.asdict(self)
-
-    def flat(self) -> dict[str, Any]:
-        """``{"loss.a1": 1.0, ...}``: MLflow params and Tune keys use this form."""
-        out = {}
-        for section, values in self.to_dict().items():
-            for key, value in values.items():
-                out[f"{section}.{key}"] = value
-        return out
-
-    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
-        return from_dict(self.to_dict(), overrides)
-
-    def fingerprint(self, *sections: str) -> str:
-        """Stable hash of some sections (stage caches compare it)."""
-        d = self.to_dict()
-        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _build(cls, values: Mapping[str, Any], where: str):
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(f'{where}{k}' for k in unknown)}; "
-                         f"valid keys in {where.rstrip('.') or 'config'}: {sorted(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        if isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = _coerce(value, str(known[name].type), f"{where}{name}")
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # wrong value types surface as ValueError with the section name
-        raise ValueError(f"bad value in {where.rstrip('.')}: {e}") from e
-
-
-def _coerce(value: Any, type_name: str, key: str) -> Any:
-    """YAML reads ``1e-5`` (no dot) as a string; numbers must still be numbers."""
-    if value is None or isinstance(value, bool):
-        return value
-    if type_name.startswith("float") and isinstance(value, (int, str)):
-        if "str" in type_name and isinstance(value, str):  # e.g. "auto" or a number: keep a word as it is
-            try:
-                return float(value)
-            except ValueError:
-                return value
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{key} must be a number, got {value!r}") from None
-    if type_name.startswith("int") and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"{key} must be an integer, got {value!r}") from None
-    return value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"loss.a1=2"`` -> ``("loss.a1", 2)``; values are parsed as YAML scalars."""
-    key, sep, raw = text.partition("=")
-    if not sep or "." not in key:
-        raise ValueError(f"override {text!r} must look like section.key=value (e.g. loss.a1=2.0)")
-    return key.strip(), yaml.safe_load(raw)
-
-
-def from_dict(d: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:
-    """Build and validate a Config from nested dicts plus dotted overrides."""
-    sections = {k: dict(v or {}) for k, v in d.items()}
-    section_types = {f.name: f.type for f in fields(Config)}
-    unknown = sorted(set(sections) - set(section_types))
-    if unknown:
-        raise ValueError(f"unknown config section(s) {unknown}; valid: {sorted(section_types)}")
-    for key, value in (overrides or {}).items():
-        section, _, name = key.partition(".")
-        if section not in section_types or not name:
-            raise ValueError(f"override key {key!r} must be section.key with section in {sorted(section_types)}")
-        sections.setdefault(section, {})[name] = value
-    classes = {f.name: f.default_factory for f in fields(Config)}
-    built = {name: _build(classes[name], sections.get(name, {}), f"{name}.") for name in classes}
-    return Config(**built)
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | Mapping[str, Any] | None = None) -> Config:
-    """Read a YAML/JSON config file (optional) and apply overrides."""
-    d: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config file {p} does not exist")
-        d = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(d, dict):
-            raise ValueError(f"config file {p} must hold a mapping of sections, got {type(d).__name__}")
-    if isinstance(overrides, list):
-        overrides = dict(parse_override(o) for o in overrides)
-    return from_dict(d, overrides)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    d = cfg.to_dict()
-    d["optim"]["betas"] = list(d["optim"]["betas"])
-    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
