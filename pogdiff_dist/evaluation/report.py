@@ -63,39 +63,54 @@ def identity_grid(name: str, generated: np.ndarray, train: np.ndarray, row: dict
     return image_grid(np.concatenate(tiles), rows=2, labels=labels)
 
 
-def plot_vs_frequency(results: dict, path: Path) -> Path:
-    """One panel per metric: each identity at its training-set size (log x), few-shot
-    identities marked, with the all / few averages as lines."""
+def plot_vs_frequency(evals: dict[str, dict], path: Path, title: str | None = None) -> Path | None:
+    """One panel per metric: each identity's value against its training-set size (log x), one
+    colour per evaluation (``evals``: label -> metrics.json contents), few-shot identities as
+    squares, a line through each evaluation's mean at every size; with a single evaluation
+    also its all / few-shot averages as horizontal lines. The evaluation's own plot and
+    ``jobs/compare.py``'s plot of the best runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    per = results["per_identity"]
-    names = list(per)
-    x = np.array([max(per[n]["train_count"], 1) for n in names], dtype=float)
-    few = np.array([per[n]["few_shot"] for n in names])
+    evals = {label: e for label, e in evals.items() if e and e.get("per_identity")}
+    if not evals:
+        return None
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    counts = sorted({max(r["train_count"], 1) for e in evals.values() for r in e["per_identity"].values()})
     for ax, metric in zip(axes.ravel(), METRIC_LABELS):
-        y = np.array([np.nan if per[n][metric] is None else per[n][metric] for n in names], dtype=float)
-        ax.scatter(x[~few], y[~few], label="majority", color="tab:blue")
-        ax.scatter(x[few], y[few], label="few-shot", color="tab:red", marker="s")
-        for key, style in (("all", "-"), ("few", "--")):
-            v = results["summary"].get(f"{metric}_{key}")
-            if v is not None:
-                ax.axhline(v, color="gray", linestyle=style, linewidth=1, label=f"mean ({key}) {v:.3g}")
+        for i, (label, e) in enumerate(evals.items()):
+            nudge = 1 + 0.04 * (i - (len(evals) - 1) / 2)  # runs side by side, not on top of each other
+            rows = [r for r in e["per_identity"].values() if r.get(metric) is not None]
+            color = f"C{i % 10}"
+            for few, marker, name in ((False, "o", "majority"), (True, "s", "few-shot")):
+                pts = [(max(r["train_count"], 1) * nudge, r[metric]) for r in rows if bool(r.get("few_shot")) == few]
+                if pts:
+                    ax.scatter(*zip(*pts), color=color, marker=marker, alpha=0.7,
+                               label=name if len(evals) == 1 else (label if not few else None))
+            xs = sorted({max(r["train_count"], 1) for r in rows})
+            means = [np.mean([r[metric] for r in rows if max(r["train_count"], 1) == x]) for x in xs]
+            ax.plot([x * nudge for x in xs], means, color=color, linewidth=1.2)
+            if len(evals) == 1:
+                for key, style in (("all", "-"), ("few", "--")):
+                    v = (e.get("summary") or {}).get(f"{metric}_{key}")
+                    if v is not None:
+                        ax.axhline(v, color="gray", linestyle=style, linewidth=1, label=f"mean ({key}) {v:.3g}")
         ax.set_xscale("log")
-        ax.set_xticks(sorted(set(x.tolist())))  # label the training-set sizes present, plainly
+        ax.set_xticks(counts)  # label the training-set sizes present, plainly
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlim(x.min() / 1.5, x.max() * 1.5)
+        ax.set_xlim(counts[0] / 1.5, counts[-1] * 1.5)
         ax.set_xlabel("training images of the identity")
         if metric in ("grecall", "accuracy"):
             ax.set_ylim(-0.05, 1.05)  # fractions: a flat 0 should look like 0, not like the full range
         ax.set_title(METRIC_LABELS[metric])
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"per-identity metrics vs training frequency (encoder: {results.get('encoder')})")
+    one = next(iter(evals.values()))
+    fig.suptitle(title or f"per-identity metrics vs training frequency (encoder: {one.get('encoder')}; line = mean)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -112,7 +127,7 @@ def write_outputs(out_dir: str | Path, results: dict, generated: dict[str, np.nd
     for name in results["identities"]:
         identity_grid(name, generated[name], real.train.get(name, generated[name][:0]),
                       results["per_identity"][name]).save(grids / f"{slugify(name)}.png")
-    plot = plot_vs_frequency(results, out / "metrics_vs_frequency.png")
+    plot = plot_vs_frequency({"this model": results}, out / "metrics_vs_frequency.png")
     paths = {"metrics": out / "metrics.json", "plot": plot, "grids": grids, "images": images}
     results = dict(results, outputs={k: str(v) for k, v in paths.items()})
     (out / "metrics.json").write_text(json.dumps(_json_safe(results), indent=1))

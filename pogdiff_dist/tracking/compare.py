@@ -68,9 +68,30 @@ def default_uri(uri: str | None = None) -> str:
     return resolve_tracking_uri(TrackingConfig(tracking_uri=uri).resolved_uri())
 
 
-def _info(run) -> RunInfo:
-    return RunInfo(run.info.run_id, run.info.run_name or run.data.tags.get("mlflow.runName", run.info.run_id[:8]),
-                   run.info.status, dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+def _runs_from_frame(df) -> list[RunInfo]:
+    """``mlflow.search_runs()``'s DataFrame (``params.*``, ``metrics.*``, ``tags.*`` columns) as RunInfo."""
+    import pandas as pd
+
+    runs = []
+    for row in df.to_dict("records"):
+        def part(prefix):
+            return {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix) and not pd.isna(v)}
+
+        tags = part("tags.")
+        runs.append(RunInfo(row["run_id"], tags.get("mlflow.runName", row["run_id"][:8]), row["status"],
+                            {k: str(v) for k, v in part("params.").items()},
+                            {k: float(v) for k, v in part("metrics.").items()}, tags))
+    return runs
+
+
+def search(tracking_uri: str, filter_string: str = "", experiment_ids: list[str] | None = None) -> list[RunInfo]:
+    """Runs from ``mlflow.search_runs`` (every experiment when ``experiment_ids`` is None)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    df = mlflow.search_runs(experiment_ids=experiment_ids, filter_string=filter_string, max_results=5000,
+                            search_all_experiments=experiment_ids is None, output_format="pandas")
+    return _runs_from_frame(df) if len(df) else []
 
 
 def load_runs(client: MlflowClient, experiment: str | None = None, parent_run_id: str | None = None,
@@ -79,23 +100,27 @@ def load_runs(client: MlflowClient, experiment: str | None = None, parent_run_id
     given = sum(x is not None and x != [] for x in (experiment, parent_run_id, run_ids))
     if given != 1:
         raise ValueError("give exactly one of an experiment, a parent (sweep) run id, or run ids")
+    uri = client.tracking_uri
     if run_ids:
-        return Selection([_info(client.get_run(r)) for r in run_ids], [])
+        found = {r.run_id: r for r in search(uri, "attributes.run_id IN ({})".format(
+            ", ".join(f"'{r}'" for r in run_ids)))}
+        missing = [r for r in run_ids if r not in found]
+        if missing:
+            raise ValueError(f"run(s) {missing} not found at {uri}")
+        return Selection([found[r] for r in run_ids], [])
     if parent_run_id is not None:
         parent = client.get_run(parent_run_id)
-        runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                  max_results=5000)
+        runs = search(uri, f"tags.mlflow.parentRunId = '{parent_run_id}'", [parent.info.experiment_id])
         keys = [k for k in parent.data.params.get("sweep.space_keys", "").split(",") if k]
         if not runs:
             raise ValueError(f"run {parent_run_id} has no child runs (is it a sweep's parent run?)")
         tags = parent.data.tags
-        return Selection([_info(r) for r in runs], keys, tags.get("sweep.metric"), tags.get("sweep.mode"))
+        return Selection(runs, keys, tags.get("sweep.metric"), tags.get("sweep.mode"))
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
         raise ValueError(f"no experiment named {experiment!r} at this tracking URI; experiments: {names}")
-    runs = [_info(r) for r in client.search_runs([exp.experiment_id], max_results=5000)]
-    runs = [r for r in runs if r.tags.get("pogdiff.kind") != SWEEP_KIND]
+    runs = [r for r in search(uri, "", [exp.experiment_id]) if r.tags.get("pogdiff.kind") != SWEEP_KIND]
     if not runs:
         raise ValueError(f"experiment {experiment!r} has no runs")
     return Selection(runs, [])
@@ -164,6 +189,18 @@ def table_columns(runs: list[RunInfo], keys: list[str], metric: str | None = Non
     return params, [m for m in metrics if any(m in r.metrics for r in runs)]
 
 
+def text_table(rows: list[dict]) -> str:
+    """Rows of display strings as an aligned text table: header, a rule, one line per row
+    (the sweep's and the comparison's tables both print through here)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows).fillna("-")
+    lines = [line.rstrip() for line in df.to_string(index=False, justify="left").splitlines()]
+    widths = [len(c) for c in lines[0].split()]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def format_table(runs: list[RunInfo], keys: list[str], metric: str | None = None) -> tuple[str, list[str], list[list[str]]]:
     params, metrics = table_columns(runs, keys, metric)
     head = ["run", "id", "status", "method", *params, *[m.removeprefix("eval/") for m in metrics]]
@@ -172,10 +209,7 @@ def format_table(runs: list[RunInfo], keys: list[str], metric: str | None = None
         status = r.tags.get("sweep.status", r.status.lower())
         body.append([r.name, r.run_id[:8], status, r.method, *[_fmt(r.params.get(k)) for k in params],
                      *[_fmt(r.metrics.get(m)) for m in metrics]])
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines), head, body
+    return text_table([dict(zip(head, row)) for row in body]), head, body
 
 
 def _plt():
@@ -239,44 +273,6 @@ def load_eval(client: MlflowClient, run_id: str) -> dict | None:
         return json.loads(Path(local).read_text())
 
 
-def plot_identity_frequency(evals: dict[str, dict], path: Path) -> Path | None:
-    """Per-identity metrics against the identity's training images (log x): one colour
-    per run, a marker per identity (nudged sideways per run so runs do not overlap) and a
-    line through the run's mean at each training-set size. Few-shot identities are left."""
-    evals = {name: e for name, e in evals.items() if e and e.get("per_identity")}
-    if not evals:
-        return None
-    plt = _plt()
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    markers = "osD^v<>p*h"
-    counts = sorted({max(row["train_count"], 1) for e in evals.values() for row in e["per_identity"].values()})
-    for ax, metric in zip(axes.ravel(), EVAL_METRICS):
-        for i, (name, e) in enumerate(evals.items()):
-            nudge = 1 + 0.04 * (i - (len(evals) - 1) / 2)
-            pts = [(max(row["train_count"], 1), row[metric]) for row in e["per_identity"].values()
-                   if row.get(metric) is not None]
-            if not pts:
-                continue
-            color = f"C{i % 10}"
-            ax.scatter([x * nudge for x, _ in pts], [y for _, y in pts], color=color, alpha=0.6,
-                       marker=markers[i % len(markers)], label=name)
-            xs = sorted({x for x, _ in pts})
-            means = [sum(y for x2, y in pts if x2 == x) / sum(x2 == x for x2, _ in pts) for x in xs]
-            ax.plot([x * nudge for x in xs], means, color=color, linewidth=1.5)
-        ax.set_xscale("log")
-        ax.set_xticks(counts, [str(c) for c in counts])
-        ax.xaxis.set_minor_formatter(plt.NullFormatter())
-        ax.set_xlabel("training images of the identity")
-        ax.set_title(metric + (" (lower is better)" if metric == "fid" else "") + ": per identity, line = mean")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("per-identity metrics vs training frequency (best runs)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def compare(tracking_uri: str | None = None, experiment: str | None = None, parent_run_id: str | None = None,
             run_ids: list[str] | None = None, metric: str | None = None, mode: str | None = None, top: int = 3,
             out_dir: str | Path | None = "comparison") -> Comparison:
@@ -319,7 +315,10 @@ def compare(tracking_uri: str | None = None, experiment: str | None = None, pare
         if e is not None:
             step = r.metrics.get("final_step")
             evals[f"{r.name} ({r.run_id[:8]}{'' if step is None else f', step {step:.0f}'})"] = e
-    p = plot_identity_frequency(evals, out / "identity_frequency.png")
+    from pogdiff_dist.evaluation.report import plot_vs_frequency
+
+    p = plot_vs_frequency(evals, out / "identity_frequency.png",
+                          title="per-identity metrics vs training frequency (best runs; line = mean)")
     if p is not None:
         result.plots["identity_frequency"] = p
     return result

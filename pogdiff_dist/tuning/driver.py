@@ -30,6 +30,7 @@ import yaml
 from ray import tune
 
 from pogdiff_dist.config import Config, from_dict, save_config
+from pogdiff_dist.tracking.compare import _fmt, text_table
 from pogdiff_dist.tracking.runs import (
     create_sweep_parent,
     log_artifacts,
@@ -222,13 +223,11 @@ def trials_dataframe(results, rows: list[TrialRow]) -> pd.DataFrame:
 
 
 def format_table(rows: list[TrialRow], spec: SweepSpec, best: TrialRow | None) -> str:
-    """The printed trials table (the same rows as trials.csv, fewer columns)."""
-    df = pd.DataFrame([{"trial": r.trial_id + (" *" if best is not None and r.trial_id == best.trial_id else ""),
-                        "status": r.status, **{k: r.params.get(k) for k in spec.keys}, "steps": r.steps,
-                        spec.metric: r.value, "mlflow run": (r.run_id or "-")[:12]} for r in rows])
-    lines = [df.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")]
-    lines += [f"  trial {r.trial_id} failed: {r.error}" for r in rows if r.error]
-    return "\n".join(lines)
+    """The printed trials table (the same trials as trials.csv, fewer columns)."""
+    table = text_table([{"trial": r.trial_id + (" *" if best is not None and r.trial_id == best.trial_id else ""),
+                         "status": r.status, **{k: _fmt(r.params.get(k)) for k in spec.keys}, "steps": _fmt(r.steps),
+                         spec.metric: _fmt(r.value), "mlflow run": (r.run_id or "-")[:12]} for r in rows])
+    return "\n".join([table, *[f"  trial {r.trial_id} failed: {r.error}" for r in rows if r.error]])
 
 
 def finish_parent(uri: str, parent: str, spec: SweepSpec, rows: list[TrialRow], best: TrialRow | None,
