@@ -80,7 +80,8 @@ def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_mod
     from pogdiff_dist.config import EvalConfig
     from pogdiff_dist.evaluation.features import ImageEncoder, load_real_images
     from pogdiff_dist.evaluation.generate import generate_identity, load_pipeline
-    from pogdiff_dist.evaluation.judges import DigitsClassifier
+    from pogdiff_dist.data.bundled.digits import judge_spec
+    from pogdiff_dist.evaluation.judges import CNNJudge
     from pogdiff_dist.evaluation.scoring import compute_metrics
 
     path = Path(__file__).resolve().parents[1] / "jobs" / "evaluate.py"
@@ -120,7 +121,7 @@ def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_mod
     cfg = EvalConfig(num_images=3, steps=2)  # what the job ran with
     again = compute_metrics(saved, real, manifest, cfg, cache_dir=cache_dir)
     enc = ImageEncoder("pixels")
-    clf = DigitsClassifier.load_or_train(cache_dir, 16)
+    clf = CNNJudge.load_or_train(cache_dir, judge_spec(names, 16))
     for n in names:
         row = results["per_identity"][n]
         for m in METRICS:
@@ -130,7 +131,7 @@ def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_mod
         covered = sum(any(_cos(g[i], train[j]) >= 0.7 for i in range(len(g))) for j in range(len(train)))
         assert row["covered"] == covered and row["grecall"] == pytest.approx(covered / len(train))
         digit = {"Alice Moreau": 0, "Bruno Silva": 1}[n]
-        assert row["accuracy"] == pytest.approx(np.mean(clf.predict_digits(saved[n]) == digit))
+        assert row["accuracy"] == pytest.approx(np.mean(clf.predict_classes(saved[n]) == digit))
 
     # Known cases through the same code: "generating" the training images themselves covers
     # every training image and is read as the right digit; the held-out images themselves
@@ -202,7 +203,7 @@ def test_user_folder_dataset_nearest_centroid(ray_local, tiny_cfg, tmp_path):
 
     from pogdiff_dist.config import EvalConfig
     from pogdiff_dist.evaluation.evaluate import evaluate_model
-    from pogdiff_dist.evaluation.judges import render_digits
+    from pogdiff_dist.data.bundled.digits import render_digits
     from pogdiff_dist.prepare.pipeline import run_prepare
 
     images, labels = render_digits(16)

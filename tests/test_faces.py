@@ -12,13 +12,9 @@ from PIL import Image
 
 from pogdiff_dist.data.bundled import digits
 from pogdiff_dist.data.bundled.faces import (
-    BACKGROUNDS,
     BASE_NAMES,
-    EXPRESSIONS,
-    LIGHTS,
     PRESETS,
     TARGET_NAMES,
-    TILTS,
     build_faces_it2i,
     caption_for,
     identities,
@@ -27,6 +23,7 @@ from pogdiff_dist.data.bundled.faces import (
     preview_grid,
     render,
 )
+from pogdiff_dist.data.bundled.faces_render import BACKGROUNDS, EXPRESSIONS, LIGHTS, TILTS
 from pogdiff_dist.data.records import load_image, read_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The Faces-IT2I identity judge (FacesClassifier): a small CNN trained on fresh renders of
+"""The Faces-IT2I identity judge (CNNJudge with Faces-IT2I's judge_spec): a small CNN trained on fresh renders of
 exactly the identities it judges, measured on the real held-out images of a Faces-IT2I M
 build it never saw, against the nearest-centroid judge it replaces; its selection by
 ``classifier="auto"``, its safetensors cache, and errors on names it cannot judge.
@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from pogdiff_dist.data.bundled import faces
-from pogdiff_dist.evaluation.judges import FACES_JUDGE_SPLIT, FacesClassifier, render_faces
+from pogdiff_dist.data.bundled.faces import JUDGE_SPLIT as FACES_JUDGE_SPLIT
+from pogdiff_dist.data.bundled.faces import judge_spec, render_faces
+from pogdiff_dist.evaluation.judges import CNNJudge
 
 RESOLUTION = 24  # the resolution benchmarks/reproduce.py evaluates faces at on CPU
 
@@ -55,7 +57,7 @@ def cache(tmp_path_factory):
 def judge(faces_m, cache):
     """The judge evaluation builds for these identities (default settings), cached."""
     names = faces_m[0]
-    return FacesClassifier.load_or_train(cache, names, RESOLUTION)
+    return CNNJudge.load_or_train(cache, judge_spec(names, RESOLUTION))
 
 
 def _accuracy(predict, images: dict) -> float:
@@ -69,7 +71,7 @@ def test_judge_accuracy_on_real_heldout_faces(faces_m, judge):
     from pogdiff_dist.evaluation.judges import NearestCentroidClassifier
 
     names, train, held = faces_m
-    assert sorted(judge.names) == sorted(names) and len(names) == 10
+    assert judge.classes == sorted(names) and len(names) == 10 and judge.name == "faces-cnn"
     assert judge.info["resolution"] == RESOLUTION and judge.info["channels"] == 3
     assert judge.info["train_images"] == 10 * judge.info["per_identity"]
 
@@ -105,26 +107,26 @@ def test_judge_cache_round_trip_is_safetensors(faces_m, judge, cache):
 
     names, _, held = faces_m
     files = sorted(p.name for p in cache.iterdir())
-    stem = FacesClassifier.cache_stem(cache, names, RESOLUTION, 3).name
+    stem = CNNJudge.cache_stem(cache, judge_spec(names, RESOLUTION, 3)).name
     assert files == [stem + ".json", stem + ".safetensors"], files
     assert stem.startswith(f"faces_cnn_r{RESOLUTION}_c3_")
     # identity order does not matter; another identity set or resolution is another entry
-    assert FacesClassifier.cache_stem(cache, names[::-1], RESOLUTION).name == stem
-    assert FacesClassifier.cache_stem(cache, names[:9], RESOLUTION).name != stem
-    assert FacesClassifier.cache_stem(cache, names, 32).name != stem
+    assert CNNJudge.cache_stem(cache, judge_spec(names[::-1], RESOLUTION)).name == stem
+    assert CNNJudge.cache_stem(cache, judge_spec(names[:9], RESOLUTION)).name != stem
+    assert CNNJudge.cache_stem(cache, judge_spec(names, 32)).name != stem
     with safe_open(str(cache / (stem + ".safetensors")), framework="pt") as f:
         assert set(f.keys()) == set(judge.net.state_dict())
     info = json.loads((cache / (stem + ".json")).read_text())
-    assert info["identities"] == sorted(names) and info["classifier"] == "faces-cnn"
+    assert info["classes"] == sorted(names) and info["classifier"] == "faces-cnn"
 
-    loaded = FacesClassifier.load_or_train(cache, names[::-1], RESOLUTION)
+    loaded = CNNJudge.load_or_train(cache, judge_spec(names[::-1], RESOLUTION))
     assert loaded.info == judge.info
     x = np.concatenate(list(held.values()))
     assert loaded.predict(x) == judge.predict(x)
     with torch.no_grad():
         from pogdiff_dist.evaluation.judges import _cnn_input
 
-        inp = _cnn_input(x, judge.input, 3)
+        inp = _cnn_input(x, judge.input, 3)  # the judge's own input size
         torch.testing.assert_close(loaded.net(inp), judge.net(inp), rtol=0, atol=0)
     assert sorted(p.name for p in cache.iterdir()) == files  # loaded, not retrained
     assert judge.predict(x[:0]) == []
@@ -137,6 +139,11 @@ def test_auto_selects_the_faces_judge():
 
     assert "faces" in CLASSIFIERS and EvalConfig(classifier="faces").classifier == "faces"
     m = list(faces.PRESETS["M"].train_counts)
+    # the manifest records its dataset: the judge follows it, not the names
+    assert resolve_classifier("auto", m, dataset="faces-it2i:M") == "faces"
+    assert resolve_classifier("auto", list(DIGIT_NAMES), dataset="digits-it2i:M") == "digits"
+    assert resolve_classifier("auto", m, dataset="/data/my_people") == "centroid"  # a user folder
+    # a manifest without its dataset (prepared before it was recorded): matched by names
     assert resolve_classifier("auto", m) == "faces"
     assert resolve_classifier("auto", faces.BASE_NAMES) == "faces"
     assert resolve_classifier("auto", list(faces.PRESETS["val"].train_counts)) == "faces"
@@ -157,7 +164,7 @@ def test_forcing_faces_on_unknown_names_names_them():
     with pytest.raises(ValueError, match="Alice Moreau"):
         resolve_classifier("faces", ["Alice Moreau"])  # a digit's name is not a face's
     with pytest.raises(ValueError, match="Nobody Here"):
-        FacesClassifier.train(["Mara Quill", "Nobody Here"], RESOLUTION)
+        judge_spec(["Mara Quill", "Nobody Here"], RESOLUTION)
     assert load_config(None, {"eval.classifier": "faces"}).eval.classifier == "faces"  # a sweep's rungs too
     with pytest.raises(ValueError, match="faces"):
         load_config(None, {"eval.classifier": "nope"})
@@ -178,7 +185,7 @@ def test_compute_metrics_uses_the_faces_judge(faces_m, judge, cache):
                         tokenizer_dir="", vae_dir=None)
     res = compute_metrics(held, RealImages(train, held), manifest, EvalConfig(), cache_dir=cache)
     info = res["classifier"]
-    assert info["classifier"] == "faces-cnn" and info["identities"] == 10 and info["resolution"] == RESOLUTION
+    assert info["classifier"] == "faces-cnn" and info["classes"] == 10 and info["resolution"] == RESOLUTION
     x = np.concatenate([held[n] for n in names])
     truth = [n for n in names for _ in held[n]]
     expected = float(np.mean([p == t for p, t in zip(judge.predict(x), truth)]))

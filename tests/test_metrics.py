@@ -159,18 +159,18 @@ def test_digits_classifier_accuracy_on_unseen_real_digits(digits_heldout):
     prepared Digits-IT2I files) and, as sklearn digits, the same images rendered again."""
     from PIL import Image
 
-    from pogdiff_dist.data.bundled.digits import NAMES
-    from pogdiff_dist.evaluation.judges import DigitsClassifier, digit_names, render_digits
+    from pogdiff_dist.data.bundled.digits import NAMES, digit_names, judge_spec, render_digits
+    from pogdiff_dist.evaluation.judges import CNNJudge
 
     src = [int(Path(r.image).stem.rsplit("-", 1)[1]) for r in digits_heldout]
-    clf = DigitsClassifier.train(32, exclude=src)
-    assert clf.info["train_images"] == 1797 - len(set(src))
+    clf = CNNJudge.train(judge_spec(list(NAMES), 32), exclude=src)
+    assert clf.info["train_images"] == 1797 - len(set(src)) and clf.name == "digits-cnn"
     images = np.stack([np.asarray(Image.open(r.image))[..., None] for r in digits_heldout])
     truth = [r.identity for r in digits_heldout]
     pred = clf.predict(images, None, list(NAMES))
     acc_files = np.mean([p == t for p, t in zip(pred, truth)])
     rendered, labels = render_digits(32, src)
-    acc_rendered = np.mean(clf.predict_digits(rendered) == labels)
+    acc_rendered = np.mean(clf.predict_classes(rendered) == labels)  # class k is digit k
     print(f"digits CNN held-out accuracy: {acc_files:.3f} on {len(truth)} Digits-IT2I files, "
           f"{acc_rendered:.3f} re-rendered")
     assert acc_files >= 0.95 and acc_rendered >= 0.95
@@ -180,20 +180,26 @@ def test_digits_classifier_accuracy_on_unseen_real_digits(digits_heldout):
 def test_digits_classifier_cache_round_trip(tmp_path_factory):
     """The cached 16-px CNN (shared with tests/test_evaluate.py in a session): reloads to
     the same predictions, and reads all of load_digits, which it was trained on."""
-    from pogdiff_dist.evaluation.judges import DigitsClassifier, render_digits
+    from pogdiff_dist.data.bundled.digits import NAMES, judge_spec, render_digits
+    from pogdiff_dist.evaluation.judges import CNNJudge
 
     cache = tmp_path_factory.getbasetemp() / "eval_cache"
-    a = DigitsClassifier.load_or_train(cache, 16)
-    assert {"digits_cnn_r16_v1.json", "digits_cnn_r16_v1.safetensors"} <= {p.name for p in cache.iterdir()}
-    b = DigitsClassifier.load_or_train(cache, 16)
-    assert b.info == json.loads((cache / "digits_cnn_r16_v1.json").read_text())
+    spec = judge_spec(list(NAMES), 16)
+    a = CNNJudge.load_or_train(cache, spec)
+    stem = CNNJudge.cache_stem(cache, spec)
+    assert stem.name.startswith("digits_cnn_r16_c1_")
+    assert {stem.name + ".json", stem.name + ".safetensors"} <= {p.name for p in cache.iterdir()}
+    assert CNNJudge.cache_stem(cache, judge_spec(["Alice Moreau"], 16)) == stem  # same ten classes, same entry
+    b = CNNJudge.load_or_train(cache, judge_spec(["Alice Moreau"], 16))
+    assert {k: v for k, v in b.info.items() if k != "class_of"} == {
+        k: v for k, v in json.loads(stem.with_suffix(".json").read_text()).items() if k != "class_of"}
     images, labels = render_digits(16)
-    np.testing.assert_array_equal(a.predict_digits(images), b.predict_digits(images))
-    assert np.mean(b.predict_digits(images) == labels) >= 0.97
+    np.testing.assert_array_equal(a.predict_classes(images), b.predict_classes(images))
+    assert np.mean(b.predict_classes(images) == labels) >= 0.97
     # an image of a digit with no identity in the dataset is wrong for every prompt
     pred = b.predict(images[:20], None, ["Alice Moreau"])
-    digits = b.predict_digits(images[:20])
-    assert all(p == "Alice Moreau" if d == 0 else p.startswith("<digit") for p, d in zip(pred, digits))
+    digits = b.predict_classes(images[:20])
+    assert all(p == "Alice Moreau" if d == 0 else p.startswith("<") for p, d in zip(pred, digits))
 
 
 def test_vision_encoder_from_local_dir(tmp_path):

@@ -88,6 +88,7 @@ class Manifest:
     heldout: list[dict] = field(default_factory=list)  # {"image", "identity"} for evaluation
     shard_bytes: dict[str, int] = field(default_factory=dict)  # shard name -> size
     shard_sha256: dict[str, str] = field(default_factory=dict)  # shard name -> checksum
+    dataset: str | None = None  # data.dataset it was prepared from: "<bundled>:<preset>" or a folder
 
     def minority(self, threshold: int | None = None) -> list[str]:
         """Few-shot identities: at most ``threshold`` training images (default: below a

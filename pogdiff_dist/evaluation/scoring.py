@@ -9,16 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from pogdiff_dist.config import CLASSIFIERS, EVAL_METRICS, EvalConfig
+from pogdiff_dist.data.bundled import bundled, dataset_of
 from pogdiff_dist.data.shards import Manifest
 from pogdiff_dist.evaluation import metrics as M
 from pogdiff_dist.evaluation.features import ImageEncoder, RealImages
-from pogdiff_dist.evaluation.judges import (
-    DigitsClassifier,
-    FacesClassifier,
-    NearestCentroidClassifier,
-    digit_names,
-    face_names,
-)
+from pogdiff_dist.evaluation.judges import CNNJudge, NearestCentroidClassifier
 
 METRICS = EVAL_METRICS
 MIN_HELDOUT = 2  # FID/DINO use held-out images when an identity has at least this many
@@ -34,41 +29,34 @@ def evaluated_identities(manifest: Manifest, cfg: EvalConfig) -> list[str]:
     return [n for n in manifest.identities if n in set(cfg.identities)]
 
 
-def resolve_classifier(kind: str, identities) -> str:
-    """The classifier ``kind`` means for these identity names: ``auto`` is the
-    Digits-IT2I CNN when every name is a digit's, the Faces-IT2I CNN when every name is a
-    Faces-IT2I identity's, otherwise the nearest centroid of the encoder features. A
-    dataset CNN forced on names it does not know is an error naming them."""
-    names = set(identities)
+JUDGE_DATASETS = {"digits": "digits-it2i", "faces": "faces-it2i"}  # classifier kind -> the dataset of its CNN
+
+
+def resolve_classifier(kind: str, identities, dataset: str | None = None) -> str:
+    """The classifier ``kind`` means here: ``auto`` is the CNN of the bundled dataset the
+    data was prepared from (``dataset``: the manifest's, e.g. ``faces-it2i:M``), the nearest
+    centroid of the encoder features for a user folder; a manifest that does not record its
+    dataset is matched by its identity names. A dataset CNN forced on names it does not
+    know is an error naming them."""
     if kind not in CLASSIFIERS:
         raise ValueError(f"classifier must be one of {list(CLASSIFIERS)}, got {kind!r}")
     if kind == "auto":
-        if names <= set(digit_names()):
-            return "digits"
-        if names <= face_names():
-            return "faces"
-        return "centroid"
-    if kind == "digits":
-        missing = sorted(names - set(digit_names()))
-        if missing:
-            raise ValueError(f"classifier 'digits' needs Digits-IT2I identities; {missing[:3]} are not")
-    if kind == "faces":
-        missing = sorted(names - face_names())
-        if missing:
-            raise ValueError(f"classifier 'faces' needs Faces-IT2I identities; {missing[:3]} are not")
+        name = dataset.partition(":")[0] if dataset is not None else dataset_of(identities)
+        by_dataset = {v: k for k, v in JUDGE_DATASETS.items()}
+        return by_dataset.get(name, "centroid")
+    if kind in JUDGE_DATASETS:
+        bundled(JUDGE_DATASETS[kind]).judge_spec(list(identities), 8, 3 if kind == "faces" else 1)  # names check
     return kind
 
 
 def build_classifier(cfg: EvalConfig, manifest: Manifest, train_features: dict[str, np.ndarray],
                      resolution: int, cache_dir: Path, channels: int = 3):
-    """The classifier :func:`resolve_classifier` names for the dataset's identities: the
-    digit CNN (per resolution), the faces CNN (trained on fresh renders of exactly the
-    dataset's identities at ``resolution`` and ``channels``), or the nearest centroid."""
-    kind = resolve_classifier(cfg.classifier, manifest.identities)
-    if kind == "digits":
-        return DigitsClassifier.load_or_train(cache_dir, resolution)
-    if kind == "faces":
-        return FacesClassifier.load_or_train(cache_dir, manifest.identities, resolution, channels)
+    """The classifier :func:`resolve_classifier` names for the dataset: the dataset's CNN judge
+    (:class:`CNNJudge`, for its identities at ``resolution`` and ``channels``) or the nearest centroid."""
+    kind = resolve_classifier(cfg.classifier, manifest.identities, manifest.dataset)
+    if kind in JUDGE_DATASETS:
+        spec = bundled(JUDGE_DATASETS[kind]).judge_spec(list(manifest.identities), resolution, channels)
+        return CNNJudge.load_or_train(cache_dir, spec)
     return NearestCentroidClassifier(train_features, encoder=cfg.encoder)
 
 
@@ -133,10 +121,10 @@ def compute_metrics(generated: dict[str, np.ndarray], real: RealImages, manifest
     total = sum(len(p) for p in judged)
     clf_info = classifier.describe()
     clf_info["accuracy_on_real_heldout"] = hits / total if total else None
-    if isinstance(classifier, DigitsClassifier):
+    if isinstance(classifier, CNNJudge) and classifier.name == "digits-cnn":
         clf_info["note"] = ("held-out images of Digits-IT2I are load_digits images the CNN was trained on; "
                             "its accuracy on unseen load_digits images is measured in tests/test_metrics.py")
-    elif isinstance(classifier, FacesClassifier):
+    elif isinstance(classifier, CNNJudge):
         clf_info["note"] = ("trained on fresh renders of these identities, none of them a dataset image: the "
                             "held-out accuracy above is on images it never saw (tests/test_faces_judge.py)")
 

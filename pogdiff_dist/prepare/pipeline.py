@@ -22,7 +22,7 @@ import ray.data
 import torch
 
 from pogdiff_dist.config import Config
-from pogdiff_dist.data.bundled.digits import build_digits_it2i
+from pogdiff_dist.data.bundled import bundled
 from pogdiff_dist.data.density import DensityVAEConfig, compute_elbo, fit_density_vae, save_density_vae
 from pogdiff_dist.data.encode import SampleEncoder
 from pogdiff_dist.data.neighbours import build_knn
@@ -44,14 +44,12 @@ def load_records(cfg: Config) -> DatasetRecords:
     as grayscale would leave captions that contradict their images: with a pixel model
     it needs ``data.channels=3`` (a Stable Diffusion VAE always reads RGB).
     """
-    bundled = cfg.data.bundled
-    if bundled is not None:
-        name, preset = bundled
+    which = cfg.data.bundled
+    if which is not None:
+        name, preset = which
         root = Path(cfg.prepare.out_dir) / "raw"
-        build = build_digits_it2i
+        build = bundled(name).build
         if name == "faces-it2i":
-            from pogdiff_dist.data.bundled.faces import build_faces_it2i as build
-
             if cfg.data.channels != 3 and cfg.model.pretrained is None:
                 raise ValueError(f"data.dataset={cfg.data.dataset!r} is an RGB dataset whose captions name "
                                  f"colours; set data.channels=3 (got {cfg.data.channels}), e.g. "
@@ -300,6 +298,7 @@ def run_prepare(cfg: Config) -> Manifest:
         skipped=[list(s) for s in records.skipped], warnings=records.warnings,
         heldout=[{"image": str(r.image), "identity": r.identity} for r in records.heldout()],
         shard_bytes=shard_info.get("shard_bytes", {}), shard_sha256=shard_info.get("shard_sha256", {}),
+        dataset=cfg.data.dataset if cfg.data.bundled is None else ":".join(cfg.data.bundled),
     )
     manifest.save(out)
     print(f"[prepare] done in {time.time() - t_start:.1f}s: {n} samples, {len(identities)} identities, "

@@ -19,10 +19,6 @@ The output is layout 1 of :mod:`pogdiff_dist.data.records` (``metadata.csv`` + i
 
 from __future__ import annotations
 
-import csv
-import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pogdiff_dist.data.records import METADATA, slugify
+from pogdiff_dist.data.bundled import Bundled, JudgeSpec, check_build_args, write_build
+from pogdiff_dist.data.records import slugify
 
 STAMP = "digits_it2i.json"
 
@@ -183,43 +180,59 @@ def build_digits_it2i(root: str | Path, preset: str = "M", resolution: int = 32,
                       heldout_per_identity: int = 20) -> Path:
     """Write ``root/images/<slug>/<slug>-<source index>.png`` and ``root/metadata.csv``.
 
-    Deterministic for a given ``seed``. Idempotent: a ``digits_it2i.json`` stamp written
-    last records the parameters; a matching stamp next to ``metadata.csv`` means the
-    build is complete and is returned as is. Any bundled stamp (``*_it2i.json``, also
-    Faces-IT2I's) marks the folder as a bundled build: its images are removed first.
+    Deterministic for a given ``seed``; idempotent (a ``digits_it2i.json`` stamp, see
+    :func:`pogdiff_dist.data.bundled.write_build`).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    if resolution < 8:
-        raise ValueError(f"resolution must be >= 8, got {resolution}")
-    if heldout_per_identity < 0:
-        raise ValueError(f"heldout_per_identity must be >= 0, got {heldout_per_identity}")
-    root = Path(root)
+    check_build_args(PRESETS, preset, resolution, heldout_per_identity)
     params = {"preset": preset, "resolution": resolution, "seed": seed,
               "heldout_per_identity": heldout_per_identity}
-    stamp = root / STAMP
-    if (root / METADATA).is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("params") == params:
-        return root
-    stamps = list(root.glob("*_it2i.json")) if root.is_dir() else []
-    if stamps:
-        shutil.rmtree(root / "images", ignore_errors=True)  # a bundled build (stamped): drop stale images
-        for s in stamps:
-            s.unlink()
 
-    images, _ = _digits()
-    rows = []
-    for digit, split, src in _select(PRESETS[preset], seed, heldout_per_identity):
-        name = PRESETS[preset].names[digit]
-        rel = Path("images") / slugify(name) / f"{slugify(name)}-{src:04d}.png"
-        (root / rel.parent).mkdir(parents=True, exist_ok=True)
-        _to_png(images[src], resolution).save(root / rel)
-        rows.append((rel.as_posix(), caption_for(images[src], name), name, split))
+    def rows():
+        images, _ = _digits()
+        for digit, split, src in _select(PRESETS[preset], seed, heldout_per_identity):
+            name = PRESETS[preset].names[digit]
+            rel = (Path("images") / slugify(name) / f"{slugify(name)}-{src:04d}.png").as_posix()
+            yield rel, _to_png(images[src], resolution), caption_for(images[src], name), name, split
 
-    tmp = root / (METADATA + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(("image", "caption", "identity", "split"))
-        writer.writerows(rows)
-    os.replace(tmp, root / METADATA)
-    stamp.write_text(json.dumps({"params": params, "preset": asdict(PRESETS[preset])}, indent=1))
-    return root
+    return write_build(root, STAMP, params, asdict(PRESETS[preset]), rows)
+
+
+def digit_names() -> dict[str, int]:
+    """Identity name -> digit class, for every naming Digits-IT2I uses (its presets, the
+    ``base`` pretraining population and the ``val`` split)."""
+    out = {}
+    for names in (NAMES, BASE_NAMES, VAL_NAMES):
+        out.update({n: d for d, n in enumerate(names)})
+    return out
+
+
+def render_digits(resolution: int, indices=None) -> tuple[np.ndarray, np.ndarray]:
+    """load_digits images as Digits-IT2I writes them (0..16 -> 0..255, bicubic to
+    ``resolution``): ``uint8 [N, R, R, 1]`` and digit labels ``[N]``."""
+    images, target = _digits()
+    idx = np.arange(len(target)) if indices is None else np.asarray(indices)
+    return (np.stack([np.asarray(_to_png(im, resolution)) for im in images[idx]])[..., None],
+            target[idx].astype(np.int64))
+
+
+JUDGE_VERSION = "v2"  # bump when the judge's network, input or training changes
+JUDGE_INPUT = 16  # the CNN's input side: load_digits images hold 8x8 pixels of information
+
+
+def judge_spec(identities: list[str], resolution: int, channels: int = 1) -> JudgeSpec:
+    """The digit CNN: ten-way, trained on all 1,797 images of the balanced load_digits,
+    rendered as the dataset renders them; an identity's class is its digit. Shift and
+    scale augmentation: generated digits are rarely centred like load_digits' normalised ones."""
+    names = digit_names()
+    unknown = sorted(set(identities) - set(names))
+    if unknown:
+        raise ValueError(f"classifier 'digits' needs Digits-IT2I identities; {unknown[:3]} are not")
+    return JudgeSpec(
+        name="digits-cnn", version=JUDGE_VERSION, classes=tuple(str(d) for d in range(10)),
+        class_of={n: str(names[n]) for n in identities}, resolution=resolution, channels=1, input_size=JUDGE_INPUT,
+        width=32, epochs=12, augment={"shift": 0.15, "scale": 0.1},
+        trained_on="scikit-learn load_digits (balanced, 10 classes)",
+        training_set=lambda: render_digits(resolution))
+
+
+DATASET = Bundled("digits-it2i", tuple(PRESETS), build_digits_it2i, lambda: set(digit_names()), judge_spec)
