@@ -70,7 +70,7 @@ def main() -> None:
 
     z = unit_vectors(args.n, args.d)
     t0 = time.perf_counter()
-    idx, sims = build_knn(z, args.k, use_gpu=use_gpu, query_batch=args.query_batch)
+    idx, _sims = build_knn(z, args.k, use_gpu=use_gpu, query_batch=args.query_batch)
     build_s = time.perf_counter() - t0
     assert idx.shape == (args.n, args.k) and (idx != np.arange(args.n)[:, None]).all()
     result = {"config": vars(args), "build_knn_s": build_s, "gpus": faiss.get_num_gpus(),

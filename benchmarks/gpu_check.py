@@ -42,14 +42,14 @@ import torch
 from gpu_unet import SD15_TEXT, SD15_UNET, TINY_TEXT, TINY_UNET
 
 # SD v1.5 vae/config.json and scheduler/scheduler_config.json (runwayml/stable-diffusion-v1-5), verbatim values
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215, act_fn="silu")
+SD15_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (128, 256, 512, 512),
+                "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+                "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215, "act_fn": "silu"}
 TINY_VAE = {**SD15_VAE, "block_out_channels": (8, 16), "down_block_types": ("DownEncoderBlock2D",) * 2,
             "up_block_types": ("UpDecoderBlock2D",) * 2, "layers_per_block": 1, "norm_num_groups": 8,
             "sample_size": 32}
-SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                      prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+SD15_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                      "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1}
 # Dense bf16 peaks (TFLOP/s) of the cards a GPU check may land on, by a substring of the device name
 BF16_DENSE_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 METHODS = {"vanilla": {"loss.method": "vanilla"},

@@ -39,27 +39,27 @@ sys.path[:0] = [p for p in (str(BENCH), str(BENCH.parent)) if p not in sys.path]
 import torch
 
 # Stable Diffusion v1.5 unet/config.json (runwayml/stable-diffusion-v1-5), verbatim values.
-SD15_UNET = dict(
-    act_fn="silu", attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280), center_input_sample=False,
-    cross_attention_dim=768,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
-    mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=64,
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
+SD15_UNET = {
+    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": (320, 640, 1280, 1280), "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+}
 # SD v1.5 text_encoder/config.json (CLIP ViT-L/14 text tower).
-SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-SD15_SHAPES = dict(latent=(4, 64, 64), ctx=(77, 768))
+SD15_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768}
+SD15_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+SD15_SHAPES = {"latent": (4, 64, 64), "ctx": (77, 768)}
 
 # Same block layout, a few thousand times cheaper: for checking the code paths on CPU.
 TINY_UNET = {**SD15_UNET, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1, "cross_attention_dim": 32,
              "norm_num_groups": 8, "sample_size": 16}
-TINY_TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, bos_token_id=0,
-                 eos_token_id=2)
-TINY_SHAPES = dict(latent=(4, 16, 16), ctx=(77, 32))
+TINY_TEXT = {"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 32, "bos_token_id": 0,
+                 "eos_token_id": 2}
+TINY_SHAPES = {"latent": (4, 16, 16), "ctx": (77, 32)}
 
 K = 5
 CASES = ("vanilla", "stop", "full")
@@ -183,7 +183,7 @@ def run_torch(args) -> list[dict]:
         if args.channels_last:
             batch.x0 = batch.x0.contiguous(memory_format=torch.channels_last)
 
-        def runner(step, m):
+        def runner(step, m, batch=batch):
             def fn():
                 with autocast():
                     loss, _ = step(m, batch, torch.Generator(device=device).manual_seed(0))

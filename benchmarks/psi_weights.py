@@ -67,9 +67,9 @@ def psi_table(prepared: Path, overrides: list[str] | None = None) -> dict:
 
 
 def markdown(t: dict) -> str:
-    lines = [f"`{t['prepared']}` {' '.join(f'{k}={v}' for k, v in t['loss'].items()) or '(defaults)'}, k = {t['k']}: "
+    lines = [(f"`{t['prepared']}` {' '.join(f'{k}={v}' for k, v in t['loss'].items()) or '(defaults)'}, k = {t['k']}: "
              f"ELBO spread {t['elbo_spread']:.1f} nats; psi_den mass on the top 1 / 5 samples "
-             f"{t['psi_den_mass_top1']:.0%} / {t['psi_den_mass_top5']:.0%}", "",
+             f"{t['psi_den_mass_top1']:.0%} / {t['psi_den_mass_top5']:.0%}"), "",
              "| | P(same identity) | E[psi_img] | mean psi_den | E[psi] |", "|---|---|---|---|---|"]
     for label, g in t["groups"].items():
         lines.append(f"| {label} samples ({g['samples']}) | {g['p_same_identity']:.2f} | {g['e_psi_img']:.2f} | "

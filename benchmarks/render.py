@@ -67,24 +67,24 @@ def render_md(res: dict) -> str:
     md = ["# CPU benchmark summary", "",
           f"Command: `{run.get('command', '.venv/bin/python benchmarks/run_all.py')}`"
           + (f" ({run['total_s'] / 60:.1f} min, {run.get('when', '')})" if run.get("total_s") else ""), "",
-          "Measured side by side on a shared 2-core CPU machine while other jobs ran (load averages below): "
+          ("Measured side by side on a shared 2-core CPU machine while other jobs ran (load averages below): "
           "medians over repetitions, ratios to a reference measured in the same process, wall-clock and "
-          "process CPU time.", ""]
+          "process CPU time."), ""]
     if run.get("benchmarks"):
         md += table(["benchmark", "status", "seconds", "load avg (1 min) at start"],
                     [[b["name"], b["status"], b["seconds"], b.get("loadavg_start", "")] for b in run["benchmarks"]])
     md += ["## Targets", ""]
-    md += ["Single-threaded benchmarks (step cost, k-NN) are judged on process CPU time, which other jobs on the "
+    md += [("Single-threaded benchmarks (step cost, k-NN) are judged on process CPU time, which other jobs on the "
            "machine do not inflate; their wall-clock medians are in the last column. The input-pipeline figures "
-           "are wall-clock (several processes).", ""]
+           "are wall-clock (several processes)."), ""]
     md += table(["target", "goal", "measured", "", "wall-clock median"], targets_rows(res))
 
     sc = res.get("step_cost")
     if sc:
         c = sc["config"]
-        md += [f"## 1-2. Step cost and FLOPs (DualConditionStep + backward; UNet {c['unet']} {sc['params'] / 1e6:.2f}M params, "
+        md += [(f"## 1-2. Step cost and FLOPs (DualConditionStep + backward; UNet {c['unet']} {sc['params'] / 1e6:.2f}M params, "
                f"batch {c['batch']}, {c['channels']}x{c['size']}x{c['size']}, context {c['ctx'][0]}x{c['ctx'][1]}, "
-               f"{c['threads']} thread, {sc['reps']} reps)", ""]
+               f"{c['threads']} thread, {sc['reps']} reps)"), ""]
         fl = sc["flops"]
         rows = []
         for k, v in sc["median_s"].items():
@@ -124,9 +124,9 @@ def render_md(res: dict) -> str:
                      ["x vanilla", *(sd["flop_ratio_to_vanilla"][k] for k in ("vanilla", "stop", "full"))],
                      [f"images/s at 40% MFU of {sd['peak_tflops']:.0f} TFLOP/s",
                       *(sd["images_per_s_at_40pct_mfu"][k] for k in ("vanilla", "stop", "full"))]])
-        md += [f"UNet {sd['params']['unet'] / 1e6:.1f}M params, forward {sd['unet_fwd_flops_per_image'] / 1e9:.0f} GFLOP/image; "
+        md += [(f"UNet {sd['params']['unet'] / 1e6:.1f}M params, forward {sd['unet_fwd_flops_per_image'] / 1e9:.0f} GFLOP/image; "
                f"CLIP text encoder {sd['params']['text_encoder'] / 1e6:.1f}M params, "
-               f"{sd['text_encode_flops_per_caption'] / 1e9:.1f} GFLOP per y' caption.", ""]
+               f"{sd['text_encode_flops_per_caption'] / 1e9:.1f} GFLOP per y' caption."), ""]
 
     pipe = res.get("input_pipeline")
     if pipe:
@@ -148,8 +148,8 @@ def render_md(res: dict) -> str:
         md += table(["figure", "value"], rows)
     knn = res.get("knn_build")
     if knn:
-        md += [f"## 4. Neighbour index on CPU (d = {knn['rows'][0]['d']}, k = {knn['rows'][0]['k']}, "
-               f"threads {knn['threads']}; CPU seconds, wall seconds in brackets)", ""]
+        md += [(f"## 4. Neighbour index on CPU (d = {knn['rows'][0]['d']}, k = {knn['rows'][0]['k']}, "
+               f"threads {knn['threads']}; CPU seconds, wall seconds in brackets)"), ""]
 
         def both(r, key):
             cpu = r.get("cpu_median_s", {}).get(key)
@@ -163,13 +163,13 @@ def render_md(res: dict) -> str:
     if zm:
         n = zm["rows"][0]["params"]
         md += [f"## 5. Memory per worker, ZeRO stages ({zm['workers']} workers, {n / 1e6:.1f}M-param UNet, fp32 AdamW)", ""]
-        md += ["Model: 16 bytes/param at stage 0 (fp32 weights 4 + grads 4 + Adam m,v 8), optimiser states / N at "
+        md += [("Model: 16 bytes/param at stage 0 (fp32 weights 4 + grads 4 + Adam m,v 8), optimiser states / N at "
                "stage 1, also gradients at 2, also weights at 3; the gradients exist between backward and the "
                "optimiser step, so the model is met at the peak, and after a step (grads freed) the resident set "
                "should be the model less the gradients. Measured per worker above its RSS before the model "
                "was built: weights, fp32 master and Adam states read off the engine; RSS after the steps, after "
                "malloc_trim (freed heap returned to the OS), and at the peak (which also holds transients such as "
-               "DeepSpeed's flattening copies and, for ZeRO-3, the full model built before it is partitioned).", ""]
+               "DeepSpeed's flattening copies and, for ZeRO-3, the full model built before it is partitioned)."), ""]
         md += table(["stage", "model MiB", "model + fp32 master", "weights", "fp32 master", "Adam m,v",
                      "RSS after steps", "RSS after trim", "peak RSS", "bytes/param (trimmed)", "step s"],
                     [[r["stage"], r["model_mib"], r["model_plus_master_mib"], r["weights_mib"], r["master_mib"],

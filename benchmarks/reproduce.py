@@ -43,14 +43,14 @@ from pogdiff_dist.config import Config, load_config
 
 # Identical budgets per method; "cpu" fits this 2-core machine, "gpu" is the real thing.
 BUDGETS = {
-    "cpu": dict(resolution=24, unet="tiny", base_steps=900, finetune_steps=150, scratch_steps=600, batch_size=8,
-                eval_images=8, eval_steps=25, lr=5e-4, warmup=20, variants=None,
-                scratch_methods=["vanilla", "PoGDiff"]),
-    "smoke": dict(resolution=16, unet="tiny", base_steps=4, finetune_steps=2, scratch_steps=2, batch_size=4,
-                  eval_images=2, eval_steps=2, lr=5e-4, warmup=2,  # checks the flow end to end in minutes
-                  variants=["stop, literal psi_den"], scratch_methods=["vanilla", "PoGDiff"]),
-    "gpu": dict(resolution=32, unet="small", base_steps=12000, finetune_steps=1500, scratch_steps=6000, batch_size=16,
-                eval_images=20, eval_steps=50, lr=2e-4, warmup=200, variants=None, scratch_methods=None),
+    "cpu": {"resolution": 24, "unet": "tiny", "base_steps": 900, "finetune_steps": 150, "scratch_steps": 600, "batch_size": 8,
+                "eval_images": 8, "eval_steps": 25, "lr": 5e-4, "warmup": 20, "variants": None,
+                "scratch_methods": ["vanilla", "PoGDiff"]},
+    "smoke": {"resolution": 16, "unet": "tiny", "base_steps": 4, "finetune_steps": 2, "scratch_steps": 2, "batch_size": 4,
+                  "eval_images": 2, "eval_steps": 2, "lr": 5e-4, "warmup": 2,  # checks the flow end to end in minutes
+                  "variants": ["stop, literal psi_den"], "scratch_methods": ["vanilla", "PoGDiff"]},
+    "gpu": {"resolution": 32, "unet": "small", "base_steps": 12000, "finetune_steps": 1500, "scratch_steps": 6000, "batch_size": 16,
+                "eval_images": 20, "eval_steps": 50, "lr": 2e-4, "warmup": 200, "variants": None, "scratch_methods": None},
 }
 
 # The tested methods, as config overrides on top of the chosen PoGDiff variant.
@@ -263,13 +263,13 @@ def markdown(results: dict) -> str:
 
     if "validation" in results:
         v = results["validation"]
-        lines += [f"## Validation on {v['split']} (seed {results['seeds'][0]}; chosen by {v['select_on']}: "
-                  f"**{v['chosen']}**)", ""] + table(v["rows"]) + [""]
+        lines += [(f"## Validation on {v['split']} (seed {results['seeds'][0]}; chosen by {v['select_on']}: "
+                  f"**{v['chosen']}**)"), ""] + table(v["rows"]) + [""]
         if v.get("psi"):
-            lines += ["Where each variant's PoG weight goes on the val split (expectation over the neighbour "
-                      "draw; benchmarks/psi_weights.py):", "",
-                      "| variant | E[psi] few-shot | E[psi] majority | P(same identity) few-shot | "
-                      "psi_den mass on top 5 samples | accuracy few |", "|---|---|---|---|---|---|"]
+            lines += [("Where each variant's PoG weight goes on the val split (expectation over the neighbour "
+                      "draw; benchmarks/psi_weights.py):"), "",
+                      ("| variant | E[psi] few-shot | E[psi] majority | P(same identity) few-shot | "
+                      "psi_den mass on top 5 samples | accuracy few |"), "|---|---|---|---|---|---|"]
             for label, t in v["psi"].items():
                 g = t["groups"]
                 lines.append(f"| {label} | {g['few-shot']['e_psi']:.3f} | {g['majority']['e_psi']:.3f} | "

@@ -49,7 +49,7 @@ def main() -> None:
         t0 = time.time()
         for attempt in (1, 2):
             try:
-                rc = subprocess.run(cmd, cwd=REPO, env=env, timeout=limit).returncode
+                rc = subprocess.run(cmd, cwd=REPO, env=env, timeout=limit, check=False).returncode
                 status = "ok" if rc == 0 else f"failed (exit {rc})"
             except subprocess.TimeoutExpired:
                 status = f"timed out after {limit}s"

@@ -39,13 +39,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pogdiff_dist.runtime import init_ray
 
-MEM_UNET = dict(  # 71.9M parameters at cross_attention_dim 384, 1 channel
-    block_out_channels=(128, 256, 512),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=2, attention_head_dim=8, norm_num_groups=32,
-    sample_size=8, in_channels=1, out_channels=1, cross_attention_dim=384,
-)
+MEM_UNET = {  # 71.9M parameters at cross_attention_dim 384, 1 channel
+    "block_out_channels": (128, 256, 512),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "layers_per_block": 2, "attention_head_dim": 8, "norm_num_groups": 32,
+    "sample_size": 8, "in_channels": 1, "out_channels": 1, "cross_attention_dim": 384,
+}
 
 
 def model_bytes_per_param(stage: int, n: int) -> float:

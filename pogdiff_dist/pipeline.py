@@ -20,7 +20,7 @@ from pogdiff_dist.models import TextEncoder
 
 
 class PoGDiffPipeline(DiffusionPipeline):
-    _optional_components = ["vae"]
+    _optional_components = ["vae"]  # noqa: RUF012 - diffusers reads this class attribute as a list
 
     def __init__(self, unet, scheduler, text_encoder, tokenizer, vae=None, max_length: int = 77):
         super().__init__()

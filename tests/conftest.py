@@ -10,6 +10,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The fast tier (``-m "not integration"``) starts no Ray: a test that needs the local
+    cluster (directly or through ``prepared``) must be marked ``integration``."""
+    unmarked = [item.nodeid for item in items
+                if "ray_local" in getattr(item, "fixturenames", ()) and item.get_closest_marker("integration") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests using a Ray cluster without the integration marker: {unmarked}")
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local cluster per test module, shut down after it: a cluster left running

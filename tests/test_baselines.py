@@ -61,7 +61,7 @@ def test_cbdm_stop_gradients():
     t = torch.tensor([100, 600, 900])
     tau, n = 1.3, h[0].numel()
     w = (t.float() / T * tau).view(-1, 1, 1, 1)
-    total, denoise, reg = cbdm_loss(h, h2, eps, t, T, tau)
+    total, _denoise, reg = cbdm_loss(h, h2, eps, t, T, tau)
 
     # the regulariser alone: |h - sg(h')|^2 moves only h, 1/4 |sg(h) - h'|^2 only h'
     g_h, g_h2 = torch.autograd.grad(reg.sum(), (h, h2), retain_graph=True)
@@ -353,8 +353,8 @@ class CountingUNet:
         self.unet, self.calls = unet, []
 
     def __call__(self, x, t, encoder_hidden_states):
-        self.calls.append(dict(n=x.shape[0], grad=torch.is_grad_enabled(), t=t.clone(),
-                               y=encoder_hidden_states.detach().clone()))
+        self.calls.append({"n": x.shape[0], "grad": torch.is_grad_enabled(), "t": t.clone(),
+                               "y": encoder_hidden_states.detach().clone()})
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
 
 
@@ -489,7 +489,7 @@ def test_step_diffrop_needs_identity_and_different_identities(unet, scheduler):
         run(unet, scheduler, "diffrop", batch=make_batch(identity=None))
     # one identity in the batch: no pair, the step is vanilla on the same x_t
     loss, stats, _ = run(unet, scheduler, "diffrop", seed=2, batch=make_batch(identity=(5, 5, 5, 5)))
-    v_loss, v_stats, _ = run(unet, scheduler, "vanilla", seed=2)
+    v_loss, _v_stats, _ = run(unet, scheduler, "vanilla", seed=2)
     assert stats["loss_pog"] == 0.0 and stats["diffrop_partner_frac"] == 0.0
     assert loss.item() == v_loss.item()
     # dropped captions take no part in pairs

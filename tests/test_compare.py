@@ -36,7 +36,7 @@ def mlflow_server(tmp_path_factory):
     """`mlflow server` with a SQLite backend and proxied artifacts, all under a temp dir."""
     tmp = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
-    log = open(tmp / "server.log", "w")
+    log = open(tmp / "server.log", "w")  # noqa: SIM115 - the server writes to it until the fixture ends
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts")],
@@ -172,7 +172,7 @@ def test_compare_against_sqlite_store(tmp_path, monkeypatch):
     _check_sweep_comparison(uri, ids, tmp_path / "out")
     # the default URI is the project's: $MLFLOW_TRACKING_URI, else ./mlflow.db made absolute
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert default_uri() == uri and [r.name for r in compare(parent_run_id=ids["parent"], out_dir=None).runs][0] == "trial-b"
+    assert default_uri() == uri and next(r.name for r in compare(parent_run_id=ids["parent"], out_dir=None).runs) == "trial-b"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.chdir(tmp_path)
     assert default_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -78,9 +78,9 @@ def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_mod
     from mlflow.tracking import MlflowClient
 
     from pogdiff_dist.config import EvalConfig
+    from pogdiff_dist.data.bundled.digits import judge_spec
     from pogdiff_dist.evaluation.features import ImageEncoder, load_real_images
     from pogdiff_dist.evaluation.generate import generate_identity, load_pipeline
-    from pogdiff_dist.data.bundled.digits import judge_spec
     from pogdiff_dist.evaluation.judges import CNNJudge
     from pogdiff_dist.evaluation.scoring import compute_metrics
 
@@ -107,7 +107,7 @@ def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_mod
     assert results["classifier"]["classifier"] == "digits-cnn"
     assert results["classifier"]["accuracy_on_real_heldout"] >= 0.75  # 4 held-out digits, 0 and 1
     assert results["reference_sets"]["grecall"] == "training images"
-    for name, row in results["per_identity"].items():
+    for row in results["per_identity"].values():
         assert row["reference"] == "heldout" and row["num_reference"] == 2  # tiny.yaml: 2 held out
         assert row["num_train"] == row["train_count"] and row["num_generated"] == 3
     assert results["per_identity"]["Alice Moreau"]["train_count"] == 30
@@ -202,8 +202,8 @@ def test_user_folder_dataset_nearest_centroid(ray_local, tiny_cfg, tmp_path):
     from PIL import Image
 
     from pogdiff_dist.config import EvalConfig
-    from pogdiff_dist.evaluation.evaluate import evaluate_model
     from pogdiff_dist.data.bundled.digits import render_digits
+    from pogdiff_dist.evaluation.evaluate import evaluate_model
     from pogdiff_dist.prepare.pipeline import run_prepare
 
     images, labels = render_digits(16)

@@ -133,8 +133,8 @@ def test_judge_cache_round_trip_is_safetensors(faces_m, judge, cache):
 
 
 def test_auto_selects_the_faces_judge():
-    from pogdiff_dist.data.bundled.digits import NAMES as DIGIT_NAMES
     from pogdiff_dist.config import CLASSIFIERS, EvalConfig
+    from pogdiff_dist.data.bundled.digits import NAMES as DIGIT_NAMES
     from pogdiff_dist.evaluation.scoring import resolve_classifier
 
     assert "faces" in CLASSIFIERS and EvalConfig(classifier="faces").classifier == "faces"
@@ -173,10 +173,10 @@ def test_forcing_faces_on_unknown_names_names_them():
 def test_compute_metrics_uses_the_faces_judge(faces_m, judge, cache):
     """compute_metrics with classifier "auto" on a Faces-IT2I manifest: the cached judge,
     and its reported accuracy on the real held-out images (here also the "generated")."""
-    from pogdiff_dist.data.shards import Manifest
     from pogdiff_dist.config import EvalConfig
-    from pogdiff_dist.evaluation.scoring import compute_metrics
+    from pogdiff_dist.data.shards import Manifest
     from pogdiff_dist.evaluation.features import RealImages
+    from pogdiff_dist.evaluation.scoring import compute_metrics
 
     names, train, held = faces_m
     manifest = Manifest(fingerprint="", num_samples=sum(map(len, train.values())), k_max=1,

@@ -12,7 +12,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--device", "cpu", "--tiny",
                            "--precision", "fp32", "--steps", "4", "--warmup", "1", "--out", str(out),
-                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=600)
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["checks"]["passed"] is True and r["checks"]["resumed_from_step"] == [3]

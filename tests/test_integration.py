@@ -23,8 +23,11 @@ def test_shards_round_trip(ray_local, tiny_cfg, prepared):
     n = prepared.num_samples
     assert n == 32 and sorted(batch.index.tolist()) == list(range(n))  # every sample exactly once
     # one shard per samples_per_shard rows, so workers can read disjoint files in parallel
-    per_shard = [len({Path(m).name.split(".")[0] for m in tarfile.open(out / "shards" / s).getnames()})
-                 for s in prepared.shards]
+    def samples_in(shard):
+        with tarfile.open(shard) as tar:
+            return len({Path(m).name.split(".")[0] for m in tar.getnames()})
+
+    per_shard = [samples_in(out / "shards" / s) for s in prepared.shards]
     assert per_shard == [tiny_cfg.prepare.samples_per_shard] * 2, per_shard
 
     order = torch.argsort(batch.index)
@@ -99,7 +102,7 @@ def test_prepare_resumes_and_redoes_only_affected_stages(ray_local, tiny_cfg, pr
     # the ELBO is a function of the identity whose rarest names get the largest weight
     import numpy as np
 
-    from pogdiff_dist.data.density import log_density_weights
+    from pogdiff_dist.losses import log_density_normaliser, psi_den
     from pogdiff_dist.prepare.pipeline import read_encoded_columns
 
     out = Path(tiny_cfg.prepare.out_dir)
@@ -114,7 +117,8 @@ def test_prepare_resumes_and_redoes_only_affected_stages(ray_local, tiny_cfg, pr
     assert all(np.ptp(v) < 1e-6 for v in per_id.values())  # one prompt per identity
     assert not np.allclose(elbo, caption_elbo)
     counts = dict(zip(range(len(m3.identities)), m3.train_counts))
-    log_w = log_density_weights(elbo)
+    e = torch.from_numpy(elbo)
+    log_w = psi_den(e, log_density_normaliser(e, 1.0), a3=1.0).log().numpy()  # log(a3 psi_den), Eq. 11
     few = [i for i in per_id if counts[i] <= 2]
     many = [i for i in per_id if counts[i] >= 10]
     assert few and many

@@ -125,7 +125,7 @@ def test_higher_temperature_compresses_psi_den_range(data):
 def test_ablations(data):
     sim, same, elbo, all_elbo = data
     ln = log_density_normaliser(all_elbo, 1.0)
-    kw = dict(a1=1.5, a2=0.7, a3=2.0)
+    kw = {"a1": 1.5, "a2": 0.7, "a3": 2.0}
     full = psi_weights(sim, same, elbo, ln, **kw)
     no_img = psi_weights(sim, same, elbo, ln, use_psi_img=False, **kw)
     no_den = psi_weights(sim, same, elbo, ln, use_psi_den=False, **kw)
@@ -145,7 +145,7 @@ def test_ablations(data):
 def test_psi_cap_clamps(data):
     sim, same, elbo, all_elbo = data
     ln = log_density_normaliser(all_elbo, 1.0)
-    kw = dict(a1=0.5, a2=0.5, a3=0.1)
+    kw = {"a1": 0.5, "a2": 0.5, "a3": 0.1}
     raw = psi_weights(sim, same, elbo, ln, **kw)
     cap = float(raw.max()) / 2
     assert (raw > cap).any() and (raw < cap).any()

@@ -222,8 +222,8 @@ def test_vision_encoder_from_local_dir(tmp_path):
 
 
 def test_pixel_encoder_and_identity_seed():
-    from pogdiff_dist.evaluation.generate import identity_seed
     from pogdiff_dist.evaluation.features import ImageEncoder
+    from pogdiff_dist.evaluation.generate import identity_seed
 
     images = np.random.default_rng(0).integers(0, 255, size=(2, 8, 8, 1), dtype=np.uint8)
     f = ImageEncoder("pixels")(images)

@@ -157,5 +157,7 @@ def test_load_image_shape_range_and_crop(tmp_path):
 
 def test_record_is_frozen():
     r = Record("k", __import__("pathlib").Path("/x.png"), "c", "i", "train")
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         r.key = "other"

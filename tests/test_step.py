@@ -71,8 +71,8 @@ class CountingUNet:
         self.calls = []
 
     def __call__(self, x, t, encoder_hidden_states):
-        self.calls.append(dict(n=x.shape[0], grad=torch.is_grad_enabled(), x=x.detach().clone(), t=t.clone(),
-                               y=encoder_hidden_states.detach().clone()))
+        self.calls.append({"n": x.shape[0], "grad": torch.is_grad_enabled(), "x": x.detach().clone(), "t": t.clone(),
+                               "y": encoder_hidden_states.detach().clone()})
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
 
 
@@ -129,7 +129,7 @@ def test_stop_all_active_two_calls(env):
 
 @pytest.mark.parametrize("grad", ["full", "stop"])
 def test_inactive_rows_skip_neighbour_pass(env, grad):
-    loss, stats, calls = env(HALF, neighbor_grad=grad, use_psi_den=False)
+    _loss, stats, calls = env(HALF, neighbor_grad=grad, use_psi_den=False)
     active = [0, 2]
     if grad == "full":
         assert [(c["n"], c["grad"]) for c in calls] == [(B + 2, True)]

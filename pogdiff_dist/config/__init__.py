@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from pogdiff_dist.config.sections import (  # noqa: F401 - the sections are part of this module's API
+from pogdiff_dist.config.sections import (  # the sections are part of this module's API (__all__)
     BUNDLED_DATASETS,
     BUNDLED_TEXT_ENCODER,
     CLASSIFIERS,
@@ -35,6 +35,10 @@ from pogdiff_dist.config.sections import (  # noqa: F401 - the sections are part
     TrainConfig,
     _check,
 )
+
+__all__ = ["BUNDLED_DATASETS", "BUNDLED_TEXT_ENCODER", "CLASSIFIERS", "EVAL_METRICS", "LOSS_METHODS", "Config",
+           "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "OptimConfig", "PrepareConfig", "RayConfig",
+           "TrackingConfig", "TrainConfig", "from_dict", "load_config", "parse_override", "save_config"]
 
 
 @dataclass(frozen=True)

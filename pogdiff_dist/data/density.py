@@ -7,7 +7,8 @@ exp(-ELBO) overflows; we store log-weights and self-normalise instead:
 
     log(a3 * psi_den_i) = -ELBO_i / T - logmeanexp_j(-ELBO_j / T)
 
-so exp(log_w) averages to exactly 1 over the dataset and psi_den averages to 1 / a3. The
+so exp(log_w) averages to exactly 1 over the dataset and psi_den averages to 1 / a3
+(:func:`pogdiff_dist.losses.psi_den`, what the training step uses). The
 normalisation only rescales a3, which is a free hyperparameter anyway. T = 1 is Eq. 11;
 T > 1 (a temperature on -ELBO) compresses the dynamic range of psi_den and is a departure
 from the paper, off unless chosen (untempered ELBO spreads of 30-150 nats put nearly all
@@ -159,26 +160,6 @@ def compute_elbo(model: TextDensityVAE, pooled: np.ndarray, batch_size: int = 40
     out = torch.cat([model.elbo(y[s : s + batch_size].to(device)).cpu() for s in range(0, len(y), batch_size)])
     model.train(was_training)
     return out.double().numpy()
-
-
-def log_density_weights(elbo: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Self-normalised log text-density weights log(a3 * psi_den_i) (Eq. 11), float64 [N].
-
-    log_w_i = -ELBO_i / T - logmeanexp_j(-ELBO_j / T), so mean(exp(log_w)) = 1 and
-    psi_den = exp(log_w) / a3 averages to 1 / a3. T = 1 is Eq. 11 up to the normalisation
-    (which only rescales a3); T > 1 divides the spread of log_w by T (a documented departure).
-    """
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    a = -np.asarray(elbo, dtype=np.float64) / temperature
-    if a.ndim != 1 or a.size == 0:
-        raise ValueError(f"elbo must be a non-empty 1-D array, got shape {a.shape}")
-    bad = np.flatnonzero(~np.isfinite(a))
-    if bad.size:
-        raise ValueError(f"elbo has a NaN/Inf value at index {int(bad[0])}")
-    m = a.max()
-    log_mean_exp = m + math.log(np.exp(a - m).sum()) - math.log(a.size)
-    return a - log_mean_exp
 
 
 def save_density_vae(model: TextDensityVAE, path: str | os.PathLike) -> None:

@@ -88,7 +88,7 @@ def check_image(path: Path) -> str | None:
     try:
         with Image.open(path) as im:
             im.load()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... on bad data
         return f"cannot decode image {path}: {type(e).__name__}: {e}"
     return None
 

@@ -70,8 +70,8 @@ def build_synthetic_prepared(out_dir: str | Path, counts: list[int], latent_shap
 
     fingerprint = hashlib.sha256(json.dumps([counts, list(latent_shape), str(text_encoder_dir), max_length, k_max,
                                              seed]).encode()).hexdigest()[:16]
-    tables = dict(nbr_idx=nbr_idx, nbr_sim=nbr_sim, tokens=tokens, lengths=lengths, identity=identity, elbo=elbo,
-                  fingerprint=fingerprint)
+    tables = {"nbr_idx": nbr_idx, "nbr_sim": nbr_sim, "tokens": tokens, "lengths": lengths, "identity": identity, "elbo": elbo,
+                  "fingerprint": fingerprint}
     shards = _write_shards(out / "shards", latents, hidden, captions, tables, samples_per_shard)
     manifest = Manifest(
         fingerprint=fingerprint, num_samples=n, k_max=k_max, latent_shape=list(latent_shape),

@@ -49,11 +49,10 @@ def load_records(cfg: Config) -> DatasetRecords:
         name, preset = which
         root = Path(cfg.prepare.out_dir) / "raw"
         build = bundled(name).build
-        if name == "faces-it2i":
-            if cfg.data.channels != 3 and cfg.model.pretrained is None:
-                raise ValueError(f"data.dataset={cfg.data.dataset!r} is an RGB dataset whose captions name "
-                                 f"colours; set data.channels=3 (got {cfg.data.channels}), e.g. "
-                                 "--set data.channels=3 or use configs/faces.yaml")
+        if name == "faces-it2i" and cfg.data.channels != 3 and cfg.model.pretrained is None:
+            raise ValueError(f"data.dataset={cfg.data.dataset!r} is an RGB dataset whose captions name "
+                             f"colours; set data.channels=3 (got {cfg.data.channels}), e.g. "
+                             "--set data.channels=3 or use configs/faces.yaml")
         build(root, preset=preset, resolution=cfg.data.resolution, seed=cfg.data.seed,
               heldout_per_identity=cfg.data.heldout_per_identity)
     else:
@@ -225,11 +224,11 @@ def run_prepare(cfg: Config) -> Manifest:
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.prepare.batch_size, 64)))
         ds = ds.map_batches(SampleEncoder, batch_size=cfg.prepare.batch_size, batch_format="numpy",
                             concurrency=cfg.prepare.num_encoders, num_cpus=1, num_gpus=gpus,
-                            fn_constructor_kwargs=dict(text_encoder_dir=str(text_dir), tokenizer_dir=str(tok_dir),
-                                                       max_length=cfg.model.max_length,
-                                                       resolution=cfg.data.resolution, channels=channels,
-                                                       image_encoder=cfg.model.image_encoder, vae_dir=vae_dir,
-                                                       device=_task_device(gpus)))
+                            fn_constructor_kwargs={"text_encoder_dir": str(text_dir), "tokenizer_dir": str(tok_dir),
+                                                       "max_length": cfg.model.max_length,
+                                                       "resolution": cfg.data.resolution, "channels": channels,
+                                                       "image_encoder": cfg.model.image_encoder, "vae_dir": vae_dir,
+                                                       "device": _task_device(gpus)})
         ds.write_parquet(str(encoded))
         dt = time.time() - t0
         ran_on = sorted(ray.data.read_parquet(str(encoded)).select_columns(["encoded_by"]).unique("encoded_by"))
@@ -269,9 +268,9 @@ def run_prepare(cfg: Config) -> Manifest:
         shutil.rmtree(shard_dir, ignore_errors=True)
         tab = read_encoded_columns(encoded, ["tokens", "length", "identity_id"])
         knn = np.load(out / "neighbours.npz")
-        tables = dict(nbr_idx=knn["idx"], nbr_sim=knn["sims"], tokens=tab["tokens"],
-                      lengths=tab["length"], identity=tab["identity_id"], elbo=np.load(out / "elbo.npy"),
-                      fingerprint=fp_shards)
+        tables = {"nbr_idx": knn["idx"], "nbr_sim": knn["sims"], "tokens": tab["tokens"],
+                      "lengths": tab["length"], "identity": tab["identity_id"], "elbo": np.load(out / "elbo.npy"),
+                      "fingerprint": fp_shards}
         ref = ray.put(tables)
         ds = ray.data.read_parquet(str(encoded)).select_columns(["index", "key", "caption", "latent", "y"])
         ds = ds.map_batches(_AttachNeighbours, fn_constructor_args=([ref],), concurrency=1, batch_format="numpy")

@@ -73,14 +73,14 @@ def _runs_from_frame(df) -> list[RunInfo]:
     import pandas as pd
 
     runs = []
-    for row in df.to_dict("records"):
-        def part(prefix):
-            return {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix) and not pd.isna(v)}
+    def part(row, prefix):
+        return {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix) and not pd.isna(v)}
 
-        tags = part("tags.")
+    for row in df.to_dict("records"):
+        tags = part(row, "tags.")
         runs.append(RunInfo(row["run_id"], tags.get("mlflow.runName", row["run_id"][:8]), row["status"],
-                            {k: str(v) for k, v in part("params.").items()},
-                            {k: float(v) for k, v in part("metrics.").items()}, tags))
+                            {k: str(v) for k, v in part(row, "params.").items()},
+                            {k: float(v) for k, v in part(row, "metrics.").items()}, tags))
     return runs
 
 

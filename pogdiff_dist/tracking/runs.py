@@ -92,7 +92,7 @@ def run_folders(tracking_uri: str, run_id: str) -> dict[str, str]:
     A ValueError names the URI when the run is not there."""
     try:
         run = MlflowClient(tracking_uri).get_run(run_id)
-    except Exception as e:  # noqa: BLE001 - MLflow raises its own types; say where we looked
+    except Exception as e:
         raise ValueError(f"MLflow run {run_id!r} not found in {redact(tracking_uri)} ({type(e).__name__}: {e}); "
                          f"pass --tracking-uri") from e
     tags = run.data.tags

@@ -12,8 +12,8 @@ the two-condition ones through :meth:`DualConditionStep.dual_forward`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -205,7 +205,7 @@ def check_space(spec: SweepSpec, base: Config, k_max: int | None = None) -> None
     range (every value of a choice) gives a valid config; ``loss.k`` stays <= ``k_max``."""
     flat = base.flat()
     for p in spec.space:
-        section, _, name = p.key.partition(".")
+        section, _, _name = p.key.partition(".")
         if p.key not in flat:
             valid = sorted(k for k in flat if k.startswith(section + ".")) or sorted({k.split(".")[0] for k in flat})
             raise ValueError(f"space key {p.key!r} is not a config key; valid keys: {valid}")

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pogdiff_dist.data.bundled import Bundled, JudgeSpec, check_build_args, write_build
-from pogdiff_dist.data.bundled.faces_render import (  # noqa: F401 - the dataset's drawing is part of its API
+from pogdiff_dist.data.bundled.faces_render import (
     BASE_NAMES,
     RENDER_VERSION,
     TARGET_NAMES,
@@ -53,6 +53,10 @@ from pogdiff_dist.data.bundled.faces_render import (  # noqa: F401 - the dataset
 from pogdiff_dist.data.records import slugify
 
 STAMP = "faces_it2i.json"
+# the dataset's drawing, re-exported: part of this module's API
+__all__ = ["BASE_NAMES", "DATASET", "PRESETS", "RENDER_VERSION", "STAMP", "TARGET_NAMES", "Identity", "Variation",
+           "build_faces_it2i", "caption_for", "identities", "image_variation", "judge_spec", "main", "preview_grid",
+           "render", "render_faces", "sample_variation"]
 
 
 @dataclass(frozen=True)
