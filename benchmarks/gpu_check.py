@@ -122,7 +122,7 @@ def run_method(name: str, cfg, prepared: Path, work: Path, device: torch.device,
                       run_dir=None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    batches = local_epoch_batches(cfg, prepared, trainer.manifest)
+    batches = local_epoch_batches(trainer, prepared)
     # the first step (a warm-up step, not timed) runs under the FLOP counter: forward, backward, optimiser
     with FlopCounterMode(display=False) as counter:
         trainer._train_step(next(iter(batches(0))).batch)

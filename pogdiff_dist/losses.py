@@ -43,6 +43,26 @@ def psi_den(elbo: torch.Tensor, log_norm: torch.Tensor | float, a3: float,
     return (-elbo.double() / den_temperature - log_norm).exp() / a3
 
 
+def identity_weights(counts: torch.Tensor, mode: str, alpha: float = 0.5) -> torch.Tensor:
+    """Per-identity loss weight [C] for ``loss.identity_weight``: 1 (``none``), 1 / n_c
+    (``inverse``), n_c ** (alpha - 1) (``power``), normalised so the mean over the training
+    samples (identity c counted n_c times) is 1: sum_c n_c w_c / sum_c n_c = 1."""
+    n = counts.double()
+    if mode == "none":
+        w = torch.ones_like(n)
+    elif mode in ("inverse", "power"):
+        w = n.clamp(min=1) ** ((0.0 if mode == "inverse" else alpha) - 1.0)
+    else:
+        raise ValueError(f"loss.identity_weight must be none, inverse or power, got {mode!r}")
+    return (w * n.sum() / (n * w).sum()).float()
+
+
+def identity_count_density(counts: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    """What ``loss.psi_den_source=identity_count`` puts where Eq. 11 has the ELBO: log n_id
+    per sample, so psi_den = exp(-log n / T - logmeanexp(-log n / T)) / a3 = n^(-1/T) / mean(n^(-1/T)) / a3."""
+    return counts.double().clamp(min=1).log()[identity]
+
+
 def psi_weights(
     sim: torch.Tensor,
     same_identity: torch.Tensor,

@@ -91,7 +91,7 @@ def test_zero3_partitions_the_unet_but_not_the_frozen_text_encoder(synthetic, tm
     assert all(hasattr(p, "ds_id") for p in trainer.engine.module.parameters())
     assert not any(hasattr(p, "ds_id") for p in trainer.text.model.parameters())
     assert trainer.text.model.dtype == torch.float32 and trainer.attention == ["AttnProcessor2_0"]  # SDPA
-    state = trainer.fit(local_epoch_batches(cfg, synthetic, trainer.manifest))
+    state = trainer.fit(local_epoch_batches(trainer, synthetic))
     assert state.step == 2 and (tmp_path / "model" / "unet" / "config.json").is_file()
 
 

@@ -57,6 +57,7 @@ def test_bundled_sweep_file_loads():
     ({"scheduler": {"type": "asha", "patience": 4}}, "scheduler: unknown field(s) ['patience']"),
     ({"overrides": {"optim.schedule": "cosine"}}, "optim.schedule=cosine"),
     ({"eval": {"num_images": 0}}, "eval.num_images must be >= 1"),
+    ({"seeds": [0, 0]}, "seeds must be distinct"),
     ({"space.eval.steps": {"type": "randint", "low": 1, "high": 9}}, "how every trial is measured"),
 ])
 def test_sweep_file_errors_name_the_key(tmp_path, change, message):
@@ -95,6 +96,15 @@ def test_concurrency_fits_the_cluster():
     assert fit_concurrency(base, spec, {"CPU": 32.0}) == 12  # floor(31 / 2.5)
     gpu = base.with_overrides({"train.use_gpu": True})
     assert fit_concurrency(gpu, spec, {"CPU": 32.0, "GPU": 4.0}) == 2  # 2 GPUs per trial
+
+
+def test_a_trials_objective_is_the_mean_over_its_seeds(tmp_path):
+    from pogdiff_dist.tuning.trial import _mean
+
+    spec, _ = load_sweep(_sweep_file(tmp_path, seeds=[0, 1]))
+    assert spec.seeds == (0, 1) and spec.to_dict()["seeds"] == [0, 1]
+    assert _mean([0.25, 0.5]) == 0.375 and _mean([0.5, None, float("nan")]) == 0.5
+    assert math.isnan(_mean([None]))
 
 
 def test_rung_evaluation_is_the_base_configs_eval_section(tmp_path):

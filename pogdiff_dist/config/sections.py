@@ -25,6 +25,10 @@ BUNDLED_DATASETS = {
 }
 
 
+SAMPLING_MODES = ("uniform", "balanced", "power")
+TRAINING_TIME_DATA_KEYS = ("sampling", "sampling_alpha", "on_bad")  # data.* keys that do not change prepare
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the raw dataset comes from and how images are read."""
@@ -35,9 +39,16 @@ class DataConfig:
     heldout_per_identity: int = 20  # bundled dataset only: images kept out of training
     on_bad: str = "raise"  # "raise" or "skip" (skips are counted and reported)
     seed: int = 0
+    # How often each identity is seen per epoch (training time; the prepared data is the same):
+    # "uniform" every sample once; "balanced" every identity equally often; "power" an identity's
+    # share proportional to n_id ** sampling_alpha (0 = balanced, 1 = uniform). See data/sampling.py.
+    sampling: str = "uniform"
+    sampling_alpha: float = 0.5
 
     def __post_init__(self):
         _check(self.resolution >= 8, f"data.resolution must be >= 8, got {self.resolution}")
+        _one_of("data.sampling", self.sampling, SAMPLING_MODES)
+        _check(self.sampling_alpha >= 0, f"data.sampling_alpha must be >= 0, got {self.sampling_alpha}")
         _one_of("data.channels", self.channels, (1, 3))
         _one_of("data.on_bad", self.on_bad, ("raise", "skip"))
         _check(self.heldout_per_identity >= 0, "data.heldout_per_identity must be >= 0")
@@ -128,9 +139,20 @@ class LossConfig:
     cbdm_tau: float = 1.0  # CBDM regulariser weight (times t / T)
     diffrop_tau: float = 1.0  # DiffROP overlap weight at t = 0
     diffrop_decay: float = 5.0  # DiffROP: tau(t) = diffrop_tau * exp(-diffrop_decay * t / T)
+    # Per-sample loss weight by identity frequency, for every method: "none"; "inverse" (1 / n_id);
+    # "power" (n_id ** (identity_weight_alpha - 1)); normalised to mean 1 over the training samples.
+    identity_weight: str = "none"
+    identity_weight_alpha: float = 0.5
+    # What psi_den measures: "elbo" (Eq. 11: the text VAE's density of the caption) or
+    # "identity_count" (inverse identity frequency n_id ** (-1 / T), normalised the same way;
+    # a departure that uses the identities psi_img already needs).
+    psi_den_source: str = "elbo"
 
     def __post_init__(self):
         _one_of("loss.method", self.method, LOSS_METHODS)
+        _one_of("loss.identity_weight", self.identity_weight, ("none", "inverse", "power"))
+        _check(self.identity_weight_alpha >= 0, "loss.identity_weight_alpha must be >= 0")
+        _one_of("loss.psi_den_source", self.psi_den_source, ("elbo", "identity_count"))
         _check(self.cbdm_tau >= 0 and self.diffrop_tau >= 0 and self.diffrop_decay >= 0,
                "loss.cbdm_tau, loss.diffrop_tau and loss.diffrop_decay must be >= 0")
         _one_of("loss.neighbor_grad", self.neighbor_grad, ("full", "stop"))

@@ -280,13 +280,14 @@ def iter_shard_batches(shards: list[str], batch_size: int, shuffle_buffer: int =
     for sample in ds:
         rows.append(sample)
         if len(rows) == batch_size:
-            yield _columns(rows)
+            yield rows_to_columns(rows)
             rows = []
     if rows:
-        yield _columns(rows)
+        yield rows_to_columns(rows)
 
 
-def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+def rows_to_columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Row dicts -> the column dict of object arrays ``collate`` takes (a key a row lacks is None)."""
     keys = sorted({k for r in rows for k in r})
     out = {}
     for k in keys:

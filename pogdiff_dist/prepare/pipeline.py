@@ -22,6 +22,7 @@ import ray.data
 import torch
 
 from pogdiff_dist.config import Config
+from pogdiff_dist.config.sections import TRAINING_TIME_DATA_KEYS
 from pogdiff_dist.data.bundled import bundled
 from pogdiff_dist.data.density import DensityVAEConfig, compute_elbo, fit_density_vae, save_density_vae
 from pogdiff_dist.data.encode import SampleEncoder
@@ -211,8 +212,9 @@ def run_prepare(cfg: Config) -> Manifest:
 
     encoded = out / "encoded"
     # data.on_bad is left out: records are re-read on every run, and the skipped ones change
-    # records_fingerprint; a dataset that read cleanly reads the same under either policy.
-    data_fp = {k: v for k, v in cfg.to_dict()["data"].items() if k != "on_bad"}
+    # records_fingerprint; a dataset that read cleanly reads the same under either policy. The
+    # sampling keys act at training time only.
+    data_fp = {k: v for k, v in cfg.to_dict()["data"].items() if k not in TRAINING_TIME_DATA_KEYS}
     fp_encode = _hash(records_fingerprint(records), data_fp, cfg.to_dict()["model"], str(text_dir))
     gpus = resolve_gpus(cfg.prepare.gpus_per_encoder)
     stage = _Stage(out, "encode", fp_encode)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pogdiff_dist.config import Config
-from pogdiff_dist.data.shards import Manifest, StreamedBatch
+from pogdiff_dist.data.shards import StreamedBatch
 from pogdiff_dist.train.engine import init_single_process
 from pogdiff_dist.train.trainer import Trainer
 
@@ -41,18 +41,20 @@ class LocalCheckpoints:
         return found[-1] if found else None
 
 
-def local_epoch_batches(cfg: Config, prepared_dir: str | Path, manifest: Manifest, rank: int = 0,
+def local_epoch_batches(trainer: Trainer, prepared_dir: str | Path, rank: int = 0,
                         world: int = 1) -> Callable[[int], Iterator[StreamedBatch]]:
-    """Epochs read straight from the shards with ``webdataset``: this rank's shards
-    (every ``world``-th), a seeded shuffle buffer per epoch, collated as Ray's path does."""
-    from pogdiff_dist.data.shards import collate_stream, iter_shard_batches
+    """Epochs read straight from the shards with ``webdataset``: this rank's shards (every
+    ``world``-th), a seeded shuffle buffer per epoch (unless ``data.sampling`` resamples and
+    shuffles), through the trainer's :meth:`~Trainer.epoch_stream` as Ray's path does."""
+    from pogdiff_dist.data.shards import iter_shard_batches
 
-    shards = [str(Path(prepared_dir) / "shards" / s) for s in manifest.shards][rank::world]
+    cfg = trainer.cfg
+    shards = [str(Path(prepared_dir) / "shards" / s) for s in trainer.manifest.shards][rank::world]
 
     def epoch_batches(epoch: int) -> Iterator[StreamedBatch]:
-        batches = iter_shard_batches(shards, cfg.optim.batch_size, cfg.train.shuffle_buffer,
-                                     seed=cfg.train.seed * 7919 + epoch * 31 + rank)
-        return collate_stream(batches, manifest, cfg.data.on_bad)
+        shuffle = 0 if trainer.sampling.active else cfg.train.shuffle_buffer
+        batches = iter_shard_batches(shards, cfg.optim.batch_size, shuffle, seed=cfg.train.seed * 7919 + epoch * 31 + rank)
+        return trainer.epoch_stream(batches, epoch)
 
     return epoch_batches
 
@@ -72,5 +74,5 @@ def train_local(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, devi
         if latest is None:
             raise ValueError(f"resume: no checkpoint_* folder in {run_dir}")
         trainer.load(latest)
-    trainer.fit(local_epoch_batches(cfg, prepared_dir, trainer.manifest))
+    trainer.fit(local_epoch_batches(trainer, prepared_dir))
     return trainer, checkpoints

@@ -60,25 +60,34 @@ class EpochLedger:
     def __init__(self, carried: int = 0):
         self.rows, self.skipped, self.carried = 0, 0, carried
         self.indices: list[np.ndarray] = []
+        self.identities: list[np.ndarray] = []
 
     def add(self, item: StreamedBatch) -> None:
         self.rows += item.rows
         self.skipped += len(item.skipped)
         if item.batch is not None:
             self.indices.append(item.batch.index.numpy())
+            if item.batch.identity is not None:
+                self.identities.append(item.batch.identity.numpy())
 
-    def close(self, epoch: int, num_samples: int, device: torch.device) -> dict[str, float]:
-        """All ranks call at the end of a full pass; returns the global counts."""
-        mine = np.unique(np.concatenate(self.indices)) if self.indices else np.zeros(0, np.int64)
-        seen = torch.zeros(num_samples, dtype=torch.int32)
-        seen[torch.from_numpy(mine)] = 1
-        seen = all_reduce(seen, device)
+    def close(self, epoch: int, num_samples: int, device: torch.device, num_identities: int = 0) -> dict:
+        """All ranks call at the end of a full pass; returns the global counts. With
+        ``data.sampling`` a sample may be delivered several times by design: ``epoch_repeats``
+        counts those extra rows, ``identity_rows`` the rows trained per identity."""
+        mine = np.concatenate(self.indices) if self.indices else np.zeros(0, np.int64)
+        times = torch.from_numpy(np.bincount(mine, minlength=num_samples).astype(np.int32))
+        times = all_reduce(times, device)
+        per_id = np.bincount(np.concatenate(self.identities), minlength=num_identities) if self.identities else (
+            np.zeros(num_identities, np.int64))
+        per_id = all_reduce(torch.from_numpy(per_id.astype(np.int64)), device).tolist()
         rows, skipped, carried = all_reduce(torch.tensor([self.rows, self.skipped, self.carried],
                                                          dtype=torch.float64), device).tolist()
         self.__init__()
+        unique = float((times > 0).sum())
         return {"epoch": epoch, "epoch_rows": rows, "epoch_samples": rows - skipped, "epoch_skipped_bad": skipped,
-                "epoch_unique_samples": float((seen > 0).sum()), "epoch_seen_twice": float((seen > 1).sum()),
-                "epoch_not_delivered": float(num_samples - rows), "epoch_repeated_after_resume": carried}
+                "epoch_unique_samples": unique, "epoch_seen_twice": float((times > 1).sum()),
+                "epoch_repeats": rows - skipped - unique, "epoch_not_delivered": float(num_samples - unique - skipped),
+                "epoch_repeated_after_resume": carried, "identity_rows": per_id}
 
 
 def all_reduce(t: torch.Tensor, device: torch.device, op: str = "sum") -> torch.Tensor:

@@ -21,6 +21,8 @@ from pogdiff_dist.data.shards import Batch
 from pogdiff_dist.losses import (
     cbdm_loss,
     diffrop_loss,
+    identity_count_density,
+    identity_weights,
     log_density_normaliser,
     neighbour_weights,
     pogdiff_loss,
@@ -66,7 +68,9 @@ class DualConditionStep:
 
     def __init__(self, loss_cfg, noise_scheduler, text_encoder, uncond: torch.Tensor,
                  all_elbo: torch.Tensor | None, caption_dropout: float = 0.0, text_cache_mib: float = 0.0,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, identity_counts: torch.Tensor | None = None):
+        """``identity_counts`` [C]: training images per identity id, for ``loss.identity_weight``
+        and ``loss.psi_den_source=identity_count`` (the manifest's ``train_counts``)."""
         self.cfg = loss_cfg
         self.scheduler = noise_scheduler
         if device is not None:  # every tensor the step reads lives where the batch does
@@ -77,8 +81,19 @@ class DualConditionStep:
         self.nbr_states = CaptionStateCache(text_encoder, text_cache_mib)
         self.uncond = uncond  # [L, D] hidden states of the empty caption
         self.caption_dropout = caption_dropout
-        self.log_norm = None
-        if loss_cfg.method == "pogdiff":
+        self.log_norm, self.counts, self.id_weight = None, None, None
+        needs_counts = loss_cfg.identity_weight != "none" or (
+            loss_cfg.method == "pogdiff" and loss_cfg.psi_den_source == "identity_count")
+        if needs_counts:
+            if identity_counts is None:
+                raise ValueError("loss.identity_weight / loss.psi_den_source=identity_count need the identity counts "
+                                 "(the manifest's train_counts)")
+            self.counts = torch.as_tensor(identity_counts).to(device or "cpu")
+            self.id_weight = identity_weights(self.counts, loss_cfg.identity_weight, loss_cfg.identity_weight_alpha)
+        if loss_cfg.method == "pogdiff" and loss_cfg.psi_den_source == "identity_count":
+            every = torch.repeat_interleave(torch.arange(len(self.counts), device=self.counts.device), self.counts.long())
+            self.log_norm = log_density_normaliser(identity_count_density(self.counts, every), loss_cfg.den_temperature)
+        elif loss_cfg.method == "pogdiff":
             assert all_elbo is not None, "pogdiff needs the dataset's ELBOs to normalise psi_den"
             self.log_norm = log_density_normaliser(all_elbo, loss_cfg.den_temperature)
             if device is not None:
@@ -91,6 +106,10 @@ class DualConditionStep:
         self.dtype = dtype
         d = self.draw(batch, generator)
         loss, stats = METHODS[self.cfg.method](self, unet, d, generator)
+        if self.id_weight is not None:  # loss.identity_weight: every method's per-sample loss, one place
+            w = self.id_weight[batch.identity]
+            loss = loss * w
+            stats["identity_weight_mean"] = w.mean().detach()
         return loss.mean(), stats
 
     def draw(self, batch: Batch, generator: torch.Generator) -> Draws:
@@ -136,8 +155,11 @@ def _pogdiff(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.
     w = neighbour_weights(batch.nbr_sim, cfg.k)
     j = torch.multinomial(w, 1, generator=generator).squeeze(1)
     rows = torch.arange(b, device=j.device)
+    # psi_den's input: the caption's ELBO (Eq. 11) or log n_id (loss.psi_den_source=identity_count)
+    by_count = step.cfg.psi_den_source == "identity_count"
+    density = identity_count_density(step.counts, batch.identity) if by_count else batch.elbo
     psi = psi_weights(
-        batch.nbr_sim[rows, j], batch.nbr_same[rows, j], batch.elbo, step.log_norm,
+        batch.nbr_sim[rows, j], batch.nbr_same[rows, j], density, step.log_norm,
         a1=cfg.a1, a2=cfg.a2, a3=cfg.a3, den_temperature=cfg.den_temperature,
         use_psi_img=cfg.use_psi_img, use_psi_den=cfg.use_psi_den, psi_cap=cfg.psi_cap,
     )

@@ -31,7 +31,8 @@ import torch
 
 from pogdiff_dist.config import Config
 from pogdiff_dist.data.records import IDENTITY_PROMPT
-from pogdiff_dist.data.shards import Batch, Manifest, StreamedBatch
+from pogdiff_dist.data.sampling import SamplingPlan, resample
+from pogdiff_dist.data.shards import Batch, Manifest, StreamedBatch, collate_stream
 from pogdiff_dist.models import (
     LatentCodec,
     ModelSpec,
@@ -103,7 +104,8 @@ class Trainer:
         uncond = self.text.encode([""])[0][0]
         elbo = torch.from_numpy(np.load(self.prepared / m.elbo_file))
         self.stepper = DualConditionStep(cfg.loss, build_noise_scheduler(cfg.model), self.text, uncond, elbo,
-                                         t.caption_dropout, t.text_cache_mib, device=self.device)
+                                         t.caption_dropout, t.text_cache_mib, device=self.device,
+                                         identity_counts=torch.tensor(m.train_counts))
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.spec = ModelSpec(m.latent_shape[0], m.latent_shape[1], m.text_shape[1])
@@ -115,6 +117,7 @@ class Trainer:
         if t.compile:
             self.engine.ds.compile()
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + rank)
+        self.sampling = SamplingPlan(m.train_counts, cfg.data.sampling, cfg.data.sampling_alpha, t.seed)
         self.state = TrainState()
         self.ledger = EpochLedger()
         self._checkpoint_due = False
@@ -147,6 +150,16 @@ class Trainer:
             self.report(metrics, Path(d))
 
     # -- the loop
+
+    def epoch_stream(self, numpy_batches: Iterable[dict], epoch: int) -> Iterator[StreamedBatch]:
+        """An epoch's numpy batches (Ray Data's split, or shards read locally), resampled by
+        ``data.sampling`` when it is not uniform (the adapter then reads them unshuffled: the
+        resampler's buffer shuffles), collated."""
+        t, o = self.cfg.train, self.cfg.optim
+        if self.sampling.active:
+            numpy_batches = resample(numpy_batches, self.sampling, epoch, o.batch_size, t.shuffle_buffer,
+                                     seed=t.seed * 7919 + epoch * 31 + self.rank)
+        return collate_stream(numpy_batches, self.manifest, self.cfg.data.on_bad)
 
     def to_device(self, batch: Batch) -> Batch:
         """The one place a batch moves: pinned host memory, then an asynchronous copy."""
@@ -235,16 +248,18 @@ class Trainer:
 
     def _close_epoch(self) -> None:
         s, m = self.state, self.manifest
-        record = self.ledger.close(s.epoch, m.num_samples, self.device)
+        record = self.ledger.close(s.epoch, m.num_samples, self.device, len(m.identities))
         if record["epoch_samples"] == 0:
             raise ValueError(f"epoch {s.epoch} delivered no trainable sample ({m.num_samples} samples "
                              f"over {self.world} workers, {record['epoch_skipped_bad']:.0f} skipped as bad)")
         s.epochs.append(record)
-        self.tracker.log(s.step, {k: v for k, v in record.items() if k != "epoch"})
+        self.tracker.log(s.step, {k: v for k, v in record.items() if k != "epoch" and not isinstance(v, list)})
         if self.rank == 0:
-            print(f"[train] epoch {s.epoch}: trained on {record['epoch_samples']:.0f} of {m.num_samples} "
+            sampled = (f"; data.sampling={self.cfg.data.sampling}: {record['epoch_repeats']:.0f} repeated rows, "
+                       f"rows per identity {record['identity_rows']}") if self.sampling.active else ""
+            print(f"[train] epoch {s.epoch}: trained on {record['epoch_samples']:.0f} rows of {m.num_samples} "
                   f"samples ({record['epoch_skipped_bad']:.0f} skipped as bad, "
-                  f"{record['epoch_not_delivered']:.0f} not delivered by the split)", flush=True)
+                  f"{record['epoch_not_delivered']:.0f} not delivered{sampled})", flush=True)
         s.epoch += 1
         if self._checkpoint_due:
             self.save_checkpoint()

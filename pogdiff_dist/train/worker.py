@@ -14,7 +14,6 @@ import ray.train
 import ray.train.torch
 
 from pogdiff_dist.config import from_dict
-from pogdiff_dist.data.shards import collate_stream
 from pogdiff_dist.tracking.runs import MlflowTracker, NullTracker
 from pogdiff_dist.train.trainer import Trainer
 
@@ -37,9 +36,10 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
 
     def epoch_batches(epoch: int):
+        shuffle = None if trainer.sampling.active else cfg.train.shuffle_buffer  # the resampler shuffles
         batches = shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy", drop_last=False,
-                                     local_shuffle_buffer_size=cfg.train.shuffle_buffer,
+                                     local_shuffle_buffer_size=shuffle,
                                      local_shuffle_seed=cfg.train.seed * 7919 + epoch * 31 + rank)
-        return collate_stream(batches, trainer.manifest, cfg.data.on_bad)
+        return trainer.epoch_stream(batches, epoch)
 
     trainer.fit(epoch_batches)

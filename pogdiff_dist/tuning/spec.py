@@ -31,6 +31,7 @@ _SHARED_DATA = "changes the prepared data that all trials share; run one sweep p
 FROZEN_SECTIONS = {"data": _SHARED_DATA, "model": _SHARED_DATA, "prepare": _SHARED_DATA,
                    "tracking": "is set for the whole sweep", "ray": "is set for the whole sweep",
                    "eval": "is how every trial is measured; set it for the whole sweep (overrides: eval.*)"}
+SEARCHABLE_EXCEPTIONS = ("data.sampling", "data.sampling_alpha")  # training-time data keys: the shards are the same
 FROZEN_KEYS = {
     "train.name": "is set per trial by the sweep",
     "train.storage_path": "is set for the whole sweep",
@@ -134,6 +135,7 @@ class SweepSpec:
     search_alg: str = "optuna"
     seed: int = 0  # seeds the search algorithm's sampling
     max_failures: int = 0  # restarts of a failed trial (each restart resumes its run)
+    seeds: tuple[int, ...] | None = None  # train.seed of each run of a trial (the objective is their mean)
 
     def __post_init__(self):
         _check(self.metric in REPORTED, f"metric must be one of {list(REPORTED)}, got {self.metric!r}")
@@ -154,6 +156,10 @@ class SweepSpec:
             grid = [p.key for p in self.space if p.type == "grid"]
             _check(not grid, f"space key(s) {grid}: type grid needs search_alg: random (Optuna samples, it does not grid)")
         _check(self.max_failures >= 0, "max_failures must be >= 0")
+        if self.seeds is not None:
+            object.__setattr__(self, "seeds", tuple(int(x) for x in self.seeds))
+            _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),
+                   f"seeds must be distinct integers, got {list(self.seeds)}")
 
     @property
     def keys(self) -> list[str]:
@@ -163,6 +169,7 @@ class SweepSpec:
         d = asdict(self)
         d["space"] = {p.key: p.to_dict() for p in self.space}
         d["rungs"] = list(self.rungs)
+        d["seeds"] = None if self.seeds is None else list(self.seeds)
         return d
 
 
@@ -209,7 +216,8 @@ def check_space(spec: SweepSpec, base: Config, k_max: int | None = None) -> None
         if p.key not in flat:
             valid = sorted(k for k in flat if k.startswith(section + ".")) or sorted({k.split(".")[0] for k in flat})
             raise ValueError(f"space key {p.key!r} is not a config key; valid keys: {valid}")
-        _check(section not in FROZEN_SECTIONS, f"space key {p.key!r} cannot be searched: {section}.* {FROZEN_SECTIONS.get(section)}")
+        _check(section not in FROZEN_SECTIONS or p.key in SEARCHABLE_EXCEPTIONS,
+               f"space key {p.key!r} cannot be searched: {section}.* {FROZEN_SECTIONS.get(section)}")
         _check(p.key not in FROZEN_KEYS, f"space key {p.key!r} cannot be searched: it {FROZEN_KEYS.get(p.key)}")
         for value in p.extremes():
             try:

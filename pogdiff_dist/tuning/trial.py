@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,6 @@ def _absolute(cfg: Config) -> Config:
     return cfg.with_overrides({k: v for k, v in o.items() if v is not None})
 
 
-def _nan(v) -> float:
-    return float("nan") if v is None else float(v)
-
-
 def _py(v):
     """Tune samples numpy scalars; configs, YAML and JSON want Python ones."""
     return v.item() if hasattr(v, "item") else v
@@ -76,57 +73,68 @@ def _trial_dirname(trial) -> str:
 
 def run_trial(config: dict, setup: TrialSetup) -> None:
     """One trial: for each rung, ``run_train`` to that many steps (resuming the same run
-    after the first), evaluate, report. Resumable: a restored trial continues at the rung
-    after its last report, and a run interrupted mid-rung resumes from its checkpoint."""
-
+    after the first), evaluate, report. With the sweep's ``seeds`` the trial trains one run
+    per seed (``<trial>-s<seed>``) and reports the mean over seeds, so one lucky image is not
+    the difference. Resumable: a restored trial continues at the rung after its last report,
+    and a run interrupted mid-rung resumes from its checkpoint."""
     from pogdiff_dist.evaluation.evaluate import evaluate_model
     from pogdiff_dist.train.driver import run_train
 
     spec = setup.spec
-    ev = spec["eval"]
     trial_id = tune.get_context().get_trial_id()
-    name = trial_name(trial_id)
+    seeds = spec.get("seeds") or [None]
+    names = {str(s): trial_name(trial_id) + ("" if s is None else f"-s{s}") for s in seeds}
     rungs_done = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = json.loads((Path(d) / "trial.json").read_text())
-        rungs_done, name = state["rungs_done"], state["name"]
+        rungs_done, names = state["rungs_done"], state["names"]
     base = from_dict(setup.base).with_overrides(
-        {**{k: _py(v) for k, v in config.items()}, "train.name": name, "train.storage_path": setup.trials_dir})
+        {**{k: _py(v) for k, v in config.items()}, "train.storage_path": setup.trials_dir})
+    ev = dataclasses.replace(base.eval, cache_dir=base.eval.cache_dir or str(Path(setup.prepared_dir) / "eval_cache"))
     uri = setup.tracking_uri
-    run_id = None
+    run_ids: list[str] = []
     try:
         for rung in range(rungs_done, len(spec["rungs"])):
             steps = spec["rungs"][rung]
-            run_dir = Path(setup.trials_dir) / name
-            resume = (run_dir / RUN_STATE).is_file()  # a later rung, or a restart of this one
-            out = run_train(base.with_overrides({"optim.max_steps": steps}), resume=resume,
-                            parent_run_id=setup.parent_run_id)
-            run_id = out.run_id
-            if out.run_dir.name != name:  # a fresh run was given another name; later rungs resume that one
-                name = out.run_dir.name
-                base = base.with_overrides({"train.name": name})
-            ev = dataclasses.replace(base.eval, cache_dir=base.eval.cache_dir or str(Path(setup.prepared_dir) / "eval_cache"))
-            results = evaluate_model(out.model_dir, setup.prepared_dir, ev, out_dir=out.run_dir / f"eval-step{steps}")
-            summary = {f"eval/{k}": _nan(v) for k, v in results["summary"].items()}
-            # the latest rung's metrics.json and plot: compare.py reads eval/metrics.json
-            log_eval(uri, run_id, results["summary"], [Path(results["outputs"][k]) for k in ("metrics", "plot")],
-                     step=steps)
-            set_tags(uri, run_id, {"sweep.trial_id": trial_id, "sweep.rungs_done": rung + 1})
-            m = out.metrics
-            report = {"step": steps, "rung": rung + 1, "mlflow_run_id": run_id, **summary,
-                      "loss": _nan(m.get("final_loss")), "loss_denoise": _nan(m.get("final_loss_denoise")),
-                      "loss_pog": _nan(m.get("final_loss_pog"))}
+            summaries, losses, run_ids = [], [], []
+            for seed in seeds:
+                name = names[str(seed)]
+                cfg = base.with_overrides({"train.name": name, "optim.max_steps": steps,
+                                           **({} if seed is None else {"train.seed": seed})})
+                resume = (Path(setup.trials_dir) / name / RUN_STATE).is_file()  # a later rung, or a restart
+                out = run_train(cfg, resume=resume, parent_run_id=setup.parent_run_id)
+                names[str(seed)] = out.run_dir.name  # a fresh run given another name: later rungs resume it
+                run_ids.append(out.run_id)
+                results = evaluate_model(out.model_dir, setup.prepared_dir, ev,
+                                         out_dir=out.run_dir / f"eval-step{steps}")
+                # the latest rung's metrics.json and plot: compare.py reads eval/metrics.json
+                log_eval(uri, out.run_id, results["summary"],
+                         [Path(results["outputs"][k]) for k in ("metrics", "plot")], step=steps)
+                set_tags(uri, out.run_id, {"sweep.trial_id": trial_id, "sweep.rungs_done": rung + 1,
+                                           **({} if seed is None else {"sweep.seed": seed})})
+                summaries.append(results["summary"])
+                losses.append(out.metrics)
+            report = {"step": steps, "rung": rung + 1, "mlflow_run_id": run_ids[0], "seeds": len(seeds),
+                      **{f"eval/{k}": _mean([s[k] for s in summaries]) for k in summaries[0]},
+                      **{k: _mean([m.get(f"final_{k}") for m in losses]) for k in ("loss", "loss_denoise", "loss_pog")}}
             with tempfile.TemporaryDirectory() as d:
-                (Path(d) / "trial.json").write_text(json.dumps({"rungs_done": rung + 1, "name": name}))
+                (Path(d) / "trial.json").write_text(json.dumps({"rungs_done": rung + 1, "names": names}))
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
     except Exception as e:
-        run_id = run_id or (read_run_state(Path(setup.trials_dir) / name) or {}).get("run_id")
-        if run_id is not None:
-            set_tags(uri, run_id, {"sweep.error": f"{type(e).__name__}: {e}"})
-            set_status(uri, run_id, "FAILED")
+        for name in names.values():
+            run_id = (read_run_state(Path(setup.trials_dir) / name) or {}).get("run_id")
+            if run_id is not None:
+                set_tags(uri, run_id, {"sweep.error": f"{type(e).__name__}: {e}"})
+                set_status(uri, run_id, "FAILED")
         raise
+
+
+def _mean(values) -> float:
+    """Mean of the finite values (NaN when none): the objective over a trial's seeds."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def trial_resources(base: Config, spec: SweepSpec) -> dict[str, float]:

@@ -1,0 +1,115 @@
+"""Identity-balanced sampling of the training stream (``data.sampling``), per epoch.
+
+What the tools people fine-tune Stable Diffusion with do for rare concepts (kohya-ss
+``num_repeats``, SimpleTuner ``repeats``, OneTrainer's per-concept balancing): show the rare
+identities more often. Here an epoch keeps its size (N rows) and gives identity ``c`` the
+share
+
+    uniform:   n_c / N            (every sample once: the stream as it is)
+    balanced:  1 / C              (every identity equally often)
+    power:     n_c ** alpha / sum_d n_d ** alpha   (alpha = 0 is balanced, 1 uniform)
+
+so a sample of identity ``c`` is expected ``lambda_c = N * share_c / n_c`` times per epoch.
+Each sample's count in epoch ``e`` is lambda rounded stochastically (floor, plus one with
+probability frac(lambda)), drawn from a counter-based generator keyed by (seed, epoch,
+sample index): a pure function of the sample, so it is the same on every rank that
+receives the sample, whatever the split, the order or a restart. :func:`resample` applies
+the counts to a stream of numpy column batches (repeats are spread by a seeded shuffle
+buffer, then rebatched); nothing is materialised beyond that buffer.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from pogdiff_dist.data.shards import rows_to_columns
+
+META = "meta.json"
+
+
+def identity_shares(counts: list[int] | np.ndarray, mode: str, alpha: float = 0.5) -> np.ndarray:
+    """Each identity's share of an epoch's rows [C] (sums to 1; identities with no sample get 0)."""
+    n = np.asarray(counts, dtype=np.float64)
+    present = n > 0
+    if mode == "uniform":
+        w = n
+    elif mode == "balanced":
+        w = present.astype(np.float64)
+    elif mode == "power":
+        w = np.where(present, n ** alpha, 0.0)
+    else:
+        raise ValueError(f"data.sampling must be uniform, balanced or power, got {mode!r}")
+    return w / w.sum()
+
+
+def expected_repeats(counts: list[int] | np.ndarray, mode: str, alpha: float = 0.5) -> np.ndarray:
+    """lambda_c [C]: how many times each sample of identity c is expected per epoch."""
+    n = np.asarray(counts, dtype=np.float64)
+    shares = identity_shares(n, mode, alpha)
+    return np.where(n > 0, n.sum() * shares / np.maximum(n, 1), 0.0)
+
+
+def _uniform(seed: int, epoch: int, index: np.ndarray) -> np.ndarray:
+    """A counter-based uniform in [0, 1) per (seed, epoch, index): splitmix64 of the three."""
+    with np.errstate(over="ignore"):
+        x = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(epoch) * np.uint64(0xBF58476D1CE4E5B9)
+             + np.asarray(index, dtype=np.uint64) * np.uint64(0x94D049BB133111EB))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def epoch_counts(index: np.ndarray, identity: np.ndarray, lam: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """How many times each sample appears in ``epoch``: floor(lambda) + [u < frac(lambda)]."""
+    rate = lam[np.asarray(identity, dtype=np.int64)]
+    whole = np.floor(rate)
+    return (whole + (_uniform(seed, epoch, index) < rate - whole)).astype(np.int64)
+
+
+class SamplingPlan:
+    """The per-epoch counts of a dataset under ``data.sampling`` (``lam`` per identity)."""
+
+    def __init__(self, counts: list[int], mode: str, alpha: float, seed: int):
+        self.mode, self.seed = mode, seed
+        self.lam = expected_repeats(counts, mode, alpha)
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "uniform"
+
+    def counts(self, index: np.ndarray, identity: np.ndarray, epoch: int) -> np.ndarray:
+        return epoch_counts(index, identity, self.lam, self.seed, epoch)
+
+
+def resample(batches: Iterable[dict[str, np.ndarray]], plan: SamplingPlan, epoch: int, batch_size: int,
+             buffer: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy column batches -> the same stream with each row repeated per ``plan`` (rows
+    that failed to decode, without ``meta.json``, are passed once so they are reported),
+    spread by a shuffle buffer of ``buffer`` rows seeded with ``seed``, in batches of
+    ``batch_size`` (the last may be smaller)."""
+    rng = random.Random(seed)
+    pool: list[dict] = []
+    for batch in batches:
+        keys = list(batch)
+        metas = batch.get(META)
+        n = len(batch[keys[0]])
+        index = np.array([m["index"] if isinstance(m, dict) else -1 for m in (metas if metas is not None else [None] * n)])
+        ident = np.array([m["identity_id"] if isinstance(m, dict) else 0 for m in
+                          (metas if metas is not None else [None] * n)])
+        reps = np.where(index >= 0, plan.counts(np.maximum(index, 0), ident, epoch), 1)
+        for r in np.repeat(np.arange(n), reps):
+            pool.append({k: batch[k][r] for k in keys})
+        while len(pool) >= max(buffer, batch_size):
+            yield rows_to_columns([_pop(pool, rng) for _ in range(batch_size)])
+    while pool:
+        yield rows_to_columns([_pop(pool, rng) for _ in range(min(batch_size, len(pool)))])
+
+
+def _pop(pool: list, rng: random.Random):
+    i = rng.randrange(len(pool))
+    pool[i], pool[-1] = pool[-1], pool[i]
+    return pool.pop()
