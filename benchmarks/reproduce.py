@@ -44,7 +44,7 @@ from pogdiff_dist.config import Config, load_config
 # Identical budgets per method; "cpu" fits this 2-core machine, "gpu" is the real thing.
 BUDGETS = {
     "cpu": {"resolution": 24, "unet": "tiny", "base_steps": 900, "finetune_steps": 150, "scratch_steps": 600, "batch_size": 8,
-                "eval_images": 8, "eval_steps": 25, "lr": 5e-4, "warmup": 20, "variants": None,
+                "eval_images": 16, "eval_steps": 25, "lr": 5e-4, "warmup": 20, "variants": None,
                 "scratch_methods": ["vanilla", "PoGDiff"]},
     "smoke": {"resolution": 16, "unet": "tiny", "base_steps": 4, "finetune_steps": 2, "scratch_steps": 2, "batch_size": 4,
                   "eval_images": 2, "eval_steps": 2, "lr": 5e-4, "warmup": 2,  # checks the flow end to end in minutes
@@ -53,10 +53,17 @@ BUDGETS = {
                 "eval_images": 20, "eval_steps": 50, "lr": 2e-4, "warmup": 200, "variants": None, "scratch_methods": None},
 }
 
-# The tested methods, as config overrides on top of the chosen PoGDiff variant.
-def methods(pogdiff: dict) -> dict[str, dict]:
-    return {
+# The tested methods, as config overrides on top of the chosen PoGDiff variant (from the
+# validation study) and, when given, the PoGDiff settings a sweep chose (--pogdiff-config).
+def methods(pogdiff: dict, swept: dict | None = None) -> dict[str, dict]:
+    rows = {
         "vanilla": {"loss.method": "vanilla"},
+        # what practitioners try first for rare concepts (kohya num_repeats, SimpleTuner repeats,
+        # OneTrainer concept balancing), and the classic long-tail re-weighting
+        "vanilla + balanced sampling": {"loss.method": "vanilla", "data.sampling": "balanced"},
+        "vanilla + power sampling (alpha 0.5)": {"loss.method": "vanilla", "data.sampling": "power",
+                                                 "data.sampling_alpha": 0.5},
+        "vanilla + inverse weighting": {"loss.method": "vanilla", "loss.identity_weight": "inverse"},
         "CBDM": {"loss.method": "cbdm"},
         "T2H": {"loss.method": "t2h"},
         "DiffROP": {"loss.method": "diffrop"},
@@ -64,6 +71,20 @@ def methods(pogdiff: dict) -> dict[str, dict]:
         "PoGDiff w/o psi_img": {"loss.method": "pogdiff", **pogdiff, "loss.use_psi_img": False},
         "PoGDiff w/o psi_den": {"loss.method": "pogdiff", **pogdiff, "loss.use_psi_den": False},
     }
+    if swept is not None:
+        rows["PoGDiff (swept)"] = {"loss.method": "pogdiff", **swept}
+        rows["PoGDiff (swept) + balanced sampling"] = {"loss.method": "pogdiff", **swept, "data.sampling": "balanced"}
+    return rows
+
+
+def swept_settings(best_config: Path) -> dict:
+    """The loss.* (and data.sampling*) settings of a sweep's best_config.yaml (jobs/tune.py)."""
+    import yaml
+
+    d = yaml.safe_load(Path(best_config).read_text())
+    out = {f"loss.{k}": v for k, v in d["loss"].items() if k != "method"}
+    out.update({f"data.{k}": v for k, v in d["data"].items() if k.startswith("sampling")})
+    return out
 
 
 # The validation study: the variants that matter in practice (issue 3): the gradient form,
@@ -79,13 +100,15 @@ VARIANTS = {
                                            "loss.psi_cap": 1.0, **_ID},
 }
 METRICS = ("accuracy", "grecall", "dino", "fid")
-EVAL_VERSION = 2  # bump when the evaluation changes (v2: Faces-IT2I CNN judge): cached evaluations are redone
+EVAL_VERSION = 3  # bump when the evaluation changes (v2: Faces-IT2I CNN judge; v3: 16 images): evaluations are redone
 SELECT_ON, TIE_BREAK = "accuracy_few", "dino_few"
 
 
 class Experiment:
-    def __init__(self, dataset: str, budget: str, out: Path, seeds: list[int], preset: str = "M"):
+    def __init__(self, dataset: str, budget: str, out: Path, seeds: list[int], preset: str = "M",
+                 swept: dict | None = None):
         self.dataset, self.b, self.out, self.seeds, self.preset = dataset, BUDGETS[budget], out, seeds, preset
+        self.swept = swept
         self.channels = 3 if dataset.startswith("faces") else 1
         self.log = out / "log.jsonl"
 
@@ -101,7 +124,7 @@ class Experiment:
             "data.dataset": f"{self.dataset}:{preset}", "data.resolution": b["resolution"],
             "data.channels": self.channels, "data.heldout_per_identity": 10,
             "model.unet": b["unet"], "model.max_length": 32,
-            "prepare.out_dir": str(self.out / f"prepared-{preset}{prep}"), "prepare.k_max": 10,
+            "prepare.out_dir": str(self.out / f"prepared-{preset}{prep}"), "prepare.k_max": 20,
             "prepare.density_text": "caption",  # explicit: the baselines' T2H reads the caption density
             "optim.batch_size": b["batch_size"], "optim.lr": b["lr"], "optim.warmup_steps": b["warmup"],
             "train.name": name, "train.storage_path": str(self.out / "runs"),
@@ -206,10 +229,12 @@ class Experiment:
             print(f"[reproduce] validation chose PoGDiff variant {best!r}", flush=True)
             self.checkpoint(results)
         results["pogdiff_variant"] = chosen
+        if self.swept is not None:
+            results["pogdiff_swept"] = self.swept
 
         for protocol in protocols:
             init = base if protocol == "finetune" else None
-            todo = {label: ov for label, ov in methods(chosen).items()
+            todo = {label: ov for label, ov in methods(chosen, self.swept).items()
                     if not (protocol == "scratch" and self.b["scratch_methods"]
                             and label not in self.b["scratch_methods"])}
             runs: dict[str, list] = {label: [] for label in todo}
@@ -295,7 +320,10 @@ def main(argv=None) -> None:
     p.add_argument("--dataset", default="faces-it2i", choices=["faces-it2i", "digits-it2i"])
     p.add_argument("--preset", default="M", choices=["S", "M", "L"], help="the imbalanced set the table is on")
     p.add_argument("--budget", default="cpu", choices=sorted(BUDGETS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--stage", choices=["all", "base"], default="all", help="base: only train (or find) the base model")
+    p.add_argument("--pogdiff-config", type=Path, default=None,
+                   help="a sweep's best_config.yaml: adds the rows 'PoGDiff (swept)' and '... + balanced sampling'")
     p.add_argument("--protocols", nargs="+", default=["finetune", "scratch"], choices=["finetune", "scratch"])
     p.add_argument("--skip-validation", action="store_true", help="use the default PoGDiff variant")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/reproduce-<dataset>-<budget>")
@@ -303,7 +331,11 @@ def main(argv=None) -> None:
     out = args.out or REPO / "benchmarks" / "results" / f"reproduce-{args.dataset}-{args.budget}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    exp = Experiment(args.dataset, args.budget, out, args.seeds, args.preset)
+    swept = swept_settings(args.pogdiff_config) if args.pogdiff_config else None
+    exp = Experiment(args.dataset, args.budget, out, args.seeds, args.preset, swept)
+    if args.stage == "base":
+        print(f"[reproduce] base model: {exp.base_model()}")
+        return
     results = exp.run(args.protocols, args.skip_validation)
     results["wall_seconds"] = time.time() - t0
     exp.checkpoint(results)

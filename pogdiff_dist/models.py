@@ -257,7 +257,8 @@ def build_unet(model_cfg, spec: ModelSpec) -> UNet2DConditionModel:
     elif model_cfg.pretrained is not None:
         source = check_pretrained_dir(model_cfg.pretrained) / "unet"
     if source is not None:
-        unet = UNet2DConditionModel.from_pretrained(str(source))
+        # fp32 master weights whatever the file holds (the checked-in base is fp16); the engine casts for bf16
+        unet = UNet2DConditionModel.from_pretrained(str(source), torch_dtype=torch.float32)
         if unet.config.cross_attention_dim != spec.cross_attention_dim:
             raise ValueError(f"UNet from {source} attends to {unet.config.cross_attention_dim}-d text but the "
                              f"shards hold {spec.cross_attention_dim}-d caption states: another text encoder?")

@@ -115,7 +115,8 @@ def test_grecall_hand_built_example():
     assert M.grecall_identity(x1[None], t) == (2, 2)
     # gRecall = mean over identities of covered / #train (Appendix F: 0.5 * 18/30 + 0.5 * 2/2 = 0.8)
     per = {"maj": {"grecall": 18 / 30}, "min": {"grecall": 2 / 2}}
-    assert M.summarize(per, ["grecall"], ["min"]) == {"grecall_all": pytest.approx(0.8), "grecall_few": 1.0}
+    assert M.summarize(per, ["grecall"], ["min"]) == {"grecall_all": pytest.approx(0.8), "grecall_few": 1.0,
+                                                      "grecall_majority": pytest.approx(0.6)}
 
 
 def test_identity_accuracy_and_all_few_split():

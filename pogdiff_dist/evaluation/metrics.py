@@ -140,11 +140,13 @@ def mean_over(per_identity: dict[str, dict[str, float]], metric: str, names) -> 
 
 
 def summarize(per_identity: dict[str, dict[str, float]], metrics, few) -> dict[str, float | None]:
-    """``{"<metric>_all": ..., "<metric>_few": ...}``: averages over identities (the
-    paper's all-shot and few-shot columns)."""
+    """``{"<metric>_all": ..., "<metric>_few": ..., "<metric>_majority": ...}``: averages over
+    identities (the paper's all-shot and few-shot columns, and the rest: what a method that
+    helps the few-shot identities may cost the others)."""
     few = [n for n in per_identity if n in set(few)]
     out = {}
     for m in metrics:
         out[f"{m}_all"] = mean_over(per_identity, m, list(per_identity))
         out[f"{m}_few"] = mean_over(per_identity, m, few)
+        out[f"{m}_majority"] = mean_over(per_identity, m, [n for n in per_identity if n not in set(few)])
     return out

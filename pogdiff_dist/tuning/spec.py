@@ -18,7 +18,7 @@ import yaml
 from pogdiff_dist.config import EVAL_METRICS, Config, load_config, parse_override
 
 # What a trial reports at each rung, i.e. what ``metric`` may name.
-EVAL_KEYS = tuple(f"eval/{m}_{s}" for m in EVAL_METRICS for s in ("all", "few"))
+EVAL_KEYS = tuple(f"eval/{m}_{s}" for m in EVAL_METRICS for s in ("all", "few", "majority"))
 TRAIN_KEYS = ("loss", "loss_denoise", "loss_pog")  # the last logged training window at the rung
 REPORTED = EVAL_KEYS + TRAIN_KEYS
 
