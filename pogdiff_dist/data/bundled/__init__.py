@@ -77,13 +77,16 @@ def dataset_of(identities: Iterable[str]) -> str | None:
 Row = tuple[str, Image.Image, str, str, str]  # relative path, image, caption, identity, split
 
 
-def check_build_args(presets, preset: str, resolution: int, heldout_per_identity: int) -> None:
+def build_params(presets, preset: str, resolution: int, seed: int, heldout_per_identity: int, **extra) -> dict:
+    """The validated parameters of a build (what its stamp records)."""
     if preset not in presets:
         raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
     if resolution < 8:
         raise ValueError(f"resolution must be >= 8, got {resolution}")
     if heldout_per_identity < 0:
         raise ValueError(f"heldout_per_identity must be >= 0, got {heldout_per_identity}")
+    return {"preset": preset, "resolution": resolution, "seed": seed, "heldout_per_identity": heldout_per_identity,
+            **extra}
 
 
 def write_build(root: str | Path, stamp_name: str, params: dict, preset_info: dict,

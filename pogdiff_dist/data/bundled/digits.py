@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pogdiff_dist.data.bundled import Bundled, JudgeSpec, check_build_args, write_build
+from pogdiff_dist.data.bundled import Bundled, JudgeSpec, build_params, write_build
 from pogdiff_dist.data.records import slugify
 
 STAMP = "digits_it2i.json"
@@ -183,9 +183,7 @@ def build_digits_it2i(root: str | Path, preset: str = "M", resolution: int = 32,
     Deterministic for a given ``seed``; idempotent (a ``digits_it2i.json`` stamp, see
     :func:`pogdiff_dist.data.bundled.write_build`).
     """
-    check_build_args(PRESETS, preset, resolution, heldout_per_identity)
-    params = {"preset": preset, "resolution": resolution, "seed": seed,
-              "heldout_per_identity": heldout_per_identity}
+    params = build_params(PRESETS, preset, resolution, seed, heldout_per_identity)
 
     def rows():
         images, _ = _digits()

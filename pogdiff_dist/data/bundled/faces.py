@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pogdiff_dist.data.bundled import Bundled, JudgeSpec, check_build_args, write_build
+from pogdiff_dist.data.bundled import Bundled, JudgeSpec, build_params, write_build
 from pogdiff_dist.data.bundled.faces_render import (
     BASE_NAMES,
     RENDER_VERSION,
@@ -108,9 +108,7 @@ def build_faces_it2i(root: str | Path, preset: str = "M", resolution: int = 32, 
     Deterministic for a given ``seed``; idempotent (a ``faces_it2i.json`` stamp, see
     :func:`pogdiff_dist.data.bundled.write_build`).
     """
-    check_build_args(PRESETS, preset, resolution, heldout_per_identity)
-    params = {"preset": preset, "resolution": resolution, "seed": seed,
-              "heldout_per_identity": heldout_per_identity, "render_version": RENDER_VERSION}
+    params = build_params(PRESETS, preset, resolution, seed, heldout_per_identity, render_version=RENDER_VERSION)
 
     def rows():
         people = identities()
