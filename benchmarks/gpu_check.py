@@ -114,7 +114,7 @@ def run_method(name: str, cfg, prepared: Path, work: Path, device: torch.device,
     """Train ``cfg.optim.max_steps`` steps with the Trainer; time the steps after ``warmup``; count one step's FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pogdiff_dist.train.local import LocalCheckpoints, local_epoch_batches
+    from pogdiff_dist.train.local import LocalCheckpoints, read_local
     from pogdiff_dist.train.trainer import Trainer
 
     clock = StepClock()
@@ -122,12 +122,12 @@ def run_method(name: str, cfg, prepared: Path, work: Path, device: torch.device,
                       run_dir=None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    batches = local_epoch_batches(trainer, prepared)
+    read = read_local()
     # the first step (a warm-up step, not timed) runs under the FLOP counter: forward, backward, optimiser
     with FlopCounterMode(display=False) as counter:
-        trainer._train_step(next(iter(batches(0))).batch)
+        trainer._train_step(next(iter(trainer.stream(read, 0))).batch)
     t0 = time.perf_counter()
-    trainer.fit(batches)
+    trainer.fit(read)
     wall = time.perf_counter() - t0
     times = clock.step_seconds(warmup)
     med = statistics.median(times)

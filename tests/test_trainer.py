@@ -41,7 +41,8 @@ def _cfg(**overrides):
     return load_config(REPO / "configs" / "tiny.yaml", {**base, **overrides})
 
 
-def test_resume_continues_the_uninterrupted_loss_curve_and_exports(synthetic, tmp_path):
+@pytest.mark.parametrize("first", [4, 6])  # stop at an epoch's end / in the middle of the second epoch
+def test_resume_continues_the_uninterrupted_loss_curve_and_exports(synthetic, tmp_path, first):
     from diffusers import UNet2DConditionModel
 
     from pogdiff_dist.pipeline import PoGDiffPipeline
@@ -51,19 +52,20 @@ def test_resume_continues_the_uninterrupted_loss_curve_and_exports(synthetic, tm
     trainer, checkpoints = train_local(_cfg(**{"optim.max_steps": 8}), synthetic, tmp_path / "whole", tracker=whole)
     assert trainer.state.step == 8 and [c.name for c in checkpoints.all()] == ["checkpoint_000004",
                                                                              "checkpoint_000008"]
-    first, second = RecordingTracker(), RecordingTracker()
-    train_local(_cfg(**{"optim.max_steps": 4}), synthetic, tmp_path / "split", tracker=first)
+    first_run, second = RecordingTracker(), RecordingTracker()
+    train_local(_cfg(**{"optim.max_steps": first}), synthetic, tmp_path / "split", tracker=first_run)
     resumed, _ = train_local(_cfg(**{"optim.max_steps": 8}), synthetic, tmp_path / "split", resume=True,
                              tracker=second)
 
     want = whole.series("loss")
-    got = first.series("loss") + second.series("loss")
+    got = first_run.series("loss") + second.series("loss")
     assert [s for s, _ in got] == list(range(1, 9))
-    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5)
-    assert second.series("resumed_from_step") == [(4, 4)]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5)  # same batches, same draws
+    assert second.series("resumed_from_step") == [(first, first)]
     assert any(v > 0 for _, v in whole.series("loss_pog"))  # the PoG term was active
-    # the step-4 run closed its epoch, so the resumed run started epoch 1: nothing trained twice
+    # nothing trained twice, nothing left out, whether the resume started a new epoch or continued one
     assert [e["epoch"] for e in resumed.state.epochs] == [0, 1]
+    assert resumed.state.epochs == trainer.state.epochs
     assert all(e["epoch_samples"] == e["epoch_unique_samples"] == 16 and e["epoch_repeated_after_resume"] == 0
                for e in resumed.state.epochs)
 
@@ -82,7 +84,7 @@ def test_resume_continues_the_uninterrupted_loss_curve_and_exports(synthetic, tm
 
 def test_zero3_partitions_the_unet_but_not_the_frozen_text_encoder(synthetic, tmp_path):
     from pogdiff_dist.train.engine import init_single_process
-    from pogdiff_dist.train.local import LocalCheckpoints, local_epoch_batches
+    from pogdiff_dist.train.local import LocalCheckpoints, read_local
     from pogdiff_dist.train.trainer import Trainer
 
     init_single_process("cpu")
@@ -91,7 +93,7 @@ def test_zero3_partitions_the_unet_but_not_the_frozen_text_encoder(synthetic, tm
     assert all(hasattr(p, "ds_id") for p in trainer.engine.module.parameters())
     assert not any(hasattr(p, "ds_id") for p in trainer.text.model.parameters())
     assert trainer.text.model.dtype == torch.float32 and trainer.attention == ["AttnProcessor2_0"]  # SDPA
-    state = trainer.fit(local_epoch_batches(trainer, synthetic))
+    state = trainer.fit(read_local())
     assert state.step == 2 and (tmp_path / "model" / "unet" / "config.json").is_file()
 
 

@@ -85,28 +85,70 @@ class SamplingPlan:
         return epoch_counts(index, identity, self.lam, self.seed, epoch)
 
 
-def resample(batches: Iterable[dict[str, np.ndarray]], plan: SamplingPlan, epoch: int, batch_size: int,
-             buffer: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-    """Numpy column batches -> the same stream with each row repeated per ``plan`` (rows
-    that failed to decode, without ``meta.json``, are passed once so they are reported),
-    spread by a shuffle buffer of ``buffer`` rows seeded with ``seed``, in batches of
-    ``batch_size`` (the last may be smaller)."""
-    rng = random.Random(seed)
-    pool: list[dict] = []
+def rows_of(batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict]:
+    """Numpy column batches -> row dicts."""
     for batch in batches:
         keys = list(batch)
-        metas = batch.get(META)
-        n = len(batch[keys[0]])
-        index = np.array([m["index"] if isinstance(m, dict) else -1 for m in (metas if metas is not None else [None] * n)])
-        ident = np.array([m["identity_id"] if isinstance(m, dict) else 0 for m in
-                          (metas if metas is not None else [None] * n)])
-        reps = np.where(index >= 0, plan.counts(np.maximum(index, 0), ident, epoch), 1)
-        for r in np.repeat(np.arange(n), reps):
-            pool.append({k: batch[k][r] for k in keys})
-        while len(pool) >= max(buffer, batch_size):
-            yield rows_to_columns([_pop(pool, rng) for _ in range(batch_size)])
+        for r in range(len(batch[keys[0]])):
+            yield {k: batch[k][r] for k in keys}
+
+
+def expand(rows: Iterable[dict], plan: SamplingPlan, epoch: int, chunk: int = 256) -> Iterator[dict]:
+    """Each row repeated per ``plan`` in ``epoch`` (rows without ``meta.json``, which failed to
+    decode, pass once so they are reported)."""
+    pending: list[dict] = []
+
+    def flush():
+        metas = [r.get(META) for r in pending]
+        ok = [isinstance(m, dict) for m in metas]
+        index = np.array([m["index"] if o else 0 for m, o in zip(metas, ok)])
+        ident = np.array([m["identity_id"] if o else 0 for m, o in zip(metas, ok)])
+        reps = np.where(ok, plan.counts(index, ident, epoch), 1)
+        for row, k in zip(pending, reps):
+            for _ in range(int(k)):
+                yield row
+        pending.clear()
+
+    for row in rows:
+        pending.append(row)
+        if len(pending) >= chunk:
+            yield from flush()
+    yield from flush()
+
+
+def shuffled(rows: Iterable[dict], buffer: int, seed: int) -> Iterator[dict]:
+    """A seeded shuffle buffer of ``buffer`` rows (0 or 1: the order as it is). Deterministic
+    given the input order, so a restart reproduces the epoch's sequence exactly."""
+    if buffer <= 1:
+        yield from rows
+        return
+    rng = random.Random(seed)
+    pool: list[dict] = []
+    for row in rows:
+        pool.append(row)
+        if len(pool) >= buffer:
+            yield _pop(pool, rng)
     while pool:
-        yield rows_to_columns([_pop(pool, rng) for _ in range(min(batch_size, len(pool)))])
+        yield _pop(pool, rng)
+
+
+def batched(rows: Iterable[dict], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Row dicts -> column batches of ``batch_size`` (the last may be smaller)."""
+    chunk: list[dict] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == batch_size:
+            yield rows_to_columns(chunk)
+            chunk = []
+    if chunk:
+        yield rows_to_columns(chunk)
+
+
+def resample(batches: Iterable[dict[str, np.ndarray]], plan: SamplingPlan, epoch: int, batch_size: int,
+             buffer: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy column batches -> the same stream with each row repeated per ``plan``, spread by a
+    shuffle buffer of ``buffer`` rows seeded with ``seed``, in batches of ``batch_size``."""
+    return batched(shuffled(expand(rows_of(batches), plan, epoch), max(buffer, batch_size), seed), batch_size)
 
 
 def _pop(pool: list, rng: random.Random):

@@ -89,6 +89,7 @@ class Manifest:
     shard_bytes: dict[str, int] = field(default_factory=dict)  # shard name -> size
     shard_sha256: dict[str, str] = field(default_factory=dict)  # shard name -> checksum
     dataset: str | None = None  # data.dataset it was prepared from: "<bundled>:<preset>" or a folder
+    shard_rows: dict[str, int] = field(default_factory=dict)  # shard name -> samples in it
 
     def minority(self, threshold: int | None = None) -> list[str]:
         """Few-shot identities: at most ``threshold`` training images (default: below a
@@ -99,6 +100,13 @@ class Manifest:
     def majority(self) -> list[str]:
         few = set(self.minority())
         return [n for n in self.identities if n not in few]
+
+    def shard_row_counts(self, prepared_dir: str | Path) -> list[int]:
+        """Samples per shard, in ``shards`` order (counted from the tar headers for a manifest
+        written before prepare recorded them)."""
+        if all(s in self.shard_rows for s in self.shards):
+            return [int(self.shard_rows[s]) for s in self.shards]
+        return [count_shard_rows(Path(prepared_dir) / "shards" / s) for s in self.shards]
 
     def save(self, prepared_dir: Path) -> None:
         (Path(prepared_dir) / MANIFEST).write_text(json.dumps(asdict(self), indent=1))
@@ -301,6 +309,12 @@ def _stack(column: np.ndarray, rows: list[int]) -> np.ndarray:
     if column.dtype == object:
         return np.stack([column[i] for i in rows])
     return np.asarray(column)[rows]
+
+
+def count_shard_rows(path: Path) -> int:
+    """Samples in a shard: its ``.meta.json`` members (tar headers only)."""
+    with tarfile.open(path, "r:") as tar:
+        return sum(1 for m in tar if m.name.endswith("." + META_FIELD))
 
 
 def file_digest(path: Path) -> str:

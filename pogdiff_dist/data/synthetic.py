@@ -23,7 +23,7 @@ import torch
 from pogdiff_dist.data.density import DensityVAEConfig, compute_elbo, fit_density_vae
 from pogdiff_dist.data.neighbours import build_knn
 from pogdiff_dist.data.records import IDENTITY_PROMPT
-from pogdiff_dist.data.shards import META_FIELD, Manifest, attach_neighbours, file_digest
+from pogdiff_dist.data.shards import META_FIELD, Manifest, attach_neighbours, count_shard_rows, file_digest
 from pogdiff_dist.models import TextEncoder
 
 POSES = ("facing left", "facing right", "smiling", "in soft light", "in profile", "close up")
@@ -78,7 +78,8 @@ def build_synthetic_prepared(out_dir: str | Path, counts: list[int], latent_shap
         text_shape=list(hidden.shape[1:]), identities=names, train_counts=list(counts),
         shards=[p.name for p in shards], text_encoder_dir=str(text_encoder_dir), tokenizer_dir=str(tokenizer_dir),
         vae_dir=str(vae_dir) if vae_dir else None, shard_bytes={p.name: p.stat().st_size for p in shards},
-        shard_sha256={p.name: file_digest(p) for p in shards})
+        shard_sha256={p.name: file_digest(p) for p in shards},
+        shard_rows={p.name: count_shard_rows(p) for p in shards})
     manifest.save(out)
     return manifest
 

@@ -28,7 +28,7 @@ from pogdiff_dist.data.density import DensityVAEConfig, compute_elbo, fit_densit
 from pogdiff_dist.data.encode import SampleEncoder
 from pogdiff_dist.data.neighbours import build_knn
 from pogdiff_dist.data.records import IDENTITY_PROMPT, DatasetRecords, read_dataset
-from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest, attach_neighbours, file_digest
+from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest, attach_neighbours, count_shard_rows, file_digest
 from pogdiff_dist.models import TextEncoder, check_pretrained_dir, resolve_text_encoder_dir
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,8 @@ def run_prepare(cfg: Config) -> Manifest:
         print(f"[prepare] shards: wrote {len(shards)} shard(s) in {time.time() - t0:.1f}s", flush=True)
         # sizes and checksums let training reject a truncated, corrupt or foreign shard by name
         stage.finish(shard_bytes={p.name: p.stat().st_size for p in shards},
-                     shard_sha256={p.name: file_digest(p) for p in shards})
+                     shard_sha256={p.name: file_digest(p) for p in shards},
+                     shard_rows={p.name: count_shard_rows(p) for p in shards})
 
     shard_info = json.loads(stage.marker.read_text())
     sample = ray.data.read_parquet(str(encoded)).select_columns(["latent", "y"]).take(1)[0]
@@ -299,6 +300,7 @@ def run_prepare(cfg: Config) -> Manifest:
         skipped=[list(s) for s in records.skipped], warnings=records.warnings,
         heldout=[{"image": str(r.image), "identity": r.identity} for r in records.heldout()],
         shard_bytes=shard_info.get("shard_bytes", {}), shard_sha256=shard_info.get("shard_sha256", {}),
+        shard_rows=shard_info.get("shard_rows", {}),
         dataset=cfg.data.dataset if cfg.data.bundled is None else ":".join(cfg.data.bundled),
     )
     manifest.save(out)

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pogdiff_dist.config import Config, save_config
-from pogdiff_dist.data.shards import decode_sample, verify_shards
+from pogdiff_dist.data.shards import verify_shards
 from pogdiff_dist.prepare.pipeline import run_prepare
 from pogdiff_dist.runtime import init_ray
 from pogdiff_dist.tracking.runs import (
@@ -87,7 +86,6 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
     save_config(cfg, run_dir / "config.yaml")
 
     verify_shards(prepared / "shards", manifest, checksum=cfg.train.verify_shards)
-    shards = [str(prepared / "shards" / s) for s in manifest.shards]
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "prepared_dir": str(prepared), "run_id": run_id, "tracking_uri": uri,
@@ -95,7 +93,6 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        datasets={"train": ray.data.read_webdataset(shards, decoder=decode_sample)},
         run_config=RunConfig(name=name, storage_path=str(Path(cfg.train.storage_path).absolute()),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),

@@ -7,14 +7,13 @@ checkpoint folder the Trainer reports is copied into the run directory.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from pogdiff_dist.config import Config
-from pogdiff_dist.data.shards import StreamedBatch
 from pogdiff_dist.train.engine import init_single_process
+from pogdiff_dist.train.stream import Reader
 from pogdiff_dist.train.trainer import Trainer
 
 
@@ -41,22 +40,12 @@ class LocalCheckpoints:
         return found[-1] if found else None
 
 
-def local_epoch_batches(trainer: Trainer, prepared_dir: str | Path, rank: int = 0,
-                        world: int = 1) -> Callable[[int], Iterator[StreamedBatch]]:
-    """Epochs read straight from the shards with ``webdataset``: this rank's shards (every
-    ``world``-th), a seeded shuffle buffer per epoch (unless ``data.sampling`` resamples and
-    shuffles), through the trainer's :meth:`~Trainer.epoch_stream` as Ray's path does."""
+def read_local(batch_size: int = 64) -> Reader:
+    """``read(paths)`` for one plain process: the shards in the given order with ``webdataset``
+    (the trainer's stream assigns, resamples and shuffles)."""
     from pogdiff_dist.data.shards import iter_shard_batches
 
-    cfg = trainer.cfg
-    shards = [str(Path(prepared_dir) / "shards" / s) for s in trainer.manifest.shards][rank::world]
-
-    def epoch_batches(epoch: int) -> Iterator[StreamedBatch]:
-        shuffle = 0 if trainer.sampling.active else cfg.train.shuffle_buffer
-        batches = iter_shard_batches(shards, cfg.optim.batch_size, shuffle, seed=cfg.train.seed * 7919 + epoch * 31 + rank)
-        return trainer.epoch_stream(batches, epoch)
-
-    return epoch_batches
+    return lambda paths: iter_shard_batches(paths, batch_size, 0)
 
 
 def train_local(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, device: torch.device | str = "cpu",
@@ -74,5 +63,5 @@ def train_local(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, devi
         if latest is None:
             raise ValueError(f"resume: no checkpoint_* folder in {run_dir}")
         trainer.load(latest)
-    trainer.fit(local_epoch_batches(trainer, prepared_dir))
+    trainer.fit(read_local())
     return trainer, checkpoints

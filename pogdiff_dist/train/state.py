@@ -29,14 +29,22 @@ class TrainState:
     epoch: int = 0
     nonfinite: int = 0  # steps skipped for a non-finite loss, in all
     nonfinite_run: int = 0  # ... in a row
-    epoch_rows_before_checkpoint: int = 0  # rows of the open epoch trained before the checkpoint
     epochs: list[dict] = field(default_factory=list)  # closed epochs' accounting (EpochLedger.close)
     last: dict = field(default_factory=dict)  # the last logged window's means
+    # the open epoch, as this rank's ledger had it at the checkpoint: a resume skips exactly
+    # ``open_rows`` rows of the epoch's (deterministic) stream and keeps counting from here
+    open_rows: int = 0
+    open_skipped: int = 0
     generator: torch.Tensor | None = None  # noise / timestep / neighbour generator state (CPU bytes)
+    open_index: torch.Tensor | None = None  # [rows trained] sample indices of the open epoch
+    open_identity: torch.Tensor | None = None  # [rows trained] their identities
+
+    TENSORS = ("generator", "open_index", "open_identity")
 
     def save(self, path: Path) -> None:
-        meta = {k: v for k, v in asdict(self).items() if k != "generator"}
-        save_file({"generator": self.generator}, str(path), metadata={"state": json.dumps(meta)})
+        meta = {k: v for k, v in asdict(self).items() if k not in self.TENSORS}
+        tensors = {k: getattr(self, k) for k in self.TENSORS if getattr(self, k) is not None}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"state": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: Path) -> TrainState:
@@ -44,23 +52,41 @@ class TrainState:
             raise ValueError(f"checkpoint {path.parent} holds no {path.name}: written with another world size?")
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["state"])
-            return cls(**meta, generator=f.get_tensor("generator"))
+            names = set(f.keys())
+            return cls(**meta, **{k: f.get_tensor(k) for k in cls.TENSORS if k in names})
 
 
 class EpochLedger:
     """What each epoch trained on, so nothing is lost silently.
 
     Per rank: rows received from the stream, rows skipped as bad (``data.on_bad=skip``),
-    distinct sample indices. Resume semantics: the stream has no resumable position, so an
-    epoch interrupted by a restart is read again from its start; the rows that epoch had
-    already trained on before the checkpoint (``carried``) are trained on twice, and that
-    count is reported as ``epoch_repeated_after_resume``.
+    the sample index and identity of every trained row. A checkpoint saves the open epoch's
+    ledger (:meth:`snapshot`) and a resume restores it (:meth:`restore`), so an epoch that
+    a restart interrupted is accounted as one epoch. ``planned`` (set when the epoch's stream
+    ends) is how many rows the stream held for this rank: delivered rows beyond it would be
+    rows trained twice across the restart (``epoch_repeated_after_resume``).
     """
 
-    def __init__(self, carried: int = 0):
-        self.rows, self.skipped, self.carried = 0, 0, carried
+    def __init__(self):
+        self.rows, self.skipped, self.planned = 0, 0, None
         self.indices: list[np.ndarray] = []
         self.identities: list[np.ndarray] = []
+
+    def snapshot(self, state: TrainState) -> None:
+        state.open_rows, state.open_skipped = self.rows, self.skipped
+        cat = (lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64)) if parts
+               else torch.zeros(0, dtype=torch.int64))
+        state.open_index, state.open_identity = cat(self.indices), cat(self.identities)
+
+    @classmethod
+    def restore(cls, state: TrainState) -> EpochLedger:
+        ledger = cls()
+        ledger.rows, ledger.skipped = state.open_rows, state.open_skipped
+        for name, parts in (("open_index", ledger.indices), ("open_identity", ledger.identities)):
+            t = getattr(state, name)
+            if t is not None and t.numel():
+                parts.append(t.numpy())
+        return ledger
 
     def add(self, item: StreamedBatch) -> None:
         self.rows += item.rows
@@ -80,14 +106,15 @@ class EpochLedger:
         per_id = np.bincount(np.concatenate(self.identities), minlength=num_identities) if self.identities else (
             np.zeros(num_identities, np.int64))
         per_id = all_reduce(torch.from_numpy(per_id.astype(np.int64)), device).tolist()
-        rows, skipped, carried = all_reduce(torch.tensor([self.rows, self.skipped, self.carried],
-                                                         dtype=torch.float64), device).tolist()
+        repeated = max(0, self.rows - self.planned) if self.planned is not None else 0
+        rows, skipped, repeated = all_reduce(torch.tensor([self.rows, self.skipped, repeated],
+                                                          dtype=torch.float64), device).tolist()
         self.__init__()
         unique = float((times > 0).sum())
         return {"epoch": epoch, "epoch_rows": rows, "epoch_samples": rows - skipped, "epoch_skipped_bad": skipped,
                 "epoch_unique_samples": unique, "epoch_seen_twice": float((times > 1).sum()),
                 "epoch_repeats": rows - skipped - unique, "epoch_not_delivered": float(num_samples - unique - skipped),
-                "epoch_repeated_after_resume": carried, "identity_rows": per_id}
+                "epoch_repeated_after_resume": repeated, "identity_rows": per_id}
 
 
 def all_reduce(t: torch.Tensor, device: torch.device, op: str = "sum") -> torch.Tensor:

@@ -31,8 +31,8 @@ import torch
 
 from pogdiff_dist.config import Config
 from pogdiff_dist.data.records import IDENTITY_PROMPT
-from pogdiff_dist.data.sampling import SamplingPlan, resample
-from pogdiff_dist.data.shards import Batch, Manifest, StreamedBatch, collate_stream
+from pogdiff_dist.data.sampling import SamplingPlan
+from pogdiff_dist.data.shards import Batch, Manifest, StreamedBatch
 from pogdiff_dist.models import (
     LatentCodec,
     ModelSpec,
@@ -50,6 +50,7 @@ from pogdiff_dist.train.state import (
     nonfinite_policy,
 )
 from pogdiff_dist.train.step import DualConditionStep
+from pogdiff_dist.train.stream import EpochStream, Reader
 
 STATE_FILE = "train_state_rank{rank}.safetensors"  # TrainState of each rank, next to DeepSpeed's files
 MODEL_DIR, SAMPLES = "model", "samples.png"
@@ -118,8 +119,11 @@ class Trainer:
             self.engine.ds.compile()
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + rank)
         self.sampling = SamplingPlan(m.train_counts, cfg.data.sampling, cfg.data.sampling_alpha, t.seed)
+        self.stream = EpochStream(cfg, m, self.prepared, rank, world, self.sampling)
         self.state = TrainState()
         self.ledger = EpochLedger()
+        self._skip = 0  # rows of the first epoch to skip: what this rank had consumed before a restart
+        self._last_batch: Batch | None = None  # what a rank whose share ran out steps on, with weight 0
         self._checkpoint_due = False
         self._window: list[tuple[torch.Tensor, dict]] = []
         self._window_t0, self._window_wait = time.time(), 0.0
@@ -133,7 +137,8 @@ class Trainer:
         self.state = TrainState.load(d / STATE_FILE.format(rank=self.rank))
         self.generator.set_state(self.state.generator)
         assert self.state.step == self.engine.global_step, (self.state.step, self.engine.global_step)
-        self.ledger = EpochLedger(carried=self.state.epoch_rows_before_checkpoint)
+        self.ledger = EpochLedger.restore(self.state)
+        self._skip = self.state.open_rows
         print(f"[train] rank {self.rank} resumed at step {self.state.step} (lr {self.engine.lr:.3g})", flush=True)
         self.tracker.log(self.state.step, {"resumed_from_step": self.state.step, "resumed_lr": self.engine.lr})
 
@@ -141,7 +146,7 @@ class Trainer:
         """Every rank writes its ZeRO partition and its state, then reports the folder."""
         s = self.state
         s.generator = self.generator.get_state()
-        s.epoch_rows_before_checkpoint = self.ledger.rows + self.ledger.carried
+        self.ledger.snapshot(s)
         metrics = {"step": s.step, "epoch": s.epoch, **s.last, "nonfinite_skipped": s.nonfinite,
                    "epochs": json.dumps(s.epochs)}
         with tempfile.TemporaryDirectory() as d:
@@ -151,45 +156,46 @@ class Trainer:
 
     # -- the loop
 
-    def epoch_stream(self, numpy_batches: Iterable[dict], epoch: int) -> Iterator[StreamedBatch]:
-        """An epoch's numpy batches (Ray Data's split, or shards read locally), resampled by
-        ``data.sampling`` when it is not uniform (the adapter then reads them unshuffled: the
-        resampler's buffer shuffles), collated."""
-        t, o = self.cfg.train, self.cfg.optim
-        if self.sampling.active:
-            numpy_batches = resample(numpy_batches, self.sampling, epoch, o.batch_size, t.shuffle_buffer,
-                                     seed=t.seed * 7919 + epoch * 31 + self.rank)
-        return collate_stream(numpy_batches, self.manifest, self.cfg.data.on_bad)
-
     def to_device(self, batch: Batch) -> Batch:
         """The one place a batch moves: pinned host memory, then an asynchronous copy."""
         if self.device.type == "cuda":
             return batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device)
 
-    def fit(self, epoch_batches: Callable[[int], Iterable[StreamedBatch]]) -> TrainState:
-        """Train to ``optim.max_steps``, then export (rank 0) and write the final checkpoint."""
+    def fit(self, read: Reader) -> TrainState:
+        """Train to ``optim.max_steps``, then export (rank 0) and write the final checkpoint.
+        ``read(paths)`` streams the numpy batches of shards, in the given order."""
         max_steps = self.cfg.optim.max_steps
         while self.state.step < max_steps:
-            if not self._run_epoch(epoch_batches(self.state.epoch)):
+            items = self.stream(read, self.state.epoch, skip=self._skip)
+            self._skip = 0
+            if not self._run_epoch(items):
                 break
             self._close_epoch()
         self._finish()
         return self.state
 
     def _run_epoch(self, batches: Iterable[StreamedBatch]) -> bool:
-        """True when the epoch ran out (on every rank), False when ``max_steps`` was reached inside it."""
+        """True when the epoch ran out (on every rank), False when ``max_steps`` was reached inside it.
+
+        Ranks step in lockstep: while any rank still has a batch, every rank takes part in the
+        step; one whose share ran out steps on its last batch with weight 0 (its shard of the
+        gradient all-reduce is zero), so no row of a longer share is dropped."""
         items = _timed(batches, self)
-        for item in items:
+        while True:
+            item = next(items, None)
+            if not all_reduce(torch.tensor([float(item is not None)]), self.device, op="max").item():
+                return True
             if self._checkpoint_due:  # taken before this batch, so a resume re-reads from here
                 self.save_checkpoint()
                 self._checkpoint_due = False
-            self.ledger.add(item)
-            for report in item.skipped:
-                print(f"[train] rank {self.rank} skipped bad sample (data.on_bad=skip): {report}", flush=True)
-            if self._train_step(item.batch) and self.state.step >= self.cfg.optim.max_steps:
+            if item is not None:
+                self.ledger.add(item)
+                for report in item.skipped:
+                    print(f"[train] rank {self.rank} skipped bad sample (data.on_bad=skip): {report}", flush=True)
+            stepped = self._train_step(item.batch if item is not None else None, idle=item is None)
+            if stepped and self.state.step >= self.cfg.optim.max_steps:
                 return self._stream_ended(items)
-        return True
 
     def _stream_ended(self, items: Iterator[StreamedBatch]) -> bool:
         """At ``max_steps``: did this epoch's last batch just train on every rank? Then the
@@ -198,13 +204,18 @@ class Trainer:
         more = torch.tensor([float(next(items, None) is not None)])
         return all_reduce(more, self.device, op="max").item() == 0
 
-    def _train_step(self, batch: Batch | None) -> bool:
+    def _train_step(self, batch: Batch | None, idle: bool = False) -> bool:
         """Forward, the cross-rank agreement, backward and (at a boundary) the optimiser step.
-        True when an optimiser step happened."""
+        ``idle``: this rank's share ran out while another's did not: a weight-0 step on its last
+        batch. True when an optimiser step happened."""
         s = self.state
         loss, stats = None, {}
         if batch is not None:
+            self._last_batch = batch
             loss, stats = self.stepper(self.engine, self.to_device(batch), self.generator, dtype=self.dtype)
+        elif idle and self._last_batch is not None:
+            loss, _ = self.stepper(self.engine, self.to_device(self._last_batch), self.generator, dtype=self.dtype)
+            loss = loss * 0.0
         has_batch, finite, finite_here = agree_to_step(loss, self.device)
         if not finite:  # a non-finite loss on some rank: every rank skips and counts it
             where = "" if finite_here else (f"non-finite loss {loss.item()} at step {s.step + 1} on rank {self.rank} "
@@ -219,7 +230,8 @@ class Trainer:
         if not self.engine.backward_step(loss):
             return False
         s.step += 1
-        self._window.append((loss.detach(), stats))
+        if stats:  # an idle rank's weight-0 step has none: its window keeps the rows it trained
+            self._window.append((loss.detach(), stats))
         if s.step % self.cfg.train.log_every == 0 or s.step == self.cfg.optim.max_steps:
             self._log_window()
         # Deferred to the next batch or the end of the epoch, so a checkpoint on an epoch's
@@ -229,6 +241,8 @@ class Trainer:
 
     def _log_window(self) -> None:
         """Means over the window since the last log: the only place step stats reach the host."""
+        if not self._window:  # this rank only took weight-0 steps since the last log
+            return
         s, now = self.state, time.time()
         dt = now - self._window_t0
         keys = list(self._window[0][1])
@@ -248,6 +262,7 @@ class Trainer:
 
     def _close_epoch(self) -> None:
         s, m = self.state, self.manifest
+        self.ledger.planned = self.stream.planned
         record = self.ledger.close(s.epoch, m.num_samples, self.device, len(m.identities))
         if record["epoch_samples"] == 0:
             raise ValueError(f"epoch {s.epoch} delivered no trainable sample ({m.num_samples} samples "

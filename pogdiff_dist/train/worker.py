@@ -2,7 +2,8 @@
 and the only ray.train user inside the library.
 
 It supplies what the Trainer does not know about: the worker's device
-(``ray.train.torch.get_device()``), its ``streaming_split`` of the WebDataset stream,
+(``ray.train.torch.get_device()``), a reader that streams shards with Ray Data
+(``read_webdataset``, order preserved: the Trainer decides which rows each rank gets),
 ``ray.train.report`` for checkpoints, and the latest checkpoint to resume from.
 """
 
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ray.data
 import ray.train
 import ray.train.torch
 
 from pogdiff_dist.config import from_dict
+from pogdiff_dist.data.shards import decode_sample
 from pogdiff_dist.tracking.runs import MlflowTracker, NullTracker
 from pogdiff_dist.train.trainer import Trainer
 
@@ -33,13 +36,12 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.load(d)
-    shard = ray.train.get_dataset_shard("train")
+    # Each rank reads its own deterministic share of the epoch (pogdiff_dist.data.assignment)
+    # with Ray Data, in the order given: streamed, never materialised on the worker.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
 
-    def epoch_batches(epoch: int):
-        shuffle = None if trainer.sampling.active else cfg.train.shuffle_buffer  # the resampler shuffles
-        batches = shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy", drop_last=False,
-                                     local_shuffle_buffer_size=shuffle,
-                                     local_shuffle_seed=cfg.train.seed * 7919 + epoch * 31 + rank)
-        return trainer.epoch_stream(batches, epoch)
+    def read(paths: list[str]):
+        ds = ray.data.read_webdataset(paths, decoder=decode_sample, override_num_blocks=len(paths))
+        return ds.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy", prefetch_batches=2)
 
-    trainer.fit(epoch_batches)
+    trainer.fit(read)
