@@ -9,6 +9,28 @@ from __future__ import annotations
 import torch
 
 
+def _abar(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return alphas_cumprod.to(like.device, torch.float32)[t].view(-1, *[1] * (like.ndim - 1))
+
+
+def velocity(eps: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022; diffusers' get_velocity)."""
+    abar = _abar(alphas_cumprod, t, eps)
+    return abar.sqrt() * eps.float() - (1 - abar).sqrt() * x0.float()
+
+
+def eps_from_v(v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t: the noise a v-prediction implies."""
+    abar = _abar(alphas_cumprod, t, v)
+    return abar.sqrt() * v.float() + (1 - abar).sqrt() * x_t.float()
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v_prediction (diffusers' train_text_to_image)."""
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    return clipped / (snr + 1 if prediction_type == "v_prediction" else snr)
+
+
 def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """mean(|a - b|^2) over all but the batch dimension -> [B]."""
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)

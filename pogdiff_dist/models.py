@@ -275,11 +275,26 @@ def build_unet(model_cfg, spec: ModelSpec) -> UNet2DConditionModel:
     )
 
 
+SUPPORTED_PREDICTIONS = ("epsilon", "v_prediction")
+
+
 def build_noise_scheduler(model_cfg) -> DDPMScheduler:
+    """The training noise schedule: the pretrained model's scheduler (its ``prediction_type``
+    unless ``model.prediction_type`` overrides it), or a cosine schedule for a from-scratch
+    model. A prediction type other than epsilon / v_prediction is an error naming its source."""
     if model_cfg.pretrained is not None:
-        return DDPMScheduler.from_pretrained(str(check_pretrained_dir(model_cfg.pretrained) / "scheduler"))
-    return DDPMScheduler(num_train_timesteps=model_cfg.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="epsilon", clip_sample=True)
-
-
-
+        path = check_pretrained_dir(model_cfg.pretrained) / "scheduler"
+        scheduler = DDPMScheduler.from_pretrained(str(path))
+        source = f"{path / 'scheduler_config.json'}: prediction_type"
+        if model_cfg.prediction_type is not None:
+            scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type=model_cfg.prediction_type)
+            source = "model.prediction_type"
+    else:
+        scheduler = DDPMScheduler(num_train_timesteps=model_cfg.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
+                                  prediction_type=model_cfg.prediction_type or "epsilon", clip_sample=True)
+        source = "model.prediction_type"
+    kind = scheduler.config.prediction_type
+    if kind not in SUPPORTED_PREDICTIONS:
+        raise ValueError(f"{source} is {kind!r}: training supports {list(SUPPORTED_PREDICTIONS)} "
+                         f"(set model.prediction_type to one of them if the model was trained that way)")
+    return scheduler

@@ -26,6 +26,7 @@ BUNDLED_DATASETS = {
 
 
 SAMPLING_MODES = ("uniform", "balanced", "power")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 TRAINING_TIME_DATA_KEYS = ("sampling", "sampling_alpha", "on_bad")  # data.* keys that do not change prepare
 
 
@@ -76,6 +77,9 @@ class ModelConfig:
     max_length: int = 32  # caption tokens (77 for CLIP)
     init_unet: str | None = None  # start from this UNet instead: an exported model dir (model/unet) or a unet dir
     num_train_timesteps: int = 1000
+    # what the UNet predicts: None = the pretrained scheduler's prediction_type (epsilon for a
+    # from-scratch model); "epsilon" or "v_prediction" (e.g. Stable Diffusion 2.x 768) overrides it
+    prediction_type: str | None = None
 
     def __post_init__(self):
         if self.pretrained is None:
@@ -84,6 +88,8 @@ class ModelConfig:
             _one_of("model.unet", self.unet, tuple(UNET_PRESETS))
         _check(self.max_length >= 4, f"model.max_length must be >= 4, got {self.max_length}")
         _check(self.num_train_timesteps >= 2, "model.num_train_timesteps must be >= 2")
+        _check(self.prediction_type in (None, *PREDICTION_TYPES),
+               f"model.prediction_type must be one of {list(PREDICTION_TYPES)} or null, got {self.prediction_type!r}")
 
 
 @dataclass(frozen=True)
@@ -147,12 +153,18 @@ class LossConfig:
     # "identity_count" (inverse identity frequency n_id ** (-1 / T), normalised the same way;
     # a departure that uses the identities psi_img already needs).
     psi_den_source: str = "elbo"
+    # min-SNR-gamma weighting of the denoising term (Hang et al. 2023; diffusers --snr_gamma,
+    # kohya --min_snr_gamma): weight min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v). None: off.
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0  # eps += noise_offset * N(0, I) per sample and channel (diffusers --noise_offset)
 
     def __post_init__(self):
         _one_of("loss.method", self.method, LOSS_METHODS)
         _one_of("loss.identity_weight", self.identity_weight, ("none", "inverse", "power"))
         _check(self.identity_weight_alpha >= 0, "loss.identity_weight_alpha must be >= 0")
         _one_of("loss.psi_den_source", self.psi_den_source, ("elbo", "identity_count"))
+        _check(self.snr_gamma is None or self.snr_gamma > 0, f"loss.snr_gamma must be > 0 or null, got {self.snr_gamma}")
+        _check(self.noise_offset >= 0, f"loss.noise_offset must be >= 0, got {self.noise_offset}")
         _check(self.cbdm_tau >= 0 and self.diffrop_tau >= 0 and self.diffrop_decay >= 0,
                "loss.cbdm_tau, loss.diffrop_tau and loss.diffrop_decay must be >= 0")
         _one_of("loss.neighbor_grad", self.neighbor_grad, ("full", "stop"))

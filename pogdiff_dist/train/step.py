@@ -16,20 +16,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers.training_utils import compute_snr
 
 from pogdiff_dist.data.shards import Batch
 from pogdiff_dist.losses import (
     cbdm_loss,
-    diffrop_loss,
+    ddpm_posterior_mean,
+    diffrop_overlap,
+    eps_from_v,
     identity_count_density,
     identity_weights,
     log_density_normaliser,
+    min_snr_weights,
     neighbour_weights,
     pogdiff_loss,
     psi_weights,
     t2h_loss,
     t2h_targets,
     vanilla_loss,
+    velocity,
 )
 from pogdiff_dist.models import CaptionStateCache
 
@@ -38,8 +43,10 @@ Stats = dict[str, "torch.Tensor | float"]
 
 @dataclass
 class Draws:
-    """What every method shares: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and the
-    caption states with dropped captions replaced by the empty caption's."""
+    """What every method shares: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, the caption
+    states with dropped captions replaced by the empty caption's, the regression target in the
+    model's parametrization (eps, or v for v_prediction) and the min-SNR weight of the
+    denoising term (ones when ``loss.snr_gamma`` is off)."""
 
     batch: Batch
     t: torch.Tensor  # [B]
@@ -47,6 +54,8 @@ class Draws:
     x_t: torch.Tensor  # [B, C, H, W]
     y: torch.Tensor  # [B, L, D] float32, after caption dropout
     dropped: torch.Tensor  # [B] bool
+    target: torch.Tensor  # [B, C, H, W] eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0
+    snr_weight: torch.Tensor  # [B]
 
     def __len__(self) -> int:
         return len(self.t)
@@ -112,15 +121,31 @@ class DualConditionStep:
             stats["identity_weight_mean"] = w.mean().detach()
         return loss.mean(), stats
 
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
     def draw(self, batch: Batch, generator: torch.Generator) -> Draws:
         b, device = len(batch), batch.x0.device
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
         eps = torch.randn(batch.x0.shape, generator=generator, device=device)
+        if self.cfg.noise_offset:  # a per-sample, per-channel shift of the noise (diffusers --noise_offset)
+            eps = eps + self.cfg.noise_offset * torch.randn((b, eps.shape[1], 1, 1), generator=generator,
+                                                            device=device)
         x_t = self.scheduler.add_noise(batch.x0, eps, t)
         y = batch.y.to(torch.float32)
         dropped = torch.rand(b, generator=generator, device=device) < self.caption_dropout
         y = torch.where(dropped[:, None, None], self.uncond.to(y)[None].expand_as(y), y)
-        return Draws(batch, t, eps, x_t, y, dropped)
+        ac = self.scheduler.alphas_cumprod
+        target = eps if self.prediction_type == "epsilon" else velocity(eps, batch.x0, t, ac)
+        snr_weight = torch.ones(b, device=device)
+        if self.cfg.snr_gamma is not None:
+            snr_weight = min_snr_weights(compute_snr(self.scheduler, t), self.cfg.snr_gamma, self.prediction_type)
+        return Draws(batch, t, eps, x_t, y, dropped, target, snr_weight)
+
+    def denoise(self, pred: torch.Tensor, d: Draws) -> torch.Tensor:
+        """The (min-SNR weighted) denoising term |pred - target|^2, [B]."""
+        return d.snr_weight * vanilla_loss(pred, d.target)
 
     def eps(self, unet, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """eps_theta(x, t, y): the one place inputs are cast to the compute dtype."""
@@ -145,7 +170,7 @@ class DualConditionStep:
 
 
 def _vanilla(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.Tensor, Stats]:
-    loss = vanilla_loss(step.eps(unet, d.x_t, d.t, d.y), d.eps)
+    loss = step.denoise(step.eps(unet, d.x_t, d.t, d.y), d)
     return loss, {"loss_denoise": loss.mean().detach(), "loss_pog": 0.0}
 
 
@@ -169,10 +194,10 @@ def _pogdiff(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.
     if active.numel():
         y_nb = step.nbr_states(batch.nbr_tokens[active, j[active]], batch.nbr_len[active, j[active]])
     pred, pred_nb = step.dual_forward(unet, d, active, y_nb, grad=cfg.neighbor_grad == "full")
-    denoise = vanilla_loss(pred, d.eps)
+    denoise = step.denoise(pred, d)
     pog = torch.zeros_like(denoise)
-    if active.numel():
-        _, _, pog_act = pogdiff_loss(pred[active], pred_nb, d.eps[active], psi[active])
+    if active.numel():  # the PoG term compares the two predictions, in the model's parametrization
+        _, _, pog_act = pogdiff_loss(pred[active], pred_nb, d.target[active], psi[active])
         pog = pog.index_put((active,), pog_act)
     return denoise + psi * pog, {
         "loss_denoise": denoise.mean().detach(), "loss_pog": (psi * pog).mean().detach(),
@@ -197,10 +222,10 @@ def _cbdm(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.Ten
         other = (torch.arange(b, device=device) + torch.randint(1, b, (b,), generator=generator, device=device)) % b
     active = ((~d.dropped) & (d.t > 0) & (b > 1) & (tau > 0)).nonzero().squeeze(1)
     pred, pred_other = step.dual_forward(unet, d, active, d.batch.y[other[active]])
-    denoise = vanilla_loss(pred, d.eps)
+    denoise = step.denoise(pred, d)
     reg = torch.zeros_like(denoise)
     if active.numel():
-        _, _, reg_act = cbdm_loss(pred[active], pred_other, d.eps[active], d.t[active], num_t, tau)
+        _, _, reg_act = cbdm_loss(pred[active], pred_other, d.target[active], d.t[active], num_t, tau)
         reg = reg.index_put((active,), reg_act)
     return denoise + reg, {"loss_denoise": denoise.mean().detach(), "loss_pog": reg.mean().detach(),
                            "cbdm_active_frac": active.numel() / b}
@@ -212,9 +237,13 @@ def _t2h(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.Tens
     The selection looks only at images (x_t, x0) and stored ELBOs, so it is applied
     to dropped-caption rows too, as T2H also calibrates unconditional training.
     """
-    target, j, transferred = t2h_targets(d.batch.x0, d.x_t, d.eps, d.t, step.scheduler.alphas_cumprod,
-                                         d.batch.elbo, generator)
-    loss, denoise, calibration = t2h_loss(step.eps(unet, d.x_t, d.t, d.y), d.eps, target)
+    ac = step.scheduler.alphas_cumprod
+    target, j, transferred = t2h_targets(d.batch.x0, d.x_t, d.eps, d.t, ac, d.batch.elbo, generator)
+    if step.prediction_type == "v_prediction":  # eps~ maps x0_j to x_t: its v is against x0_j
+        x0_src = torch.where(transferred.view(-1, *[1] * (d.x_t.ndim - 1)), d.batch.x0[j], d.batch.x0)
+        target = velocity(target, x0_src, d.t, ac)
+    loss, denoise, calibration = t2h_loss(step.eps(unet, d.x_t, d.t, d.y), d.target, target)
+    loss, denoise, calibration = (d.snr_weight * x for x in (loss, denoise, calibration))
     rows = torch.arange(len(d), device=j.device)
     return loss, {"loss_denoise": denoise.mean().detach(), "loss_pog": calibration.mean().detach(),
                   "t2h_other_frac": (j != rows).float().mean().detach(),  # drew another sample
@@ -232,9 +261,14 @@ def _diffrop(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.
         raise ValueError("loss.method='diffrop' needs batch.identity (identity_id from the shards' meta.json); "
                          "the batch has none")
     valid = ~d.dropped
-    loss, denoise, overlap = diffrop_loss(
-        step.eps(unet, d.x_t, d.t, d.y), d.eps, d.x_t, d.t, ids, step.scheduler.alphas_cumprod,
-        step.scheduler.config.num_train_timesteps, step.cfg.diffrop_tau, step.cfg.diffrop_decay, valid=valid)
+    ac = step.scheduler.alphas_cumprod
+    pred = step.eps(unet, d.x_t, d.t, d.y)
+    eps_pred = pred if step.prediction_type == "epsilon" else eps_from_v(pred, d.x_t, d.t, ac)
+    mu = ddpm_posterior_mean(d.x_t, eps_pred, d.t, ac)  # DiffROP's overlap acts on the posterior means
+    overlap = diffrop_overlap(mu, ids, d.t, step.scheduler.config.num_train_timesteps, step.cfg.diffrop_tau,
+                              step.cfg.diffrop_decay, valid)
+    denoise = step.denoise(pred, d)
+    loss = denoise + overlap
     has_partner = ((ids[:, None] != ids[None, :]) & valid[None, :]).any(1) & valid
     return loss, {"loss_denoise": denoise.mean().detach(), "loss_pog": overlap.mean().detach(),
                   "diffrop_partner_frac": has_partner.float().mean().detach()}
