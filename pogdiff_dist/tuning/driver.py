@@ -219,6 +219,7 @@ def trials_dataframe(results, rows: list[TrialRow]) -> pd.DataFrame:
                            "mlflow_run_id": r.run_id, "error": r.error or ""} for r in rows])
     if "trial_id" not in df.columns:
         df = pd.DataFrame({"trial_id": []})
+    df = df.drop(columns=[c for c in extra.columns if c != "trial_id" and c in df.columns])  # ours are the full story
     return extra.merge(df, on="trial_id", how="left").sort_values("trial_id").reset_index(drop=True)
 
 
