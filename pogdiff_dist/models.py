@@ -275,6 +275,26 @@ def build_unet(model_cfg, spec: ModelSpec) -> UNet2DConditionModel:
     )
 
 
+def add_lora(unet: UNet2DConditionModel, model_cfg) -> UNet2DConditionModel:
+    """Freeze the UNet and add peft LoRA adapters (``model.lora_*``) that alone train.
+    Gaussian init of A, zero B: the adapted UNet starts as the base UNet."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha or model_cfg.lora_rank,
+                                init_lora_weights="gaussian", target_modules=list(model_cfg.lora_targets)))
+    return unet
+
+
+def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The adapter's weights in diffusers' LoRA format (what ``save_lora_weights`` writes and
+    ``StableDiffusionPipeline.load_lora_weights`` reads)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
 SUPPORTED_PREDICTIONS = ("epsilon", "v_prediction")
 
 

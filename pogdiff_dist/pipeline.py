@@ -1,13 +1,16 @@
-"""The exported model: a diffusers ``DiffusionPipeline`` (safetensors) that generates images.
+"""The exported model: a diffusers pipeline directory (safetensors) that generates images.
 
-``PoGDiffPipeline.from_pretrained(dir)`` loads what :func:`export_pipeline` writes: the
-fine-tuned UNet, a DDIM scheduler, the frozen text encoder and tokenizer, and the VAE for
-latent models (none for the pixel-space default). Captions are encoded exactly as in
-training (:class:`pogdiff_dist.models.TextEncoder`).
+:func:`export_pipeline` writes, for a model fine-tuned from a Stable Diffusion layout, a plain
+``StableDiffusionPipeline`` directory (``DiffusionPipeline.from_pretrained`` and
+``StableDiffusionPipeline.from_pretrained`` load it, as any tool or hub does); for a
+pixel-space model (no VAE) a ``PoGDiffPipeline``, this project's class. :func:`load_pipeline`
+loads either (and a LoRA adapter on top) as a ``PoGDiffPipeline``, whose sampling encodes
+captions exactly as training did (:class:`pogdiff_dist.models.TextEncoder`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +62,43 @@ class PoGDiffPipeline(DiffusionPipeline):
 
 
 def export_pipeline(out_dir: str | Path, unet, train_scheduler, text_encoder: TextEncoder, vae=None) -> Path:
-    """Write a loadable diffusers directory (safetensors weights)."""
-    pipe = PoGDiffPipeline(unet=unet, scheduler=DDIMScheduler.from_config(train_scheduler.config),
-                           text_encoder=text_encoder.model, tokenizer=text_encoder.tokenizer, vae=vae,
-                           max_length=text_encoder.max_length)
+    """Write a loadable diffusers directory (safetensors weights, a DDIM scheduler)."""
+    scheduler = DDIMScheduler.from_config(train_scheduler.config)
+    if vae is not None:  # a latent (Stable Diffusion) model: the standard pipeline directory
+        from diffusers import StableDiffusionPipeline
+
+        tokenizer = text_encoder.tokenizer
+        tokenizer.model_max_length = text_encoder.max_length  # captions are cut where training cut them
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.model, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        pipe = PoGDiffPipeline(unet=unet, scheduler=scheduler, text_encoder=text_encoder.model,
+                               tokenizer=text_encoder.tokenizer, vae=None, max_length=text_encoder.max_length)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     return Path(out_dir)
+
+
+def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", lora_dir: str | Path | None = None):
+    """What :func:`export_pipeline` wrote (or a stock Stable Diffusion directory), as a
+    ``PoGDiffPipeline`` on ``device``; ``lora_dir``: a LoRA adapter in diffusers' format
+    (``runs/<name>/lora``) loaded onto its UNet."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{model_dir} is not an exported model (no model_index.json); jobs/train.py writes "
+                         f"one to runs/<name>/model")
+    if json.loads(index.read_text()).get("_class_name") == PoGDiffPipeline.__name__:
+        pipe = PoGDiffPipeline.from_pretrained(str(model_dir))
+    else:
+        sd = DiffusionPipeline.from_pretrained(str(model_dir))
+        pipe = PoGDiffPipeline(unet=sd.unet, scheduler=sd.scheduler, text_encoder=sd.text_encoder,
+                               tokenizer=sd.tokenizer, vae=getattr(sd, "vae", None),
+                               max_length=min(sd.tokenizer.model_max_length, 512))  # some tokenizers say 1e30
+    if lora_dir is not None:
+        pipe.unet.load_lora_adapter(str(lora_dir), prefix="unet")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 def image_grid(images: np.ndarray, rows: int, labels: list[str] | None = None, scale: int = 3) -> Image.Image:

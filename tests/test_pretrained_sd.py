@@ -25,7 +25,7 @@ def test_finetune_pretrained_sd_layout(ray_local, tmp_path):
     from diffusers import AutoencoderKL
 
     from pogdiff_dist.config import load_config
-    from pogdiff_dist.pipeline import PoGDiffPipeline
+    from pogdiff_dist.pipeline import load_pipeline
     from pogdiff_dist.train.driver import run_train
 
     sd = make_tiny_sd(tmp_path / "sd")
@@ -44,7 +44,14 @@ def test_finetune_pretrained_sd_layout(ray_local, tmp_path):
     m = Manifest.load(cfg.prepare.out_dir)
     assert m.latent_shape == [4, 8, 8] and m.text_shape == [16, 32] and m.vae_dir.endswith("vae")
 
-    pipe = PoGDiffPipeline.from_pretrained(str(out.model_dir))
+    # a standard Stable Diffusion directory: the generic loader and the SD pipeline class load it
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    generic = DiffusionPipeline.from_pretrained(str(out.model_dir))
+    assert type(generic) is StableDiffusionPipeline and generic.safety_checker is None
+    assert type(StableDiffusionPipeline.from_pretrained(str(out.model_dir))) is StableDiffusionPipeline
+    assert generic.tokenizer.model_max_length == cfg.model.max_length  # captions cut where training cut them
+    pipe = load_pipeline(out.model_dir)
     assert isinstance(pipe.vae, AutoencoderKL)
     img = pipe(["An image of Alice Moreau."], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert img.shape == (1, 16, 16, 3) and img.dtype == np.uint8
@@ -67,7 +74,7 @@ def test_sd15_config_prepares_trains_bf16_and_exports(ray_local, tmp_path):
 
     from pogdiff_dist.config import load_config
     from pogdiff_dist.data.shards import Manifest
-    from pogdiff_dist.pipeline import PoGDiffPipeline
+    from pogdiff_dist.pipeline import load_pipeline
     from pogdiff_dist.train.driver import run_train
 
     sd = make_tiny_sd(tmp_path / "sd")
@@ -85,7 +92,7 @@ def test_sd15_config_prepares_trains_bf16_and_exports(ray_local, tmp_path):
     assert out.metrics["final_step"] == 2 and out.metrics["final_loss"] > 0
     m = Manifest.load(cfg.prepare.out_dir)
     assert m.latent_shape == [4, 8, 8] and m.text_shape == [77, 32]  # VAE latents, 77-token captions
-    pipe = PoGDiffPipeline.from_pretrained(str(out.model_dir))
+    pipe = load_pipeline(out.model_dir)
     assert pipe.unet.dtype == torch.float32  # exported from the fp32 EMA weights, not the bf16 compute copy
     img = pipe(["An image of Alice Moreau."], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert img.shape == (1, 16, 16, 3) and img.std() > 0

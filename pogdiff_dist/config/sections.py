@@ -77,6 +77,11 @@ class ModelConfig:
     max_length: int = 32  # caption tokens (77 for CLIP)
     init_unet: str | None = None  # start from this UNet instead: an exported model dir (model/unet) or a unet dir
     num_train_timesteps: int = 1000
+    # LoRA (peft): rank 0 fine-tunes the whole UNet; > 0 trains only low-rank adapters on
+    # lora_targets (default: the attention projections), scaled by lora_alpha / rank
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # None: lora_rank (scale 1)
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     # what the UNet predicts: None = the pretrained scheduler's prediction_type (epsilon for a
     # from-scratch model); "epsilon" or "v_prediction" (e.g. Stable Diffusion 2.x 768) overrides it
     prediction_type: str | None = None
@@ -88,6 +93,9 @@ class ModelConfig:
             _one_of("model.unet", self.unet, tuple(UNET_PRESETS))
         _check(self.max_length >= 4, f"model.max_length must be >= 4, got {self.max_length}")
         _check(self.num_train_timesteps >= 2, "model.num_train_timesteps must be >= 2")
+        _check(self.lora_rank >= 0, f"model.lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
+        _check(self.lora_alpha is None or self.lora_alpha > 0, "model.lora_alpha must be > 0 or null")
+        _check(len(self.lora_targets) >= 1, "model.lora_targets must name at least one module")
         _check(self.prediction_type in (None, *PREDICTION_TYPES),
                f"model.prediction_type must be one of {list(PREDICTION_TYPES)} or null, got {self.prediction_type!r}")
 

@@ -18,6 +18,7 @@ import yaml
 
 from pogdiff_dist.config import EvalConfig
 from pogdiff_dist.data.records import IDENTITY_PROMPT
+from pogdiff_dist.pipeline import load_pipeline
 
 PROMPT = IDENTITY_PROMPT  # PoGDiff Sec. 4.1
 
@@ -30,19 +31,6 @@ def identity_seed(seed: int, name: str) -> int:
     """A 63-bit seed from ``(seed, name)``: an identity's images do not depend on which
     worker makes them, in which order, or on which other identities are evaluated."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
-
-
-def load_pipeline(model_dir: str | Path, device: str = "cpu"):
-    """The exported diffusers pipeline (:func:`pogdiff_dist.pipeline.export_pipeline`), on ``device``."""
-    from pogdiff_dist.pipeline import PoGDiffPipeline
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "model_index.json").is_file():
-        raise ValueError(f"{model_dir} is not an exported model (no model_index.json); jobs/train.py writes "
-                         f"one to runs/<name>/model")
-    pipe = PoGDiffPipeline.from_pretrained(str(model_dir)).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def generate_identity(pipe, name: str, cfg: EvalConfig) -> np.ndarray:
@@ -58,12 +46,12 @@ class IdentityGenerator:
     """Ray actor: loads the pipeline once onto its device (the GPU Ray gave it, else the CPU),
     then generates identity after identity."""
 
-    def __init__(self, model_dir: str, cfg: dict, threads: int, gpus: float = 0.0):
+    def __init__(self, model_dir: str, cfg: dict, threads: int, gpus: float = 0.0, lora_dir: str | None = None):
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if gpus > 0 else "cpu"
-        self.pipe = load_pipeline(model_dir, self.device)
+        self.pipe = load_pipeline(model_dir, self.device, lora_dir)
         self.cfg = EvalConfig(**cfg)
 
     def generate(self, name: str) -> tuple[str, np.ndarray, float]:

@@ -73,15 +73,17 @@ def deepspeed_config(optim, train, world_size: int, device_type: str = "cpu") ->
 class Engine:
     """A DeepSpeed engine around the UNet, plus an optional EMA of its weights.
 
-    The EMA keeps full-size shadow weights on every rank; under ZeRO-3 the live
-    parameters are gathered around each EMA update so the average is of the real
-    weights, not of the local shards.
+    Only the trainable parameters reach DeepSpeed's optimiser and the EMA (with LoRA: the
+    adapter; the frozen base is left alone). The EMA keeps full-size shadow weights on every
+    rank; under ZeRO-3 the live parameters are gathered around each EMA update so the
+    average is of the real weights, not of the local shards.
     """
 
     def __init__(self, unet: torch.nn.Module, cfg, world_size: int, device: torch.device | str = "cpu"):
         device = torch.device(device)
         self.config = deepspeed_config(cfg.optim, cfg.train, world_size, device.type)
-        self.ds, _, _, _ = deepspeed.initialize(model=unet, model_parameters=unet.parameters(), config=self.config)
+        trainable = [p for p in unet.parameters() if p.requires_grad]
+        self.ds, _, _, _ = deepspeed.initialize(model=unet, model_parameters=trainable, config=self.config)
         placed = next(self.ds.module.parameters()).device
         if placed.type != device.type or (device.index is not None and placed.index != device.index):
             raise RuntimeError(f"DeepSpeed placed the UNet on {placed} but this worker's device is {device}: "
@@ -91,11 +93,26 @@ class Engine:
         self.ema = None
         if cfg.train.ema:
             with self.gathered():
-                self.ema = EMAModel([p.detach().float() for p in self.module.parameters()], decay=cfg.train.ema_decay)
+                self.ema = EMAModel([p.detach().float() for _, p in self.trainable()], decay=cfg.train.ema_decay)
 
     @property
     def module(self) -> torch.nn.Module:
         return self.ds.module
+
+    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of what trains: everything, or the LoRA adapter alone."""
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of this rank's optimiser state (Adam moments and any fp32 master copies)."""
+        total = 0
+        for state in self.ds.optimizer.state.values() if hasattr(self.ds.optimizer, "state") else ():
+            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+        inner = getattr(self.ds.optimizer, "optimizer", None)
+        if inner is not None and inner is not self.ds.optimizer:
+            for state in inner.state.values():
+                total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+        return total
 
     def __call__(self, *args, **kwargs):
         return self.ds(*args, **kwargs)
@@ -122,14 +139,14 @@ class Engine:
         self.ds.step()
         if boundary and self.ema is not None:
             with self.gathered():
-                self.ema.step([p.detach().float() for p in self.module.parameters()])
+                self.ema.step([p.detach().float() for _, p in self.trainable()])
         return boundary
 
     def save(self, directory: str | Path, tag: str, client_state: dict) -> None:
         """Every rank must call this (each writes its ZeRO partition)."""
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state)
         if self.ema is not None and self.ds.global_rank == 0:
-            names = [n for n, _ in self.module.named_parameters()]
+            names = [n for n, _ in self.trainable()]
             save_file({n: s.contiguous() for n, s in zip(names, self.ema.shadow_params)}, str(Path(directory) / EMA_FILE),
                       metadata={"optimization_step": str(self.ema.optimization_step)})
 
@@ -143,8 +160,7 @@ class Engine:
             if not ema_path.is_file():
                 raise ValueError(f"train.ema is on but checkpoint {directory} holds no {EMA_FILE}")
             shadow = load_file(str(ema_path))
-            names = [n for n, _ in self.module.named_parameters()]
-            self.ema.shadow_params = [shadow[n] for n in names]
+            self.ema.shadow_params = [shadow[n].to(p.device) for n, p in self.trainable()]
             from safetensors import safe_open
 
             with safe_open(str(ema_path), "pt") as f:
@@ -158,7 +174,7 @@ class Engine:
                 return None
             state = {k: v.detach().float().clone() for k, v in self.module.state_dict().items()}
         if self.ema is not None:
-            for (name, _), shadow in zip(self.module.named_parameters(), self.ema.shadow_params):
+            for (name, _), shadow in zip(self.trainable(), self.ema.shadow_params):
                 state[name] = shadow.detach().float().clone()
         return state
 

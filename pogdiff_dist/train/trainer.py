@@ -37,10 +37,12 @@ from pogdiff_dist.models import (
     LatentCodec,
     ModelSpec,
     TextEncoder,
+    add_lora,
     build_noise_scheduler,
     build_unet,
+    lora_state_dict,
 )
-from pogdiff_dist.pipeline import PoGDiffPipeline, export_pipeline, image_grid
+from pogdiff_dist.pipeline import export_pipeline, image_grid, load_pipeline
 from pogdiff_dist.train.engine import Engine
 from pogdiff_dist.train.state import (
     EpochLedger,
@@ -53,7 +55,7 @@ from pogdiff_dist.train.step import DualConditionStep
 from pogdiff_dist.train.stream import EpochStream, Reader
 
 STATE_FILE = "train_state_rank{rank}.safetensors"  # TrainState of each rank, next to DeepSpeed's files
-MODEL_DIR, SAMPLES = "model", "samples.png"
+MODEL_DIR, SAMPLES, LORA_DIR = "model", "samples.png", "lora"
 
 # report(metrics, checkpoint_dir): checkpoint_dir is a temporary folder valid during the call
 Report = Callable[[dict, Path], None]
@@ -111,6 +113,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.spec = ModelSpec(m.latent_shape[0], m.latent_shape[1], m.text_shape[1])
         unet = build_unet(cfg.model, self.spec)
+        if cfg.model.lora_rank:
+            add_lora(unet, cfg.model)
         if t.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.attention = sorted({type(p).__name__ for p in unet.attn_processors.values()})
@@ -296,22 +300,35 @@ class Trainer:
     # -- export
 
     def export(self) -> Path | None:
-        """The diffusers pipeline in ``run_dir/model`` and the sample grid in ``run_dir/samples.png``,
-        made by rank 0 on its device. Every rank calls (ZeRO-3 gathers the weights)."""
+        """The diffusers pipeline in ``run_dir/model`` (a ``StableDiffusionPipeline`` for a model
+        fine-tuned from a Stable Diffusion layout, ``PoGDiffPipeline`` for a pixel-space one), with
+        LoRA also the adapter alone in diffusers' LoRA format in ``run_dir/lora`` (the pipeline then
+        holds the merged weights), and the sample grid in ``run_dir/samples.png``: made by rank 0
+        on its device. Every rank calls (ZeRO-3 gathers the weights)."""
         state = self.engine.export_state_dict()
         if state is None or self.run_dir is None:
             return None
         m = self.manifest
         unet = build_unet(self.cfg.model, self.spec)
+        if self.cfg.model.lora_rank:
+            add_lora(unet, self.cfg.model)
         unet.load_state_dict(state)
+        if self.cfg.model.lora_rank:
+            from diffusers import StableDiffusionPipeline
+
+            lora_dir = self.run_dir / LORA_DIR
+            shutil.rmtree(lora_dir, ignore_errors=True)
+            StableDiffusionPipeline.save_lora_weights(str(lora_dir), unet_lora_layers=lora_state_dict(unet),
+                                                      safe_serialization=True)
+            unet.fuse_lora()  # the adapter folded into the base weights: a plain UNet for the pipeline
+            unet.unload_lora()
         # a fresh fp32 copy of the frozen encoder: the trainer's runs in the compute dtype
         text = TextEncoder(m.text_encoder_dir, m.tokenizer_dir, self.cfg.model.max_length)
         vae = LatentCodec(m.vae_dir).vae if m.vae_dir else None
         model_dir = self.run_dir / MODEL_DIR
         shutil.rmtree(model_dir, ignore_errors=True)
         export_pipeline(model_dir, unet, build_noise_scheduler(self.cfg.model), text, vae)
-        pipe = PoGDiffPipeline.from_pretrained(str(model_dir)).to(self.device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(model_dir, self.device)
         sample_grid(pipe, m, self.cfg, self.run_dir / SAMPLES)
         print(f"[train] rank {self.rank} exported the model to {model_dir} and the sample grid on {self.device}",
               flush=True)
