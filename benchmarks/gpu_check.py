@@ -102,6 +102,9 @@ class StepClock:
             self.times.append((step, time.perf_counter()))
         self.logs.append((step, dict(metrics)))
 
+    def log_image(self, step, key, image):
+        pass
+
     def step_seconds(self, skip: int) -> list[float]:
         t = [b - a for (_, a), (_, b) in zip(self.times, self.times[1:])]
         return t[skip:]

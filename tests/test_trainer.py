@@ -17,6 +17,9 @@ class RecordingTracker:
     def log(self, step, metrics):
         self.logs.append((step, dict(metrics)))
 
+    def log_image(self, step, key, image):
+        self.logs.append((step, {f"image:{key}": image.size}))
+
     def series(self, key):
         return [(s, m[key]) for s, m in self.logs if key in m]
 

@@ -239,6 +239,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~+30% step time)
     allow_tf32: bool = True  # CUDA: TF32 for fp32 matmuls/convolutions (bf16 compute is unaffected)
     compile: bool = False  # torch.compile the UNet inside the DeepSpeed engine (first steps pay the compile)
+    # every validate_every steps (0: never) rank 0 logs a fixed-seed grid of validate_images images of the
+    # largest majority and the rarest few-shot identity to MLflow (and their identity accuracy with a judge)
+    validate_every: int = 100
+    validate_images: int = 4
+    validate_steps: int = 10  # DDIM steps of the validation images
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
@@ -253,6 +258,8 @@ class TrainConfig:
         _one_of("train.on_nonfinite", self.on_nonfinite, ("skip", "raise"))
         _check(self.max_nonfinite >= 1, "train.max_nonfinite must be >= 1")
         _check(self.text_cache_mib >= 0, f"train.text_cache_mib must be >= 0, got {self.text_cache_mib}")
+        _check(self.validate_every >= 0 and self.validate_images >= 1 and self.validate_steps >= 1,
+               "train.validate_every must be >= 0 (0: off), validate_images and validate_steps >= 1")
 
 
 @dataclass(frozen=True)

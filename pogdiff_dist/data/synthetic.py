@@ -37,14 +37,15 @@ def build_synthetic_prepared(out_dir: str | Path, counts: list[int], latent_shap
                              text_encoder_dir: str | Path, tokenizer_dir: str | Path, max_length: int,
                              k_max: int = 5, samples_per_shard: int = 16, density: DensityVAEConfig | None = None,
                              device: torch.device | str = "cpu", seed: int = 0,
-                             vae_dir: str | Path | None = None) -> Manifest:
+                             vae_dir: str | Path | None = None, names: list[str] | None = None,
+                             dataset: str | None = None) -> Manifest:
     """Write ``out_dir/{shards/, elbo.npy, neighbours.npz, manifest.json}`` for identities with
     ``counts`` images each; returns the manifest. ``vae_dir``: the latents are a VAE's (the
     export then decodes with it)."""
     out = Path(out_dir)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    names = synthetic_identities(counts)
+    names = list(names) if names is not None else synthetic_identities(counts)
     identity = np.repeat(np.arange(len(counts)), counts)
     n = len(identity)
     pattern = rng.normal(size=(len(counts), *latent_shape)).astype(np.float32)
@@ -77,7 +78,7 @@ def build_synthetic_prepared(out_dir: str | Path, counts: list[int], latent_shap
         fingerprint=fingerprint, num_samples=n, k_max=k_max, latent_shape=list(latent_shape),
         text_shape=list(hidden.shape[1:]), identities=names, train_counts=list(counts),
         shards=[p.name for p in shards], text_encoder_dir=str(text_encoder_dir), tokenizer_dir=str(tokenizer_dir),
-        vae_dir=str(vae_dir) if vae_dir else None, shard_bytes={p.name: p.stat().st_size for p in shards},
+        vae_dir=str(vae_dir) if vae_dir else None, dataset=dataset, shard_bytes={p.name: p.stat().st_size for p in shards},
         shard_sha256={p.name: file_digest(p) for p in shards},
         shard_rows={p.name: count_shard_rows(p) for p in shards})
     manifest.save(out)

@@ -177,9 +177,16 @@ class MlflowTracker:
         ts = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
+    def log_image(self, step: int, key: str, image) -> None:
+        """An image at ``step`` (MLflow's image view steps through a key's images)."""
+        self.client.log_image(self.run_id, image, key=key, step=step)
+
 
 class NullTracker:
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_image(self, step: int, key: str, image) -> None:
         pass
 
 

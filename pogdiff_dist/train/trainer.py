@@ -53,6 +53,7 @@ from pogdiff_dist.train.state import (
 )
 from pogdiff_dist.train.step import DualConditionStep
 from pogdiff_dist.train.stream import EpochStream, Reader
+from pogdiff_dist.train.validate import Validator
 
 STATE_FILE = "train_state_rank{rank}.safetensors"  # TrainState of each rank, next to DeepSpeed's files
 MODEL_DIR, SAMPLES, LORA_DIR = "model", "samples.png", "lora"
@@ -131,6 +132,8 @@ class Trainer:
         self._checkpoint_due = False
         self._window: list[tuple[torch.Tensor, dict]] = []
         self._window_t0, self._window_wait = time.time(), 0.0
+        self._t_start = time.time()
+        self.validator = Validator(self)
 
     # -- checkpoints
 
@@ -238,6 +241,8 @@ class Trainer:
             self._window.append((loss.detach(), stats))
         if s.step % self.cfg.train.log_every == 0 or s.step == self.cfg.optim.max_steps:
             self._log_window()
+        if self.validator.due(s.step):
+            self.validator(s.step, time.time() - self._t_start)
         # Deferred to the next batch or the end of the epoch, so a checkpoint on an epoch's
         # last step records the closed epoch instead of an epoch to re-read.
         self._checkpoint_due = s.step % self.cfg.train.checkpoint_every == 0 and s.step < self.cfg.optim.max_steps
@@ -292,6 +297,9 @@ class Trainer:
         peak = all_reduce(torch.tensor([peaks[k] for k in names], dtype=torch.float64), self.device,
                           op="max").tolist()
         peaks = dict(zip(names, peak))
+        if self.validator.seconds:
+            peaks.update(val_seconds=self.validator.seconds,
+                         val_fraction_of_run=self.validator.seconds / max(time.time() - self._t_start, 1e-9))
         self.tracker.log(self.state.step, {**peaks, "nonfinite_skipped": self.state.nonfinite})
         self.state.last.update(peaks)
         self.export()
@@ -364,4 +372,7 @@ def _timed(batches: Iterable[StreamedBatch], trainer: Trainer) -> Iterator[Strea
 
 class _NullTracker:
     def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def log_image(self, step: int, key: str, image) -> None:
         pass
