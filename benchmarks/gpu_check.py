@@ -9,9 +9,10 @@ What it runs (one process, world size 1, DeepSpeed ZeRO-2, bf16, as configs/sd15
 2. a prepared dataset in the project's shard format written on the spot
    (:mod:`pogdiff_dist.data.synthetic`: 64 x 64 x 4 latents, 77 x 768 caption states from
    that text tower, exact k-NN and the density VAE on the device);
-3. vanilla, PoGDiff ``stop`` and PoGDiff ``full`` for a few steps each, timed side by side,
-   with FLOPs of one step from ``torch.utils.flop_counter`` and MFU against the card's
-   dense bf16 peak;
+3. vanilla, PoGDiff ``stop``, PoGDiff ``full`` and PoGDiff ``full`` through a rank-8 LoRA
+   for a few steps each, timed side by side, with FLOPs of one step from
+   ``torch.utils.flop_counter``, MFU against the card's dense bf16 peak, and each one's
+   trainable parameters and optimiser-state bytes (LoRA against full fine-tuning);
 4. a checkpoint and a resume (the resumed run continues at the checkpoint's step);
 5. the export, loaded back with diffusers, and a short DDIM sample on the device.
 
@@ -54,7 +55,9 @@ SD15_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
 BF16_DENSE_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 METHODS = {"vanilla": {"loss.method": "vanilla"},
            "stop": {"loss.method": "pogdiff", "loss.neighbor_grad": "stop"},
-           "full": {"loss.method": "pogdiff", "loss.neighbor_grad": "full"}}
+           "full": {"loss.method": "pogdiff", "loss.neighbor_grad": "full"},
+           # the same objective through a rank-8 LoRA on the attention projections (model.lora_rank)
+           "full_lora8": {"loss.method": "pogdiff", "loss.neighbor_grad": "full", "model.lora_rank": 8}}
 COUNTS = [24, 16, 8, 8, 4, 2, 2]  # 64 samples; imbalanced, as the method expects
 
 
@@ -137,7 +140,9 @@ def run_method(name: str, cfg, prepared: Path, work: Path, device: torch.device,
     row = {"steps": cfg.optim.max_steps, "timed_steps": len(times), "median_step_s": med,
            "step_s": times, "images_per_s": cfg.optim.batch_size / med, "flops_per_step": float(counter.get_total_flops()),
            "loss": clock.series("loss"), "psi_zero_frac": clock.series("psi_zero_frac"), "wall_s": wall,
-           "attention": trainer.attention}
+           "attention": trainer.attention,
+           "trainable_params": sum(p.numel() for _, p in trainer.engine.trainable()),
+           "optimizer_state_mib": trainer.engine.optimizer_state_bytes() / 2**20}
     if device.type == "cuda":
         row["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     del trainer
@@ -213,6 +218,11 @@ def main() -> None:
         m["mfu"] = m["flops_per_step"] / m["median_step_s"] / (peak * 1e12) if peak else None
     vanilla_s = methods["vanilla"]["median_step_s"]
     ratios = {f"{k}_over_vanilla_step_time": methods[k]["median_step_s"] / vanilla_s for k in ("stop", "full")}
+    lora, full_ft = methods["full_lora8"], methods["full"]
+    ratios.update(lora_over_full_step_time=lora["median_step_s"] / full_ft["median_step_s"],
+                  lora_over_full_optimizer_state=lora["optimizer_state_mib"] / full_ft["optimizer_state_mib"],
+                  lora_over_full_peak_gpu_memory=(lora["peak_gpu_mib"] / full_ft["peak_gpu_mib"]
+                                                  if "peak_gpu_mib" in lora else None))
 
     # checkpoint at step 3, resume to step 5 with a new Trainer, export, load back with diffusers, sample
     run_dir = work / "resume"
@@ -260,7 +270,9 @@ def main() -> None:
     mfu = methods["vanilla"]["mfu"]
     print(f"[gpu_check] stop/vanilla {ratios['stop_over_vanilla_step_time']:.2f}x, full/vanilla "
           f"{ratios['full_over_vanilla_step_time']:.2f}x, vanilla MFU {'n/a' if mfu is None else f'{mfu:.1%}'}, "
-          f"peak GPU memory {result['peak_gpu_mib'] or 0:.0f} MiB, done in {result['total_s']:.0f}s", flush=True)
+          f"peak GPU memory {result['peak_gpu_mib'] or 0:.0f} MiB; LoRA-8/full: step time "
+          f"{ratios['lora_over_full_step_time']:.2f}x, optimiser state {ratios['lora_over_full_optimizer_state']:.3f}x; "
+          f"done in {result['total_s']:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ for all and for few-shot identities (METHOD.md, "Evaluation"), generated on Ray.
     python jobs/evaluate.py --mlflow-run <run id>                      # the run's model; log eval/* into it
     python jobs/evaluate.py --model runs/default/model --set eval.steps=20 --set eval.num_images=16
     python jobs/evaluate.py --model m/ --prepared p/ --set eval.encoder=/models/dinov2-small
+    python jobs/evaluate.py --lora runs/people-lora/lora                # the adapter on its base model
 
 Evaluation settings are the config's ``eval`` section (``python jobs/train.py --help`` shows
 the override syntax; the keys: num_images, steps, guidance_scale, seed, encoder, classifier,
@@ -30,6 +31,9 @@ def main(argv=None) -> int:
     src.add_argument("--mlflow-run", metavar="RUN_ID",
                      help="MLflow run of a training: its model is found from the run, and eval/* metrics and "
                           "artifacts are logged into it (with --model: only the logging)")
+    src.add_argument("--lora", metavar="DIR",
+                     help="a LoRA adapter (runs/<name>/lora) loaded onto --model, or onto the base its run "
+                          "trained from; runs/<name>/model is the same adapter merged")
     src.add_argument("--prepared", help="prepared dataset dir (default: the one the model's training run recorded)")
     src.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, the run's own, "
                                             "else sqlite:///mlflow.db)")
@@ -47,7 +51,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        source = resolve_source(args.model, args.prepared, args.mlflow_run, args.tracking_uri)
+        source = resolve_source(args.model, args.prepared, args.mlflow_run, args.tracking_uri, args.lora)
     except ValueError as e:
         p.error(str(e))
     out = Path(args.out) if args.out else source.model_dir.parent / "eval"

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.set)
     except ValueError as e:
         p.error(str(e))
-    run_train(cfg, resume=args.resume)
+    run_train(cfg, resume=args.resume, config_file=args.config)
     return 0
 
 

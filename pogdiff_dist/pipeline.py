@@ -21,6 +21,8 @@ from PIL import Image
 
 from pogdiff_dist.models import TextEncoder
 
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes
+
 
 class PoGDiffPipeline(DiffusionPipeline):
     _optional_components = ["vae"]  # noqa: RUF012 - diffusers reads this class attribute as a list
@@ -96,7 +98,7 @@ def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", lor
                                tokenizer=sd.tokenizer, vae=getattr(sd, "vae", None),
                                max_length=min(sd.tokenizer.model_max_length, 512))  # some tokenizers say 1e30
     if lora_dir is not None:
-        pipe.unet.load_lora_adapter(str(lora_dir), prefix="unet")
+        pipe.unet.load_lora_adapter(str(lora_dir), prefix="unet", weight_name=LORA_WEIGHTS)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

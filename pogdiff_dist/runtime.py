@@ -7,6 +7,8 @@ import os
 
 import ray
 
+from pogdiff_dist.output import PRINT_PATCH_ENV, VERBOSE_ENV, quiet_libraries, resolve_verbose
+
 log = logging.getLogger(__name__)
 
 
@@ -16,14 +18,41 @@ def init_ray(ray_cfg) -> None:
     workers, Ray Data's read tasks would otherwise get no CPU and the run hangs
     (ENVIRONMENT.md). ``address="local"`` starts a new cluster even when another one
     (e.g. a `ray start` head) runs on this machine, instead of silently joining it."""
+    quiet_output(ray_cfg.verbose)  # also in a Tune trial, where Ray is already up
     if ray.is_initialized():
         return
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                        VERBOSE_ENV: "1" if ray_cfg.verbose else "0", PRINT_PATCH_ENV: "0"}}
+    level = logging.INFO if ray_cfg.verbose else logging.WARNING
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level=level)
         log.info("joined Ray cluster at %s", address)
     else:
         num_cpus = ray_cfg.num_cpus or 2 * (os.cpu_count() or 1)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env, logging_level=level)
         log.info("started a local Ray cluster with %d logical CPUs", num_cpus)
+
+
+def quiet_output(verbose: bool | None = None) -> None:
+    """:func:`pogdiff_dist.output.quiet_libraries` plus Ray's own: Ray Data's progress bars
+    and per-dataset logs, and Ray Train's print patch (each worker line printed twice). Called
+    by :func:`init_ray` on the driver and by each Ray worker that runs a Dataset or the Trainer."""
+    verbose = resolve_verbose(verbose)
+    os.environ[PRINT_PATCH_ENV] = "0"  # propagated by Ray Train to its controller and workers
+    quiet_libraries(verbose)
+    if verbose:
+        return
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
+
+
+def train_logging_config(verbose: bool):
+    """Ray Train's own console logs ("Reporting training result ...") only with ``verbose``."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="INFO" if verbose else "WARNING")

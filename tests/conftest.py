@@ -77,4 +77,12 @@ def make_tiny_sd(root):
                          attention_head_dim=4, norm_num_groups=8).save_pretrained(root / "unet")
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                   beta_end=0.012).save_pretrained(root / "scheduler")
+    # model_index.json, as a downloaded Stable Diffusion directory has: a loadable pipeline too
+    from diffusers import StableDiffusionPipeline
+
+    parts = {name: cls.from_pretrained(str(root / name)) for name, cls in (
+        ("vae", AutoencoderKL), ("text_encoder", BertModel), ("tokenizer", AutoTokenizer),
+        ("unet", UNet2DConditionModel), ("scheduler", DDPMScheduler))}
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(root)
     return root

@@ -158,6 +158,7 @@ def test_train_checkpoint_resume_export_mlflow(ray_local, tiny_cfg, prepared):
         assert lr[s] == pytest.approx(lr_max * (s - 1) / 20, rel=1e-6), (s, lr)
     artifacts = {a.path for a in client.list_artifacts(first.run_id)}
     assert "samples.png" in artifacts
+    _check_run_reads_back(client, first.run_id, prepared)
 
     # The export is a diffusers pipeline with safetensors weights that generates an image.
     model = second.model_dir
@@ -173,3 +174,30 @@ def test_train_checkpoint_resume_export_mlflow(ray_local, tiny_cfg, prepared):
     fresh = build_unet(cfg.model, ModelSpec(1, 16, 384))
     diff = sum((a - b).abs().sum().item() for a, b in zip(fresh.parameters(), pipe.unet.parameters()))
     assert diff > 0
+
+
+def _check_run_reads_back(client, run_id, manifest):
+    """What the MLflow UI shows, read back through the client: tags, the dataset input, every
+    metric's steps in order (summaries at the last step), the plots, the logged model."""
+    import mlflow
+
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    assert tags["pogdiff.method"] == "pogdiff" and tags["pogdiff.dataset_fingerprint"] == manifest.fingerprint
+    assert tags["pogdiff.dataset"] == manifest.dataset and tags["pogdiff.config_file"] == "(defaults)"
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (inp,) = run.inputs.dataset_inputs  # logged once, though the run was resumed
+    assert inp.dataset.name == manifest.dataset and inp.dataset.digest == manifest.fingerprint[:16]
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "train"
+    for key in run.data.metrics:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert steps == sorted(steps), (key, steps)  # no chart runs backwards
+    for key in ("final_loss", "fit_seconds", "nonfinite_skipped"):
+        assert client.get_metric_history(run_id, key)[-1].step == 4, key
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {"plots/identity_counts.png", "plots/psi_histogram.png"}
+    # the exported pipeline logged as an MLflow model of this run (tests/test_mlflow_model.py loads one)
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run_id}'")
+    assert [m.name for m in models] == ["model"]

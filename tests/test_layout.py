@@ -15,7 +15,7 @@ ALLOWED = {
             "evaluation.generate"},
     "deepspeed": {"train.engine"},
     "torch.distributed": {"train.state"},
-    "mlflow": {"tracking.runs", "tracking.compare"},
+    "mlflow": {"tracking.runs", "tracking.compare", "tracking.model", "tracking.model_code"},
 }
 # model, loss and data code: none of the above, not even through a lazy import
 PURE = ("models", "losses", "pipeline", "train.step", "data.", "config", "evaluation.metrics",

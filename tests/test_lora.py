@@ -67,3 +67,19 @@ def test_lora_trains_only_the_adapter_resumes_and_exports(sd_and_prepared, tmp_p
     assert (after - before).abs().max() > 1e-4  # the adapter changes the output
     torch.testing.assert_close(fused, after, rtol=1e-4, atol=1e-5)  # the merged export is base + adapter
     assert not any("lora" in n for n, _ in merged.named_parameters())  # a plain UNet
+
+    # jobs/evaluate.py --lora: the adapter onto the base its run's config names, the same UNet as the merged export
+    from pogdiff_dist.config import save_config
+    from pogdiff_dist.evaluation.evaluate import resolve_source
+    from pogdiff_dist.pipeline import load_pipeline
+
+    with pytest.raises(ValueError, match="pass --model BASE_PIPELINE_DIR"):
+        resolve_source(lora=str(lora), prepared=str(prepared))
+    save_config(_cfg(sd), tmp_path / "run" / "config.yaml")
+    source = resolve_source(lora=str(lora), prepared=str(prepared))
+    assert source.model_dir == sd and source.lora_dir == lora
+    with torch.no_grad():
+        adapted = load_pipeline(source.model_dir, lora_dir=source.lora_dir).unet(x, t, encoder_hidden_states=y).sample
+    torch.testing.assert_close(adapted, fused, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="not a LoRA export"):
+        resolve_source(lora=str(tmp_path / "run" / "model"), prepared=str(prepared))

@@ -89,7 +89,12 @@ def run_step(unet, scheduler, text_encoder, uncond, all_elbo, sims, seed=0, drop
     step = DualConditionStep(cfg, scheduler, text_encoder, uncond, all_elbo, caption_dropout=dropout)
     wrapped = CountingUNet(unet)
     loss, stats = step(wrapped, make_batch(text_encoder, all_elbo, sims), torch.Generator().manual_seed(seed))
-    # stats are read at log time: detached 0-d tensors (no GPU sync per step) or floats
+    # stats are read at log time: detached 0-d tensors (no GPU sync per step) or floats; PoGDiff's
+    # per-sample psi goes to the trainer's PsiRecord (the run's psi histogram), not a logged mean
+    psi = stats.pop("psi", None)
+    if psi is not None:
+        assert psi.shape == (len(sims),) and not psi.requires_grad
+        assert float(psi.mean()) == pytest.approx(float(stats["psi_mean"]))
     assert all(isinstance(v, float) or (v.ndim == 0 and not v.requires_grad) for v in stats.values()), stats
     return loss, {k: float(v) for k, v in stats.items()}, wrapped.calls
 

@@ -264,8 +264,19 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    """MLflow: where runs go and what a run keeps besides its params and metrics."""
+
     tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "pogdiff"
+    log_model: bool = True  # the exported pipeline as an MLflow model (prompts -> images) in the run
+    register_model: str | None = None  # also a new version of this registered model (needs log_model)
+    system_metrics: bool = False  # MLflow's system/* metrics (CPU, memory, disk, network; GPU with nvidia-ml-py)
+    system_metrics_interval_s: float = 10.0
+
+    def __post_init__(self):
+        _check(self.register_model is None or self.log_model,
+               "tracking.register_model needs tracking.log_model=true (the registered version is the logged model)")
+        _check(self.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s must be > 0")
 
     def resolved_uri(self) -> str:
         import os
@@ -277,6 +288,7 @@ class TrackingConfig:
 class RayConfig:
     address: str | None = None  # None: join $RAY_ADDRESS or start a local cluster
     num_cpus: int | None = None  # logical CPUs of a local cluster (None: 2 x physical, see ENVIRONMENT.md)
+    verbose: bool = False  # Ray Data progress bars, Ray Train's info logs and known-harmless warnings (--verbose)
 
 
 

@@ -13,6 +13,7 @@ import torch
 
 from pogdiff_dist.data.records import load_image
 from pogdiff_dist.models import LatentCodec, TextEncoder, load_image_embedder
+from pogdiff_dist.output import quiet_libraries
 
 
 class SampleEncoder:
@@ -27,6 +28,7 @@ class SampleEncoder:
 
     def __init__(self, text_encoder_dir: str, tokenizer_dir: str, max_length: int, resolution: int,
                  channels: int, image_encoder: str = "pixels", vae_dir: str | None = None, device: str = "cpu"):
+        quiet_libraries()  # a Ray Data actor: the driver's --verbose arrives as $POGDIFF_VERBOSE
         self.device = torch.device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # one core per actor; Ray schedules the actors

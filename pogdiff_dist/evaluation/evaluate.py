@@ -25,6 +25,7 @@ from pogdiff_dist.evaluation.generate import (
 )
 from pogdiff_dist.evaluation.report import write_outputs
 from pogdiff_dist.evaluation.scoring import compute_metrics, evaluated_identities
+from pogdiff_dist.pipeline import LORA_WEIGHTS
 from pogdiff_dist.tracking.runs import log_eval, read_run_state, resolve_tracking_uri, run_folders
 
 
@@ -37,6 +38,7 @@ class EvalSource:
     run_dir: Path | None = None  # the training run folder (runs/<name>), when known
     run_id: str | None = None  # MLflow run that receives eval/* metrics (None: no MLflow)
     tracking_uri: str | None = None
+    lora_dir: Path | None = None  # a LoRA adapter (diffusers format) loaded onto model_dir's UNet
 
 
 @dataclass
@@ -48,18 +50,24 @@ class EvalOutcome:
 
 
 def resolve_source(model: str | None = None, prepared: str | None = None, mlflow_run: str | None = None,
-                   tracking_uri: str | None = None) -> EvalSource:
-    """Turn the CLI's ``--model`` / ``--prepared`` / ``--mlflow-run`` into directories.
+                   tracking_uri: str | None = None, lora: str | None = None) -> EvalSource:
+    """Turn the CLI's ``--model`` / ``--prepared`` / ``--mlflow-run`` / ``--lora`` into directories.
 
     - ``model`` given: that exported pipeline; a model inside a training run folder
       (``runs/<name>/model``) finds its prepared dir in the folder's ``pogdiff_run.json``.
     - only ``mlflow_run``: the run's ``pogdiff.model_dir`` / ``pogdiff.prepared_dir`` tags.
     - ``mlflow_run`` (with or without ``model``): eval/* metrics go into that run.
+    - ``lora`` (``runs/<name>/lora``): that adapter on ``model`` or, without ``model``, on the
+      base its run trained from (``model.pretrained`` in the run's config.yaml).
     """
     import os
 
+    lora_dir = Path(lora).absolute() if lora else None
+    if lora_dir is not None:
+        model, run_state = _lora_base(lora_dir, model), read_run_state(lora_dir.parent)
+        prepared = prepared or (run_state or {}).get("prepared_dir")
     if model is None and mlflow_run is None:
-        raise ValueError("give --model DIR (an exported model) or --mlflow-run RUN_ID")
+        raise ValueError("give --model DIR (an exported model), --mlflow-run RUN_ID or --lora DIR")
     run_dir = model_dir = found_prepared = None
     state = None
     if model is not None:
@@ -88,7 +96,24 @@ def resolve_source(model: str | None = None, prepared: str | None = None, mlflow
         raise ValueError(f"{prepared_dir} is not a prepared dataset (no {MANIFEST}); run jobs/prepare.py")
     if not (model_dir / "model_index.json").is_file():
         raise ValueError(f"{model_dir} is not an exported model (no model_index.json)")
-    return EvalSource(model_dir, prepared_dir, run_dir, mlflow_run, uri)
+    return EvalSource(model_dir, prepared_dir, run_dir, mlflow_run, uri, lora_dir)
+
+
+def _lora_base(lora_dir: Path, model: str | None) -> str:
+    """The pipeline a LoRA adapter goes onto: ``model``, else its run's ``model.pretrained``."""
+    from pogdiff_dist.config import load_config
+
+    if not (lora_dir / LORA_WEIGHTS).is_file():
+        raise ValueError(f"{lora_dir} is not a LoRA export (no {LORA_WEIGHTS}; "
+                         f"a model.lora_rank > 0 run writes runs/<name>/lora)")
+    if model is not None:
+        return model
+    config = lora_dir.parent / "config.yaml"
+    base = load_config(config).model.pretrained if config.is_file() else None
+    if base is None:
+        raise ValueError(f"--lora {lora_dir}: cannot tell the base model it was trained on ({config} names no "
+                         f"model.pretrained); pass --model BASE_PIPELINE_DIR")
+    return base
 
 
 def evaluate_model(model_dir: str | Path, prepared_dir: str | Path, cfg: EvalConfig | None = None,
@@ -128,10 +153,11 @@ def run_evaluate(source: EvalSource, out_dir: str | Path, cfg: EvalConfig, *, nu
     manifest = Manifest.load(source.prepared_dir)
     names = evaluated_identities(manifest, cfg)
     gpus = resolve_eval_gpus(gpus_per_worker, source.run_dir)
-    print(f"[evaluate] model {source.model_dir}\n[evaluate] {len(names)} identities x {cfg.num_images} images, "
+    lora = f" + LoRA {source.lora_dir}" if source.lora_dir else ""
+    print(f"[evaluate] model {source.model_dir}{lora}\n[evaluate] {len(names)} identities x {cfg.num_images} images, "
           f"DDIM {cfg.steps} steps, seed {cfg.seed}, {num_workers} worker(s) with {gpus:g} GPU(s) each", flush=True)
     generated = generate_distributed(source.model_dir, names, cfg, num_workers, cpus_per_worker,
-                                     gpus_per_worker=gpus)
+                                     gpus_per_worker=gpus, lora_dir=source.lora_dir)
     gen_s = time.time() - t0
     some = generated[names[0]]
     real = load_real_images(source.prepared_dir, manifest, some.shape[1], some.shape[3])
@@ -139,7 +165,7 @@ def run_evaluate(source: EvalSource, out_dir: str | Path, cfg: EvalConfig, *, nu
     cache = Path(cfg.cache_dir) if cfg.cache_dir else source.prepared_dir / "eval_cache"
     results = compute_metrics(generated, real, manifest, cfg, cache_dir=cache)
     results.update(model_dir=str(source.model_dir), prepared_dir=str(source.prepared_dir),
-                   mlflow_run=source.run_id, generation_seconds=gen_s, total_seconds=time.time() - t0)
+                   lora_dir=str(source.lora_dir) if source.lora_dir else None, mlflow_run=source.run_id, generation_seconds=gen_s, total_seconds=time.time() - t0)
     out_dir = Path(out_dir).absolute()
     paths = write_outputs(out_dir, results, generated, real)
     keys = log_eval(source.tracking_uri, source.run_id, results["summary"], [paths["metrics"], paths["plot"]],

@@ -18,6 +18,7 @@ import yaml
 
 from pogdiff_dist.config import EvalConfig
 from pogdiff_dist.data.records import IDENTITY_PROMPT
+from pogdiff_dist.output import quiet_libraries
 from pogdiff_dist.pipeline import load_pipeline
 
 PROMPT = IDENTITY_PROMPT  # PoGDiff Sec. 4.1
@@ -49,6 +50,7 @@ class IdentityGenerator:
     def __init__(self, model_dir: str, cfg: dict, threads: int, gpus: float = 0.0, lora_dir: str | None = None):
         import torch
 
+        quiet_libraries()  # a Ray actor: the driver's --verbose arrives as $POGDIFF_VERBOSE
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if gpus > 0 else "cpu"
         self.pipe = load_pipeline(model_dir, self.device, lora_dir)
@@ -73,7 +75,7 @@ def resolve_eval_gpus(setting: float | str, run_dir: Path | None) -> float:
 
 def generate_distributed(model_dir: str | Path, names: list[str], cfg: EvalConfig, num_workers: int = 2,
                          cpus_per_worker: float = 1.0, progress: bool = True,
-                         gpus_per_worker: float = 0.0) -> dict[str, np.ndarray]:
+                         gpus_per_worker: float = 0.0, lora_dir: str | Path | None = None) -> dict[str, np.ndarray]:
     """identity name -> ``uint8 [num_images, H, W, C]``, made by up to ``num_workers`` actors
     (each on a GPU when ``gpus_per_worker`` > 0)."""
     import ray
@@ -82,7 +84,7 @@ def generate_distributed(model_dir: str | Path, names: list[str], cfg: EvalConfi
     actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(IdentityGenerator)
     n_actors = max(1, min(num_workers, len(names)))
     actors = [actor.remote(str(Path(model_dir).absolute()), cfg.to_dict(), int(max(1, cpus_per_worker)),
-                           gpus_per_worker) for _ in range(n_actors)]
+                           gpus_per_worker, str(lora_dir) if lora_dir else None) for _ in range(n_actors)]
     out: dict[str, np.ndarray] = {}
     t0 = time.time()
     try:

@@ -225,7 +225,8 @@ def run_prepare(cfg: Config) -> Manifest:
         t0 = time.time()
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.prepare.batch_size, 64)))
         ds = ds.map_batches(SampleEncoder, batch_size=cfg.prepare.batch_size, batch_format="numpy",
-                            concurrency=cfg.prepare.num_encoders, num_cpus=1, num_gpus=gpus,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.prepare.num_encoders), num_cpus=1,
+                            num_gpus=gpus,
                             fn_constructor_kwargs={"text_encoder_dir": str(text_dir), "tokenizer_dir": str(tok_dir),
                                                        "max_length": cfg.model.max_length,
                                                        "resolution": cfg.data.resolution, "channels": channels,
@@ -275,7 +276,8 @@ def run_prepare(cfg: Config) -> Manifest:
                       "fingerprint": fp_shards}
         ref = ray.put(tables)
         ds = ray.data.read_parquet(str(encoded)).select_columns(["index", "key", "caption", "latent", "y"])
-        ds = ds.map_batches(_AttachNeighbours, fn_constructor_args=([ref],), concurrency=1, batch_format="numpy")
+        ds = ds.map_batches(_AttachNeighbours, fn_constructor_args=([ref],), compute=ray.data.ActorPoolStrategy(size=1),
+                            batch_format="numpy")
         # One shard per block of samples_per_shard rows (streaming, no shuffle): shards are the
         # unit of parallel reads, so 2 workers need >= 2 of them. (write_webdataset's
         # min_rows_per_file is only a minimum: alone, it wrote one shard for 385 rows.)

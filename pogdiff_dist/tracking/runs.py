@@ -14,6 +14,8 @@ import json
 import math
 import re
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -25,6 +27,29 @@ RUN_STATE = "pogdiff_run.json"  # in a run folder: its MLflow run, tracking URI,
 # metric at the step each segment starts, never a param (MLflow keeps a param's first value).
 SEGMENT_KEYS = ("optim.max_steps",)
 TAG_RUN_DIR, TAG_PREPARED, TAG_MODEL = "pogdiff.run_dir", "pogdiff.prepared_dir", "pogdiff.model_dir"
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The prepared dataset as an MLflow dataset input: named after ``data.dataset``, its
+    digest the prepare fingerprint, its source the prepared folder, its schema the shard fields."""
+
+    name: str
+    source: str
+    fingerprint: str
+    fields: dict[str, str]  # shard field -> MLflow type
+
+    def to_mlflow(self):
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.types import ColSpec, Schema
+
+        with warnings.catch_warnings():  # a local folder matches two equivalent source types
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+            source = resolve_dataset_source(self.source)
+        return MetaDataset(source, name=self.name, digest=self.fingerprint[:16],
+                           schema=Schema([ColSpec(t, k) for k, t in self.fields.items()]))
 
 
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
@@ -49,13 +74,32 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The experiment's id, created if new: tagged as model training (MLflow 3's UI then opens
+    its training view, not the GenAI one) and, with a SQLite store, keeping its artifacts in
+    ``mlruns/`` beside the database file rather than under whatever folder the process runs in."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlruns").absolute().as_uri()
+        exp_id = client.create_experiment(name, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    if exp is None or EXPERIMENT_KIND not in exp.tags:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND, "custom_model_development")
+    return exp_id
+
+
 def start_run(cfg, run_name: str | None = None, run_id: str | None = None, parent_run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> str:
-    """Create (or reopen, for ``--resume``) the run; a new run logs the config as params.
-    ``parent_run_id`` nests a new run under another (a sweep's trial under the sweep)."""
+              tags: dict[str, str] | None = None, dataset: DatasetInfo | None = None) -> str:
+    """Create (or reopen, for ``--resume``) the run; a new run logs the config as params and
+    ``dataset`` as its training input. ``parent_run_id`` nests a new run under another (a
+    sweep's trial under the sweep)."""
     uri = resolve_tracking_uri(cfg.tracking.resolved_uri())
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.tracking.experiment)
+    mlflow.set_experiment(experiment_id=ensure_experiment(uri, cfg.tracking.experiment))
     all_tags = {"pogdiff.method": cfg.loss.method, **(tags or {})}
     if parent_run_id and run_id is None:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -63,6 +107,8 @@ def start_run(cfg, run_name: str | None = None, run_id: str | None = None, paren
     mlflow.set_tags(all_tags)
     if run_id is None:
         mlflow.log_params({k: v for k, v in safe_params(cfg.flat()).items() if k not in SEGMENT_KEYS})
+        if dataset is not None:
+            mlflow.log_input(dataset.to_mlflow(), context="train")
     mlflow.end_run(status="RUNNING")
     return run.info.run_id
 
@@ -141,9 +187,7 @@ def create_sweep_parent(tracking_uri: str, experiment: str, run_name: str, tags:
     from mlflow.entities import Param
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    run = client.create_run(ensure_experiment(tracking_uri, experiment), run_name=run_name, tags=tags)
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i:i + 100])
@@ -167,9 +211,25 @@ def log_artifacts(tracking_uri: str, run_id: str, files: list[Path], artifact_pa
 
 
 class MlflowTracker:
-    def __init__(self, tracking_uri: str, run_id: str):
+    """Rank 0's metrics and images; ``system_metrics``: MLflow's CPU/memory/disk/network (and,
+    with ``nvidia-ml-py`` installed, GPU) monitor logs ``system/*`` every ``interval_s`` until
+    :meth:`close`."""
+
+    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = False, interval_s: float = 10.0):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        self.monitor = None
+        if system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                                tracking_uri=tracking_uri)
+            self.monitor.start()
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -183,6 +243,9 @@ class MlflowTracker:
 
 
 class NullTracker:
+    def close(self) -> None:
+        pass
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
@@ -191,16 +254,24 @@ class NullTracker:
 
 
 def finish_run(tracking_uri: str, run_id: str, metrics: dict[str, float], artifacts: list[Path],
-               status: str = "FINISHED") -> None:
+               status: str = "FINISHED", step: int = 0) -> None:
+    """The run's summary ``metrics`` at its last ``step`` (so every metric's steps increase),
+    its artifacts, and its end status."""
+    if metrics:
+        log_metrics(tracking_uri, run_id, metrics, step=step)
     client = MlflowClient(tracking_uri)
-    for k, v in metrics.items():
-        client.log_metric(run_id, k, float(v))
     log_artifacts(tracking_uri, run_id, artifacts)
     client.set_terminated(run_id, status)
 
 
-def run_url_hint(tracking_uri: str) -> str:
+def run_url_hint(tracking_uri: str, run_id: str | None = None) -> str:
+    """How to look at the run: the UI command for a SQLite store, and the run's page in MLflow
+    3's "Model training" view (``workflowType=machine_learning``; the UI otherwise opens the
+    GenAI view)."""
+    page = ""
+    if run_id is not None:
+        run = MlflowClient(tracking_uri).get_run(run_id)
+        page = f"#/experiments/{run.info.experiment_id}/runs/{run_id}?workflowType=machine_learning"
     if tracking_uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {tracking_uri}"
-    return f"open {redact(tracking_uri)}"
-
+        return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
+    return f"{redact(tracking_uri).rstrip('/')}/{page}"

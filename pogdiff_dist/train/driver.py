@@ -16,14 +16,16 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pogdiff_dist.config import Config, save_config
-from pogdiff_dist.data.shards import verify_shards
+from pogdiff_dist.data.shards import ARRAY_FIELDS, verify_shards
 from pogdiff_dist.prepare.pipeline import run_prepare
-from pogdiff_dist.runtime import init_ray
+from pogdiff_dist.runtime import init_ray, train_logging_config
+from pogdiff_dist.tracking.model import log_pipeline_model
 from pogdiff_dist.tracking.runs import (
     RUN_STATE,
     TAG_MODEL,
     TAG_PREPARED,
     TAG_RUN_DIR,
+    DatasetInfo,
     finish_run,
     log_segment,
     read_run_state,
@@ -32,7 +34,8 @@ from pogdiff_dist.tracking.runs import (
     start_run,
     write_run_state,
 )
-from pogdiff_dist.train.trainer import MODEL_DIR, SAMPLES, check_manifest
+from pogdiff_dist.train.diagnostics import PLOTS_DIR
+from pogdiff_dist.train.trainer import LORA_DIR, MODEL_DIR, SAMPLES, check_manifest
 from pogdiff_dist.train.worker import train_loop_per_worker
 
 
@@ -60,8 +63,15 @@ def _run_name(cfg: Config, resume: bool) -> str:
     return cfg.train.name
 
 
-def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = None) -> TrainOutcome:
-    """``parent_run_id``: a new MLflow run is created as its child (a sweep trial)."""
+def _dataset_input(manifest, prepared: Path) -> DatasetInfo:
+    return DatasetInfo(name=manifest.dataset or prepared.name, source=str(prepared), fingerprint=manifest.fingerprint,
+                       fields={**{f.removesuffix(".npy"): "binary" for f in ARRAY_FIELDS}, "meta": "string"})
+
+
+def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
+              config_file: str | None = None) -> TrainOutcome:
+    """``parent_run_id``: a new MLflow run is created as its child (a sweep trial);
+    ``config_file``: the YAML the config came from (a run tag)."""
     t0 = time.time()
     init_ray(cfg.ray)
     manifest = run_prepare(cfg)
@@ -72,7 +82,10 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
     run_dir = Path(cfg.train.storage_path).absolute() / name
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(cfg.tracking.resolved_uri())
-    tags = {TAG_RUN_DIR: str(run_dir), TAG_PREPARED: str(prepared), TAG_MODEL: str(run_dir / MODEL_DIR)}
+    tags = {TAG_RUN_DIR: str(run_dir), TAG_PREPARED: str(prepared), TAG_MODEL: str(run_dir / MODEL_DIR),
+            "pogdiff.dataset": manifest.dataset or str(prepared), "pogdiff.dataset_fingerprint": manifest.fingerprint,
+            "pogdiff.config_file": str(Path(config_file).absolute()) if config_file else "(defaults)",
+            "pogdiff.lora_rank": str(cfg.model.lora_rank), "pogdiff.sampling": cfg.data.sampling}
     start_step = 0
     if resume:
         run_id = read_run_state(run_dir)["run_id"]
@@ -80,7 +93,8 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
         if (run_dir / "metrics.json").is_file():  # where the previous segment ended
             start_step = int(json.loads((run_dir / "metrics.json").read_text()).get("final_step", 0))
     else:
-        run_id = start_run(cfg, run_name=name, parent_run_id=parent_run_id, tags=tags)
+        run_id = start_run(cfg, run_name=name, parent_run_id=parent_run_id, tags=tags,
+                           dataset=_dataset_input(manifest, prepared))
     write_run_state(run_dir, run_id, uri, prepared)
     log_segment(uri, run_id, cfg, start_step)
     save_config(cfg, run_dir / "config.yaml")
@@ -95,7 +109,8 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(Path(cfg.train.storage_path).absolute()),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             logging_config=train_logging_config(cfg.ray.verbose)),
     )
     t_fit = time.time()
     try:
@@ -122,12 +137,18 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
     metrics = {k: v for k, v in metrics.items() if v is not None}
     epochs = json.loads(m.get("epochs", "[]"))
     (run_dir / "metrics.json").write_text(json.dumps({**metrics, "epochs": epochs}, indent=1))
+    model_uri = None
+    if cfg.tracking.log_model:
+        model_uri = log_pipeline_model(uri, run_id, model_dir, cfg.tracking.register_model)
     finish_run(uri, run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-               [samples, run_dir / "metrics.json", run_dir / "config.yaml"])
+               [samples, run_dir / "metrics.json", run_dir / "config.yaml", run_dir / PLOTS_DIR,
+                *([run_dir / LORA_DIR] if cfg.model.lora_rank else [])],
+               step=int(metrics.get("final_step", 0)))
     print(f"\n[train] done in {metrics['total_seconds']:.0f}s\n"
           f"  model (diffusers, safetensors): {model_dir}\n"
           f"  sample grid:                    {samples}\n"
           f"  metrics:                        {run_dir / 'metrics.json'}  {json.dumps(metrics)}\n"
           f"  checkpoints:                    {result.checkpoint.path}\n"
-          f"  MLflow run {run_id} in experiment {cfg.tracking.experiment!r}: {run_url_hint(uri)}", flush=True)
+          f"  MLflow run {run_id} in experiment {cfg.tracking.experiment!r}:\n    {run_url_hint(uri, run_id)}"
+          + (f"\n  MLflow model:                   {model_uri}" if model_uri else ""), flush=True)
     return TrainOutcome(run_dir, model_dir, samples, metrics, run_id, uri)

@@ -104,15 +104,16 @@ class Engine:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
 
     def optimizer_state_bytes(self) -> int:
-        """Bytes of this rank's optimiser state (Adam moments and any fp32 master copies)."""
-        total = 0
-        for state in self.ds.optimizer.state.values() if hasattr(self.ds.optimizer, "state") else ():
-            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+        """Bytes of this rank's optimiser state: Adam's two moments (not ZeRO's fp32 master
+        weights under bf16), each tensor once (a ZeRO optimiser's ``state`` is its inner one's)."""
+        seen: dict[int, int] = {}
         inner = getattr(self.ds.optimizer, "optimizer", None)
-        if inner is not None and inner is not self.ds.optimizer:
-            for state in inner.state.values():
-                total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-        return total
+        for opt in (self.ds.optimizer, inner):
+            for state in getattr(opt, "state", {}).values() if opt is not None else ():
+                for v in state.values():
+                    if torch.is_tensor(v):
+                        seen[id(v)] = v.numel() * v.element_size()
+        return sum(seen.values())
 
     def __call__(self, *args, **kwargs):
         return self.ds(*args, **kwargs)
@@ -123,7 +124,9 @@ class Engine:
 
     @property
     def lr(self) -> float:
-        return self.ds.get_lr()[0]
+        """The learning rate the next step uses (the optimiser's, which the schedule sets; asking
+        the schedule itself before its first step only draws a DeepSpeed warning)."""
+        return float(self.ds.optimizer.param_groups[0]["lr"])
 
     def gathered(self):
         """Full parameters on every rank for the duration (a no-op below ZeRO-3)."""

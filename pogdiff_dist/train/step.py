@@ -202,7 +202,8 @@ def _pogdiff(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.
     return denoise + psi * pog, {
         "loss_denoise": denoise.mean().detach(), "loss_pog": (psi * pog).mean().detach(),
         "psi_mean": psi.mean().detach(), "psi_max": psi.max().detach(),
-        "psi_zero_frac": (psi == 0).float().mean().detach(), "text_cache_hit_rate": step.nbr_states.hit_rate}
+        "psi_zero_frac": (psi == 0).float().mean().detach(), "text_cache_hit_rate": step.nbr_states.hit_rate,
+        "psi": psi.detach()}  # per sample: the trainer's PsiRecord, not a logged mean
 
 
 def _cbdm(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.Tensor, Stats]:

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from pogdiff_dist.config import Config
-from pogdiff_dist.data.records import IDENTITY_PROMPT
 from pogdiff_dist.data.sampling import SamplingPlan
 from pogdiff_dist.data.shards import Batch, Manifest, StreamedBatch
 from pogdiff_dist.models import (
@@ -42,7 +41,8 @@ from pogdiff_dist.models import (
     build_unet,
     lora_state_dict,
 )
-from pogdiff_dist.pipeline import export_pipeline, image_grid, load_pipeline
+from pogdiff_dist.pipeline import export_pipeline, load_pipeline
+from pogdiff_dist.train.diagnostics import PLOTS_DIR, PsiRecord, eta, sample_grid, write_plots
 from pogdiff_dist.train.engine import Engine
 from pogdiff_dist.train.state import (
     EpochLedger,
@@ -133,7 +133,9 @@ class Trainer:
         self._window: list[tuple[torch.Tensor, dict]] = []
         self._window_t0, self._window_wait = time.time(), 0.0
         self._t_start = time.time()
+        self._first_step, self._t_fit = 0, time.time()  # where and when this segment's fit() began
         self.validator = Validator(self)
+        self.psi = PsiRecord(self.device) if rank == 0 and cfg.loss.method == "pogdiff" else None
 
     # -- checkpoints
 
@@ -173,6 +175,7 @@ class Trainer:
         """Train to ``optim.max_steps``, then export (rank 0) and write the final checkpoint.
         ``read(paths)`` streams the numpy batches of shards, in the given order."""
         max_steps = self.cfg.optim.max_steps
+        self._first_step, self._t_fit = self.state.step, time.time()
         while self.state.step < max_steps:
             items = self.stream(read, self.state.epoch, skip=self._skip)
             self._skip = 0
@@ -220,6 +223,7 @@ class Trainer:
         if batch is not None:
             self._last_batch = batch
             loss, stats = self.stepper(self.engine, self.to_device(batch), self.generator, dtype=self.dtype)
+            psi = stats.pop("psi", None)
         elif idle and self._last_batch is not None:
             loss, _ = self.stepper(self.engine, self.to_device(self._last_batch), self.generator, dtype=self.dtype)
             loss = loss * 0.0
@@ -237,6 +241,8 @@ class Trainer:
         if not self.engine.backward_step(loss):
             return False
         s.step += 1
+        if self.psi is not None and psi is not None:
+            self.psi.add(psi)
         if stats:  # an idle rank's weight-0 step has none: its window keeps the rows it trained
             self._window.append((loss.detach(), stats))
         if s.step % self.cfg.train.log_every == 0 or s.step == self.cfg.optim.max_steps:
@@ -264,9 +270,10 @@ class Trainer:
                     data_wait_frac=self._window_wait / dt)
         self.tracker.log(s.step, mean)
         if self.rank == 0:
-            print(f"[train] step {s.step}/{self.cfg.optim.max_steps} loss {mean['loss']:.4f} "
+            total = self.cfg.optim.max_steps
+            print(f"[train] step {s.step}/{total} ({s.step / total:.0%}) loss {mean['loss']:.4f} "
                   f"(denoise {mean['loss_denoise']:.4f}, pog {mean['loss_pog']:.4f}) "
-                  f"lr {self.engine.lr:.2e} {mean['samples_per_s']:.1f} samples/s", flush=True)
+                  f"lr {self.engine.lr:.2e} {mean['samples_per_s']:.1f} samples/s, ETA {eta(s.step - self._first_step, total - s.step, now - self._t_fit)}", flush=True)
         s.last, self._window, self._window_t0, self._window_wait = mean, [], now, 0.0
 
     def _close_epoch(self) -> None:
@@ -338,23 +345,11 @@ class Trainer:
         export_pipeline(model_dir, unet, build_noise_scheduler(self.cfg.model), text, vae)
         pipe = load_pipeline(model_dir, self.device)
         sample_grid(pipe, m, self.cfg, self.run_dir / SAMPLES)
+        write_plots(self.run_dir / PLOTS_DIR, m, self.psi, self.cfg.loss, str(self.prepared))
         print(f"[train] rank {self.rank} exported the model to {model_dir} and the sample grid on {self.device}",
               flush=True)
         return model_dir
 
-
-def sample_grid(pipe, manifest: Manifest, cfg: Config, out: Path) -> Path:
-    """Images from fixed prompts for the most frequent majority and the rarest minority identity."""
-    names = [manifest.majority()[0]] if manifest.majority() else []
-    if manifest.minority():
-        names.append(manifest.minority()[-1])
-    prompts = [IDENTITY_PROMPT.format(name=n) for n in names]
-    images = pipe(prompts, num_inference_steps=cfg.train.sample_steps, guidance_scale=cfg.train.guidance_scale,
-                  num_images_per_prompt=cfg.train.samples_per_prompt,
-                  generator=torch.Generator().manual_seed(cfg.train.seed))
-    counts = dict(zip(manifest.identities, manifest.train_counts))
-    image_grid(images, rows=len(prompts), labels=[f"{n} ({counts[n]} imgs)" for n in names]).save(out)
-    return out
 
 
 def _timed(batches: Iterable[StreamedBatch], trainer: Trainer) -> Iterator[StreamedBatch]:

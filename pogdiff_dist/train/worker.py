@@ -17,6 +17,7 @@ import ray.train.torch
 
 from pogdiff_dist.config import from_dict
 from pogdiff_dist.data.shards import decode_sample
+from pogdiff_dist.runtime import quiet_output
 from pogdiff_dist.tracking.runs import MlflowTracker, NullTracker
 from pogdiff_dist.train.trainer import Trainer
 
@@ -27,9 +28,12 @@ def _report(metrics: dict, checkpoint_dir: Path) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
+    quiet_output(cfg.ray.verbose)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tracker = MlflowTracker(config["tracking_uri"], config["run_id"]) if rank == 0 else NullTracker()
+    tracking = cfg.tracking
+    tracker = (MlflowTracker(config["tracking_uri"], config["run_id"], tracking.system_metrics,
+                             tracking.system_metrics_interval_s) if rank == 0 else NullTracker())
     trainer = Trainer(cfg, config["prepared_dir"], ray.train.torch.get_device(), rank, world, report=_report,
                       tracker=tracker, run_dir=config["run_dir"])
     checkpoint = ray.train.get_checkpoint()
@@ -44,4 +48,7 @@ def train_loop_per_worker(config: dict) -> None:
         ds = ray.data.read_webdataset(paths, decoder=decode_sample, override_num_blocks=len(paths))
         return ds.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy", prefetch_batches=2)
 
-    trainer.fit(read)
+    try:
+        trainer.fit(read)
+    finally:
+        tracker.close()

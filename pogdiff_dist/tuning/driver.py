@@ -281,7 +281,8 @@ def run_sweep(spec: SweepSpec, base: Config, resume: bool = False, retry_failed:
             "parent_run_id": parent, "tracking_uri": redact(uri), "spec": spec.to_dict(),
             "base_config": base.to_dict()}, indent=1, default=list))
         (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    setup = TrialSetup(run_cfg.to_dict(), spec.to_dict(), prepared, str(trials_dir), parent, uri)
+    setup = TrialSetup(run_cfg.to_dict(), spec.to_dict(), prepared, str(trials_dir), parent, uri,
+                       spec_file=str(sweep_dir / "sweep.yaml"))
     resources = trial_resources(run_cfg, spec)
     concurrency = fit_concurrency(run_cfg, spec, ray.cluster_resources())
     # Tune reserves only the trial process; its run's TorchTrainer reserves the workers

@@ -61,6 +61,7 @@ class TrialSetup:
     trials_dir: str
     parent_run_id: str
     tracking_uri: str
+    spec_file: str | None = None  # the sweep YAML (a run tag)
 
 
 def trial_name(trial_id: str) -> str:
@@ -90,8 +91,11 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
         with checkpoint.as_directory() as d:
             state = json.loads((Path(d) / "trial.json").read_text())
         rungs_done, names = state["rungs_done"], state["names"]
+    # A trial's export stays in its run folder, not logged as an MLflow model: a sweep's rungs
+    # and seeds would store one copy per rung (retrain the best config to log and register it).
     base = from_dict(setup.base).with_overrides(
-        {**{k: _py(v) for k, v in config.items()}, "train.storage_path": setup.trials_dir})
+        {**{k: _py(v) for k, v in config.items()}, "train.storage_path": setup.trials_dir,
+         "tracking.log_model": False, "tracking.register_model": None})
     ev = dataclasses.replace(base.eval, cache_dir=base.eval.cache_dir or str(Path(setup.prepared_dir) / "eval_cache"))
     uri = setup.tracking_uri
     run_ids: list[str] = []
@@ -104,7 +108,8 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
                 cfg = base.with_overrides({"train.name": name, "optim.max_steps": steps,
                                            **({} if seed is None else {"train.seed": seed})})
                 resume = (Path(setup.trials_dir) / name / RUN_STATE).is_file()  # a later rung, or a restart
-                out = run_train(cfg, resume=resume, parent_run_id=setup.parent_run_id)
+                out = run_train(cfg, resume=resume, parent_run_id=setup.parent_run_id,
+                                config_file=setup.spec_file)
                 names[str(seed)] = out.run_dir.name  # a fresh run given another name: later rungs resume it
                 run_ids.append(out.run_id)
                 results = evaluate_model(out.model_dir, setup.prepared_dir, ev,
