@@ -48,9 +48,11 @@ def main(argv=None) -> int:
     ray_.add_argument("--gpus-per-worker", default="auto",
                       help="GPUs per generation actor; auto: 1 when the model's training used GPUs "
                            "(train.use_gpu), else 0 (default %(default)s)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also Ray Data progress bars, library info logs and known-harmless warnings (ray.verbose)")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, [*args.set, *(["ray.verbose=true"] if args.verbose else [])])
         source = resolve_source(args.model, args.prepared, args.mlflow_run, args.tracking_uri, args.lora)
     except ValueError as e:
         p.error(str(e))

@@ -10,16 +10,19 @@ import sys
 
 from pogdiff_dist.config import load_config
 from pogdiff_dist.prepare.pipeline import run_prepare
-from pogdiff_dist.runtime import init_ray
+from pogdiff_dist.runtime import check_output_paths, init_ray
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML config file")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--verbose", action="store_true",
+                   help="also Ray Data progress bars, library info logs and known-harmless warnings (ray.verbose)")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, [*args.set, *(["ray.verbose=true"] if args.verbose else [])])
+        check_output_paths(cfg)  # a submitted job's relative outputs would be deleted with Ray's copy
     except ValueError as e:
         p.error(str(e))
     init_ray(cfg.ray)

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from pogdiff_dist.config import load_config
+from pogdiff_dist.runtime import check_output_paths
 from pogdiff_dist.train.driver import run_train
 
 
@@ -18,10 +19,13 @@ def main(argv=None) -> int:
     p.add_argument("config", nargs="?", help="YAML config file (sections: data, model, prepare, loss, optim, train, tracking, ray)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set loss.neighbor_grad=stop (repeatable)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also Ray Data progress bars, library info logs and known-harmless warnings (ray.verbose)")
     p.add_argument("--resume", action="store_true", help="continue run train.name from its latest checkpoint")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, [*args.set, *(["ray.verbose=true"] if args.verbose else [])])
+        check_output_paths(cfg)  # a submitted job's relative outputs would be deleted with Ray's copy
     except ValueError as e:
         p.error(str(e))
     run_train(cfg, resume=args.resume, config_file=args.config)

@@ -18,6 +18,7 @@ MLflow: a parent run for the sweep, one child run per trial (python jobs/compare
 import argparse
 import sys
 
+from pogdiff_dist.runtime import check_output_paths
 from pogdiff_dist.tuning.driver import run_sweep
 from pogdiff_dist.tuning.spec import load_sweep
 
@@ -31,13 +32,17 @@ def main(argv=None) -> int:
     p.add_argument("--name", help="sweep name (default: the sweep file's name, e.g. psi)")
     p.add_argument("--num-samples", type=int, help="number of trials (replaces the file's num_samples)")
     p.add_argument("--max-concurrent-trials", type=int, help="replaces the file's max_concurrent_trials")
+    p.add_argument("--verbose", action="store_true",
+                   help="also Ray Data progress bars, library info logs and known-harmless warnings (ray.verbose)")
     p.add_argument("--resume", action="store_true",
                    help="continue sweep <name> (Tuner.restore): unfinished trials resume from their last rung")
     p.add_argument("--retry-failed", action="store_true", help="with --resume: run failed trials again")
     args = p.parse_args(argv)
     try:
-        spec, base = load_sweep(args.sweep, base_config=args.config, overrides=args.set, name=args.name,
+        overrides = args.set + (["ray.verbose=true"] if args.verbose else [])
+        spec, base = load_sweep(args.sweep, base_config=args.config, overrides=overrides, name=args.name,
                                 num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent_trials)
+        check_output_paths(base)  # a submitted job's relative outputs would be deleted with Ray's copy
     except ValueError as e:
         p.error(str(e))
     out = run_sweep(spec, base, resume=args.resume, retry_failed=args.retry_failed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import ray
 
@@ -32,6 +33,34 @@ def init_ray(ray_cfg) -> None:
         num_cpus = ray_cfg.num_cpus or 2 * (os.cpu_count() or 1)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env, logging_level=level)
         log.info("started a local Ray cluster with %d logical CPUs", num_cpus)
+
+
+# Ray unpacks a submitted job's --working-dir into <session>/runtime_resources/working_dir_files/_ray_pkg_<hash>
+# and deletes it with the session: nothing a job writes should resolve in there.
+RAY_WORKING_DIR_COPY = "working_dir_files"
+
+
+def check_output_paths(cfg, cwd: Path | None = None) -> None:
+    """Inside a submitted Ray job (the working directory is Ray's temporary copy), refuse
+    relative output paths before any work: ``prepare.out_dir``, ``train.storage_path`` and a
+    relative SQLite tracking store would land in the copy, and Ray deletes it (the model, the
+    checkpoints and the MLflow run with it). Absolute paths and URIs are kept as they are."""
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    if RAY_WORKING_DIR_COPY not in cwd.parts:
+        return
+    relative = [(key, value) for key, value in (("prepare.out_dir", cfg.prepare.out_dir),
+                                                ("train.storage_path", cfg.train.storage_path))
+                if "://" not in str(value) and not Path(value).is_absolute()]
+    uri = cfg.tracking.resolved_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        relative.append(("tracking.tracking_uri", uri))
+    if relative:
+        listed = ", ".join(f"{k}={v!r}" for k, v in relative)
+        raise ValueError(
+            f"this job runs in Ray's temporary copy of its working directory ({cwd}), which Ray deletes after the "
+            f"job: {listed} would resolve inside it and be lost. Pass shared absolute paths or URIs, e.g. "
+            f"--set train.storage_path=/shared/runs --set prepare.out_dir=/shared/prepared "
+            f"--set tracking.tracking_uri=sqlite:////shared/mlflow.db (or $MLFLOW_TRACKING_URI / an mlflow server)")
 
 
 def quiet_output(verbose: bool | None = None) -> None:

@@ -8,3 +8,6 @@ PY=${PYTHON:-python3}
 # torch first, exactly this spec: it resolves to the local CPU wheel (any other spec pulls CUDA).
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+# DeepSpeed's CPU backend JIT-builds its shared-memory op on first use; build it now, so a
+# first run interrupted mid-build cannot leave a stale lock behind (see "When things go wrong").
+.venv/bin/python -c "import torch; torch.cuda.is_available() or __import__('deepspeed.ops.op_builder.cpu', fromlist=['x']).ShareMemCommBuilder().load(verbose=False)" > /dev/null

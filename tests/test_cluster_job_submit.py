@@ -46,26 +46,37 @@ def test_ray_job_submit_trains(tmp_path):
         time.sleep(1)
     else:
         raise AssertionError("Ray head's dashboard did not come up in 90 s")
+    runs = tmp_path / "runs"
+    submit = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
+              "python", "jobs/train.py", "configs/tiny.yaml", "--set", "optim.max_steps=2"]
     try:
-        runs = tmp_path / "runs"
-        cmd = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
-               "python", "jobs/train.py", "configs/tiny.yaml", "--set", "optim.max_steps=2",
-               "--set", f"train.storage_path={runs}", "--set", f"prepare.out_dir={tmp_path / 'prepared'}",
-               "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-        # The dashboard port opens before the job agent registers (over a minute on a loaded
-        # 2-core machine, over 6 minutes when training jobs share it); poll, bounded, until the
-        # agent takes the job.
+        # The README's example with the defaults: relative outputs would land in Ray's temporary
+        # copy of the working dir, so the job stops before any work, naming the settings. Its
+        # submission also waits out the job agent's start: the dashboard port opens before the
+        # agent registers (minutes on a loaded 2-core machine), so poll, bounded, until it takes a job.
         agent_deadline = time.time() + 600
         while True:
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-            if "No available agent" not in out.stdout + out.stderr or time.time() > agent_deadline:
+            refused = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, check=False)
+            if "No available agent" not in refused.stdout + refused.stderr or time.time() > agent_deadline:
                 break
             time.sleep(5)
+        said = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and "train.storage_path='runs'" in said and "Ray deletes" in said, said[-3000:]
+        out = subprocess.run(submit + ["--set", f"train.storage_path={runs}", "--set",
+                                       f"prepare.out_dir={tmp_path / 'prepared'}", "--set",
+                                       f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+                             env=env, capture_output=True, text=True, timeout=600, check=False)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "succeeded" in out.stdout + out.stderr
-        metrics = json.loads((runs / "tiny" / "metrics.json").read_text())
-        assert metrics["final_step"] == 2
-        assert (runs / "tiny" / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=120)
+    # after the head (and its session's copy of the working dir) is gone, the results are where they were asked to be
+    metrics = json.loads((runs / "tiny" / "metrics.json").read_text())
+    assert metrics["final_step"] == 2
+    assert (runs / "tiny" / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((runs / "tiny" / "pogdiff_run.json").read_text())["run_id"]
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["final_step"] == 2

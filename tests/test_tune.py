@@ -276,3 +276,23 @@ def test_failed_trials_are_reported_in_the_table_and_the_parent_run(tmp_path):
     parent2 = create_parent(uri, base, spec, "psi-2")
     finish_parent(uri, parent2, spec, all_failed, None, [], wall=1.0)
     assert MlflowClient(uri).get_run(parent2).info.status == "FAILED"
+
+
+def test_loss_options_are_searchable(tmp_path):
+    """min-SNR and noise offset in a sweep file: min-SNR on or off (null) and a noise offset
+    range, checked against the config like any key, and sampled by Optuna."""
+    sweep = {"name": "snr", "base_config": str(REPO / "configs" / "tiny.yaml"), "rungs": [2],
+             "space": {"loss.snr_gamma": {"type": "choice", "values": [None, 1.0, 5.0]},
+                              "loss.noise_offset": {"type": "uniform", "low": 0.0, "high": 0.1}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    spec, base = load_sweep(tmp_path / "s.yaml")
+    check_space(spec, base)
+    searcher = build_search_alg(spec, max_concurrent=1)
+    assert searcher.set_search_properties(spec.metric, spec.mode, {p.key: to_tune(p) for p in spec.space})
+    seen = [searcher.suggest(f"t{i}") for i in range(12)]
+    assert {s["loss.snr_gamma"] for s in seen} <= {None, 1.0, 5.0} and len({s["loss.snr_gamma"] for s in seen}) > 1
+    assert all(0.0 <= s["loss.noise_offset"] <= 0.1 for s in seen)
+    bad = {**sweep, "space": {"loss.snr_gamma": {"type": "choice", "values": [0.0, 5.0]}}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match="snr_gamma"):
+        check_space(*load_sweep(tmp_path / "bad.yaml"))

@@ -18,7 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pogdiff_dist.config import Config, save_config
 from pogdiff_dist.data.shards import ARRAY_FIELDS, verify_shards
 from pogdiff_dist.prepare.pipeline import run_prepare
-from pogdiff_dist.runtime import init_ray, train_logging_config
+from pogdiff_dist.runtime import check_output_paths, init_ray, train_logging_config
 from pogdiff_dist.tracking.model import log_pipeline_model
 from pogdiff_dist.tracking.runs import (
     RUN_STATE,
@@ -73,6 +73,7 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
     """``parent_run_id``: a new MLflow run is created as its child (a sweep trial);
     ``config_file``: the YAML the config came from (a run tag)."""
     t0 = time.time()
+    check_output_paths(cfg)
     init_ray(cfg.ray)
     manifest = run_prepare(cfg)
     check_manifest(cfg, manifest)
@@ -133,6 +134,8 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
         "final_peak_rss_mib_max_worker": m.get("peak_rss_mib_max_worker"), "fit_seconds": fit_s,
         "total_seconds": time.time() - t0, "nonfinite_skipped": m.get("nonfinite_skipped"),
         "num_samples": manifest.num_samples, "prepare_skipped": len(manifest.skipped),
+        "val_seconds": m.get("val_seconds"), "val_fraction_of_run": m.get("val_fraction_of_run"),
+        "final_peak_gpu_mib_max_worker": m.get("peak_gpu_mib_max_worker"),
     }
     metrics = {k: v for k, v in metrics.items() if v is not None}
     epochs = json.loads(m.get("epochs", "[]"))

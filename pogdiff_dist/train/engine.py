@@ -18,6 +18,36 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 EMA_FILE = "ema.safetensors"
+SHM_OP = "deepspeed_shm_comm"  # JIT-built by DeepSpeed's CPU backend on first use (~25 s)
+LOCK_STALE_S = 120.0  # a build lock this long without any file of the build changing is stale
+
+
+def check_op_build_lock(name: str = SHM_OP, stale_after_s: float = LOCK_STALE_S, poll_s: float = 2.0) -> None:
+    """Wait while another process builds DeepSpeed's ``name`` op; fail, naming the lock file,
+    when its build lock is held with no progress for ``stale_after_s``.
+
+    torch's extension builder waits on ``<TORCH_EXTENSIONS_DIR>/<name>/lock`` forever and says
+    nothing, so a first run interrupted mid-build (Ctrl-C) would hang every later run on the
+    machine. Progress = the newest modification time of anything in the build folder."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    while lock.exists():
+        try:
+            newest = max(f.stat().st_mtime for f in lock.parent.iterdir())
+        except (FileNotFoundError, ValueError):  # the build finished between the two looks
+            continue
+        idle = time.time() - newest
+        if idle > stale_after_s:
+            raise RuntimeError(
+                f"DeepSpeed's {name} op build lock {lock} is held but nothing in {lock.parent} has changed for "
+                f"{idle:.0f}s: a build was interrupted (e.g. Ctrl-C during a first run) and left its lock, and "
+                f"every DeepSpeed start on this machine would wait on it forever. If no other run here is "
+                f"building it, remove the lock (rm {lock}) and start again; scripts/install.sh builds the op "
+                f"ahead of time.")
+        time.sleep(poll_s)
 
 
 def init_single_process(device: torch.device | str) -> None:
@@ -25,6 +55,8 @@ def init_single_process(device: torch.device | str) -> None:
     (without it DeepSpeed looks for mpi4py) and the process group it joins."""
     if torch.distributed.is_initialized():
         return
+    if torch.device(device).type == "cpu":
+        check_op_build_lock()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -83,6 +115,8 @@ class Engine:
         device = torch.device(device)
         self.config = deepspeed_config(cfg.optim, cfg.train, world_size, device.type)
         trainable = [p for p in unet.parameters() if p.requires_grad]
+        if device.type == "cpu":
+            check_op_build_lock()  # deepspeed.initialize builds the op on a CPU worker
         self.ds, _, _, _ = deepspeed.initialize(model=unet, model_parameters=trainable, config=self.config)
         placed = next(self.ds.module.parameters()).device
         if placed.type != device.type or (device.index is not None and placed.index != device.index):

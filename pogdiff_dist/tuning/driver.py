@@ -254,8 +254,9 @@ def finish_parent(uri: str, parent: str, spec: SweepSpec, rows: list[TrialRow], 
 def run_sweep(spec: SweepSpec, base: Config, resume: bool = False, retry_failed: bool = False) -> SweepOutcome:
     """Prepare once, run the sweep (or restore it, ``resume``), write the best config."""
     from pogdiff_dist.prepare.pipeline import run_prepare
-    from pogdiff_dist.runtime import init_ray
+    from pogdiff_dist.runtime import check_output_paths, init_ray
 
+    check_output_paths(base)
     t0 = time.time()
     name = _sweep_name(base, spec.name, resume)
     sweep_dir = Path(base.train.storage_path).absolute() / "sweeps" / name
