@@ -76,10 +76,38 @@ def test_rayjob_entrypoint_runs_train_with_a_valid_cluster_config():
     assert argv[:2] == ["python", "jobs/train.py"] and (REPO / argv[1]).is_file()
     cfg = load_config(REPO / argv[2])  # validates every field
     assert cfg.train.use_gpu and cfg.train.max_failures >= 1
-    for path in (cfg.prepare.out_dir, cfg.train.storage_path, cfg.tracking.tracking_uri.removeprefix("sqlite:///")):
+    for path in (cfg.prepare.out_dir, cfg.train.storage_path):
         assert path.startswith("/shared/"), path  # on the volume every pod mounts
     env = yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]
     assert env["HF_HUB_OFFLINE"] == "1"
+    # MLflow: the tracking server of mlflow.yaml, never SQLite on the shared volume
+    assert cfg.tracking.tracking_uri is None and env["MLFLOW_TRACKING_URI"] == f"http://{_mlflow_service()}:5000"
+
+
+def _mlflow_service() -> str:
+    """cluster/kuberay/mlflow.yaml: one server (one SQLite writer) on its own ReadWriteOnce
+    volume, artifacts on the shared claim; returns its Service name."""
+    docs = {d["kind"]: d for d in yaml.safe_load_all((CLUSTER / "kuberay" / "mlflow.yaml").read_text())}
+    deploy, service, claim = docs["Deployment"], docs["Service"], docs["PersistentVolumeClaim"]
+    assert deploy["spec"]["replicas"] == 1 and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    argv = container["command"]
+    assert argv[:2] == ["mlflow", "server"] and container["image"] == IMAGE
+    store = argv[argv.index("--backend-store-uri") + 1]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in deploy["spec"]["template"]["spec"]["volumes"]}
+    assert store == "sqlite:////mlflow/mlflow.db" and volumes[mounts["/mlflow"]] == claim["metadata"]["name"]
+    assert argv[argv.index("--artifacts-destination") + 1].startswith("/shared/")
+    assert volumes[mounts["/shared"]] == _load("kuberay/storage.yaml")["metadata"]["name"]
+    assert service["spec"]["selector"] == deploy["spec"]["template"]["metadata"]["labels"]
+    return service["metadata"]["name"]
+
+
+def test_raycluster_pods_log_to_the_mlflow_server():
+    head = _cluster_specs()[0]["headGroupSpec"]["template"]
+    (container,) = _containers(head)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == f"http://{_mlflow_service()}:5000"
 
 
 def test_ray_up_config():
@@ -89,6 +117,11 @@ def test_ray_up_config():
     head_cmd = " ".join(cfg["head_start_ray_commands"])
     assert "--head" in head_cmd and "--dashboard-host=127.0.0.1" in head_cmd
     assert any("/shared" in opt for opt in cfg["docker"]["run_options"])
+    # the head runs the tracking server with its store on local disk; everything ray start launches inherits the URI
+    assert "mlflow server" in head_cmd and "sqlite:////mlflow/mlflow.db" in head_cmd and "/shared/" not in \
+        head_cmd.split("--backend-store-uri")[1].split()[0]
+    assert "MLFLOW_TRACKING_URI=http://" in head_cmd
+    assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in " ".join(cfg["worker_start_ray_commands"])
     text = (CLUSTER / "ray-up-aws.yaml").read_text()
     assert not re.search(r"(aws_secret|AKIA[0-9A-Z]{12})", text)  # no credentials in the spec
 
@@ -111,7 +144,7 @@ def test_sd15_configs_validate_with_the_papers_schedule(name):
     assert (cfg.data.resolution, cfg.data.channels, m.max_length) == (512, 3, 77)
     assert m.pretrained and m.image_encoder != "pixels" and cfg.prepare.gpus_per_encoder == "auto"
     if name == "sd15_cluster.yaml":
-        paths = [cfg.data.dataset, m.pretrained, m.image_encoder, cfg.prepare.out_dir, t.storage_path,
-                 cfg.tracking.tracking_uri.removeprefix("sqlite:///")]
+        paths = [cfg.data.dataset, m.pretrained, m.image_encoder, cfg.prepare.out_dir, t.storage_path]
+        assert cfg.tracking.tracking_uri is None  # $MLFLOW_TRACKING_URI: the specs' tracking server
         assert all(p.startswith("/shared/") for p in paths), paths  # on the volume every pod mounts
         assert t.max_failures >= 1

@@ -3,11 +3,6 @@ runs logged through MlflowClient like a sweep logs them, then the table and the 
 
 import importlib.util
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,46 +18,6 @@ TRIALS = [
     ("trial-b", 2.0, "stop", 0.75, 0.80, 0.42, "completed"),
     ("trial-c", 1.0, "full", 0.50, 0.70, 0.12, "stopped_early"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` with a SQLite backend and proxied artifacts, all under a temp dir."""
-    tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = open(tmp / "server.log", "w")  # noqa: SIM115 - the server writes to it until the fixture ends
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)  # polling for readiness, not papering over a race
-        yield url, tmp
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def _eval_json(tmp: Path, name: str, acc_few: float) -> Path:

@@ -208,7 +208,7 @@ def test_sweep_stops_a_trial_records_mlflow_and_writes_best_config(ray_local, ti
     jobs_train = importlib.util.module_from_spec(spec_train)
     spec_train.loader.exec_module(jobs_train)
     seen = []
-    monkeypatch.setattr(jobs_train, "run_train", lambda c, resume=False: seen.append(c))
+    monkeypatch.setattr(jobs_train, "run_train", lambda c, resume=False, config_file=None: seen.append(c))
     assert jobs_train.main([str(out.best_config)]) == 0 and seen == [cfg]
     trials = out.trials  # Ray Tune's get_dataframe(), with status and MLflow run: also trials.csv
     assert len(trials) == 2 and set(trials["status"]) == {"completed", "stopped_early"}
@@ -225,6 +225,36 @@ def test_sweep_stops_a_trial_records_mlflow_and_writes_best_config(ray_local, ti
                                   f"tags.mlflow.parentRunId = '{out.parent_run_id}'")) == 2
     assert math.isclose(load_config(again.best_config).loss.a3, 1000.0)
     assert client.get_run(out.parent_run_id).info.status == "FINISHED"
+
+
+@pytest.mark.integration
+def test_concurrent_trials_log_to_an_mlflow_server(ray_local, tiny_cfg, prepared, mlflow_server):
+    """What the cluster specs run: trials logging at the same time to a real `mlflow server`
+    (SQLite on the server's local disk, artifacts proxied), not to SQLite on a shared volume.
+    Two one-worker trials run side by side; every trial's metrics and artifacts are found."""
+    from mlflow.tracking import MlflowClient
+
+    from pogdiff_dist.tuning.driver import run_sweep
+
+    url, _ = mlflow_server
+    base = tiny_cfg.with_overrides({"tracking.tracking_uri": url, "tracking.experiment": "server-sweep",
+                                    "train.num_workers": 1})
+    spec = spec_from_dict({
+        "metric": "loss", "mode": "min", "num_samples": 1, "rungs": [2], "search_alg": "random",
+        "max_concurrent_trials": 2, "eval": {"num_images": 2, "steps": 2},
+        "space": {"loss.a1": {"type": "grid", "values": [0.5, 2.0]}}}, name="server-sweep")
+    out = run_sweep(spec, base.with_overrides(spec.overrides))
+    assert sorted(r.status for r in out.rows) == ["completed", "completed"]
+    client = MlflowClient(url)
+    runs = [client.get_run(r.run_id) for r in out.rows]
+    a, b = sorted(runs, key=lambda r: r.info.start_time)
+    assert b.info.start_time < a.info.end_time  # the two trials ran, and logged, at the same time
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == out.parent_run_id
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+        assert run.data.metrics["final_step"] == 2 and "eval/accuracy_few" in run.data.metrics
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"samples.png", "plots", "eval"}
+    assert client.get_run(out.parent_run_id).data.metrics["sweep/num_completed"] == 2
 
 
 def test_failed_trials_are_reported_in_the_table_and_the_parent_run(tmp_path):
