@@ -45,14 +45,9 @@ def _sample(i: int, fingerprint: str = FP) -> dict[str, bytes]:
 
 def _stream(raws: list[dict]) -> dict[str, np.ndarray]:
     """Columns of decoded samples, as ``iter_batches(batch_format="numpy")`` yields them."""
-    rows = [decode_sample(r) for r in raws]
-    cols = sorted({k for r in rows for k in r})
-    out = {}
-    for c in cols:
-        col = np.empty(len(rows), dtype=object)
-        col[:] = [r.get(c) for r in rows]
-        out[c] = col
-    return out
+    from pogdiff_dist.data.shards import rows_to_columns
+
+    return rows_to_columns([decode_sample(r) for r in raws])
 
 
 def test_good_batch_collates():

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from pogdiff_dist.data.shards import rows_to_columns
+from pogdiff_dist.data.shards import batched
 
 META = "meta.json"
 
@@ -130,18 +130,6 @@ def shuffled(rows: Iterable[dict], buffer: int, seed: int) -> Iterator[dict]:
             yield _pop(pool, rng)
     while pool:
         yield _pop(pool, rng)
-
-
-def batched(rows: Iterable[dict], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Row dicts -> column batches of ``batch_size`` (the last may be smaller)."""
-    chunk: list[dict] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == batch_size:
-            yield rows_to_columns(chunk)
-            chunk = []
-    if chunk:
-        yield rows_to_columns(chunk)
 
 
 def resample(batches: Iterable[dict[str, np.ndarray]], plan: SamplingPlan, epoch: int, batch_size: int,

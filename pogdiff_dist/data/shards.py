@@ -284,14 +284,19 @@ def iter_shard_batches(shards: list[str], batch_size: int, shuffle_buffer: int =
     ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).map(decode_sample)
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed)
-    rows: list[dict] = []
-    for sample in ds:
-        rows.append(sample)
-        if len(rows) == batch_size:
-            yield rows_to_columns(rows)
-            rows = []
-    if rows:
-        yield rows_to_columns(rows)
+    yield from batched(ds, batch_size)
+
+
+def batched(rows: Iterable[dict], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Row dicts -> column batches of ``batch_size`` (the last may be smaller)."""
+    chunk: list[dict] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == batch_size:
+            yield rows_to_columns(chunk)
+            chunk = []
+    if chunk:
+        yield rows_to_columns(chunk)
 
 
 def rows_to_columns(rows: list[dict]) -> dict[str, np.ndarray]:

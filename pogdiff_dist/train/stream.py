@@ -16,8 +16,8 @@ from itertools import islice
 from pathlib import Path
 
 from pogdiff_dist.data.assignment import epoch_order, keep_ranges, rank_ranges
-from pogdiff_dist.data.sampling import SamplingPlan, batched, expand, shuffled
-from pogdiff_dist.data.shards import Manifest, StreamedBatch, collate_stream
+from pogdiff_dist.data.sampling import SamplingPlan, expand, shuffled
+from pogdiff_dist.data.shards import Manifest, StreamedBatch, batched, collate_stream
 
 Reader = Callable[[list[str]], Iterable[dict]]  # shard paths, in order -> their numpy column batches
 
