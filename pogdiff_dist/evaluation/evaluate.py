@@ -172,8 +172,8 @@ def run_evaluate(source: EvalSource, out_dir: str | Path, cfg: EvalConfig, *, nu
                     folders={"grids": paths["grids"]}) if source.run_id else []
 
     s = results["summary"]
-    table = "\n".join(f"    {m:<9} all {_fmt(s[f'{m}_all'])}   few {_fmt(s[f'{m}_few'])}"
-                      for m in ("fid", "dino", "grecall", "accuracy"))
+    table = "\n".join(f"    {m:<9} all {_fmt(s[f'{m}_all'])}   majority {_fmt(s.get(f'{m}_majority'))}   "
+                      f"few-shot {_fmt(s[f'{m}_few'])}" for m in ("fid", "dino", "grecall", "accuracy"))
     print(f"\n[evaluate] done in {time.time() - t0:.0f}s ({len(results['few_shot_identities'])} few-shot "
           f"of {len(names)} identities)\n{table}\n"
           f"  metrics:    {paths['metrics']}\n"
