@@ -106,9 +106,9 @@ SELECT_ON, TIE_BREAK = "accuracy_few", "dino_few"
 
 class Experiment:
     def __init__(self, dataset: str, budget: str, out: Path, seeds: list[int], preset: str = "M",
-                 swept: dict | None = None):
+                 swept: dict | None = None, rows: list[str] | None = None, tag: str = ""):
         self.dataset, self.b, self.out, self.seeds, self.preset = dataset, BUDGETS[budget], out, seeds, preset
-        self.swept = swept
+        self.swept, self.rows, self.tag = swept, rows, tag
         self.channels = 3 if dataset.startswith("faces") else 1
         self.log = out / "log.jsonl"
 
@@ -187,7 +187,7 @@ class Experiment:
     def outputs(self) -> tuple[Path, Path]:
         """results.json / table.md for M; results-<preset>.json / table-<preset>.md otherwise
         (the presets of a dataset share its base model, validation runs and caches)."""
-        tag = "" if self.preset == "M" else f"-{self.preset}"
+        tag = ("" if self.preset == "M" else f"-{self.preset}") + (f"-{self.tag}" if self.tag else "")
         return self.out / f"results{tag}.json", self.out / f"table{tag}.md"
 
     def _log(self, record: dict) -> None:
@@ -236,7 +236,8 @@ class Experiment:
             init = base if protocol == "finetune" else None
             todo = {label: ov for label, ov in methods(chosen, self.swept).items()
                     if not (protocol == "scratch" and self.b["scratch_methods"]
-                            and label not in self.b["scratch_methods"])}
+                            and label not in self.b["scratch_methods"])
+                    and (self.rows is None or label in self.rows)}
             runs: dict[str, list] = {label: [] for label in todo}
             for seed in self.seeds:  # seed-major: a complete table for the first seed comes first
                 for label, ov in todo.items():
@@ -327,12 +328,20 @@ def main(argv=None) -> None:
     p.add_argument("--protocols", nargs="+", default=["finetune", "scratch"], choices=["finetune", "scratch"])
     p.add_argument("--skip-validation", action="store_true", help="use the default PoGDiff variant")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/reproduce-<dataset>-<budget>")
+    p.add_argument("--methods", nargs="+", default=None, metavar="ROW",
+                   help="only these table rows (e.g. vanilla 'vanilla + balanced sampling'); default: all")
+    p.add_argument("--tag", default="", help="write results-<tag>.json / table-<tag>.md (runs stay shared and cached)")
     args = p.parse_args(argv)
     out = args.out or REPO / "benchmarks" / "results" / f"reproduce-{args.dataset}-{args.budget}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     swept = swept_settings(args.pogdiff_config) if args.pogdiff_config else None
-    exp = Experiment(args.dataset, args.budget, out, args.seeds, args.preset, swept)
+    if args.methods:
+        unknown = set(args.methods) - set(methods({}, swept))
+        if unknown:
+            p.error(f"--methods: unknown rows {sorted(unknown)}; the rows are {sorted(methods({}, swept))}"
+                    + ("" if swept else " (the swept rows need --pogdiff-config)"))
+    exp = Experiment(args.dataset, args.budget, out, args.seeds, args.preset, swept, args.methods, args.tag)
     if args.stage == "base":
         print(f"[reproduce] base model: {exp.base_model()}")
         return

@@ -130,3 +130,17 @@ def test_train_state_round_trips(tmp_path):
     assert torch.equal(back.generator, state.generator)
     with pytest.raises(ValueError, match="holds no missing.safetensors"):
         TrainState.load(tmp_path / "missing.safetensors")
+
+
+def test_an_idle_rank_takes_a_weight_zero_step_without_recording_psi(synthetic, tmp_path):
+    """A rank whose share ran out while another's did not (uneven shares: balanced sampling on
+    two workers) steps on its last batch with weight 0 (the optimiser still steps, so the
+    ranks stay in lockstep): neither the psi record nor the logged window gains its samples."""
+    from pogdiff_dist.train.local import train_local
+
+    trainer, _ = train_local(_cfg(**{"optim.max_steps": 2, "train.caption_dropout": 0.0}), synthetic, tmp_path)
+    seen = trainer.psi.seen
+    assert seen == 2 * trainer.cfg.optim.batch_size
+    window = len(trainer._window)
+    assert trainer._train_step(None, idle=True)
+    assert trainer.state.step == 3 and trainer.psi.seen == seen and len(trainer._window) == window

@@ -219,7 +219,7 @@ class Trainer:
         ``idle``: this rank's share ran out while another's did not: a weight-0 step on its last
         batch. True when an optimiser step happened."""
         s = self.state
-        loss, stats = None, {}
+        loss, stats, psi = None, {}, None
         if batch is not None:
             self._last_batch = batch
             loss, stats = self.stepper(self.engine, self.to_device(batch), self.generator, dtype=self.dtype)
