@@ -176,6 +176,7 @@ class Trainer:
         ``read(paths)`` streams the numpy batches of shards, in the given order."""
         max_steps = self.cfg.optim.max_steps
         self._first_step, self._t_fit = self.state.step, time.time()
+        self._epoch_line_step = self.state.step
         while self.state.step < max_steps:
             items = self.stream(read, self.state.epoch, skip=self._skip)
             self._skip = 0
@@ -285,7 +286,12 @@ class Trainer:
                              f"over {self.world} workers, {record['epoch_skipped_bad']:.0f} skipped as bad)")
         s.epochs.append(record)
         self.tracker.log(s.step, {k: v for k, v in record.items() if k != "epoch" and not isinstance(v, list)})
-        if self.rank == 0:
+        # every epoch reaches MLflow and metrics.json; the terminal gets the first, any epoch that
+        # skipped or lost rows, and otherwise at most one per logging window (short epochs)
+        every = self.cfg.train.log_every
+        noteworthy = s.epoch == 0 or record["epoch_skipped_bad"] or record["epoch_not_delivered"]
+        if self.rank == 0 and (noteworthy or s.step // every != self._epoch_line_step // every):
+            self._epoch_line_step = s.step
             sampled = (f"; data.sampling={self.cfg.data.sampling}: {record['epoch_repeats']:.0f} repeated rows, "
                        f"rows per identity {record['identity_rows']}") if self.sampling.active else ""
             print(f"[train] epoch {s.epoch}: trained on {record['epoch_samples']:.0f} rows of {m.num_samples} "
