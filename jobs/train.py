@@ -1,6 +1,7 @@
 """Fine-tune a diffusers UNet with PoGDiff on Ray (prepares the data first if needed).
 
-    python jobs/train.py                               # embedded default: Digits-IT2I M, 2 CPU workers
+    python jobs/train.py configs/default.yaml          # the embedded default: fine-tune assets/digits-base on Digits-IT2I M
+    python jobs/train.py                               # the config defaults: Digits-IT2I M from scratch, 2 CPU workers
     python jobs/train.py configs/tiny.yaml             # seconds: Digits-IT2I S, tiny UNet
     python jobs/train.py configs/sd15.yaml --set data.dataset=/data/people --set loss.a1=2   # SD v1.5, one GPU node
     ray job submit --working-dir . -- python jobs/train.py configs/sd15_cluster.yaml     # SD v1.5, 4 GPU workers

@@ -40,6 +40,43 @@ def init_ray(ray_cfg) -> None:
 RAY_WORKING_DIR_COPY = "working_dir_files"
 
 
+def absolute_paths(cfg, cwd: Path | None = None):
+    """The config with every local path absolute, read against the driver's working directory:
+    Ray workers, prepare tasks and Tune trials run in other folders, where a relative
+    ``model.init_unet=assets/digits-base/unet`` would name nothing. A relative input that does
+    not exist here is an error naming the setting, before any work; URIs and absolute paths
+    are kept as they are (a missing absolute input is reported where it is loaded)."""
+    from pogdiff_dist.config import BUNDLED_TEXT_ENCODER
+    from pogdiff_dist.tracking.runs import resolve_tracking_uri
+
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+
+    def local(p: str | None) -> bool:
+        return p is not None and "://" not in p and not Path(p).is_absolute()
+
+    o = {key: str(cwd / value) for key, value in (("prepare.out_dir", cfg.prepare.out_dir),
+                                                  ("train.storage_path", cfg.train.storage_path)) if local(value)}
+    o["tracking.tracking_uri"] = resolve_tracking_uri(cfg.tracking.resolved_uri(), cwd)
+    inputs = [("model.pretrained", None), ("model.init_unet", None), ("model.image_encoder", "pixels"),
+              ("model.text_encoder", BUNDLED_TEXT_ENCODER)]
+    if cfg.data.bundled is None:
+        inputs.append(("data.dataset", None))
+    flat = cfg.flat()
+    missing = []
+    for key, keep in inputs:
+        value = flat[key]
+        if value == keep or not local(value):
+            continue
+        if (cwd / value).exists():
+            o[key] = str(cwd / value)
+        else:
+            missing.append(f"{key}={value!r}")
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: no such file or directory (a relative path is read from the "
+                         f"working directory, {cwd})")
+    return cfg.with_overrides(o)
+
+
 def check_output_paths(cfg, cwd: Path | None = None) -> None:
     """Inside a submitted Ray job (the working directory is Ray's temporary copy), refuse
     relative output paths before any work: ``prepare.out_dir``, ``train.storage_path`` and a

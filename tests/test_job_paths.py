@@ -20,3 +20,30 @@ def test_relative_outputs_inside_a_submitted_job_are_refused():
                                  "tracking.tracking_uri": "http://mlflow:5000"})
     check_output_paths(shared, cwd=COPY)  # absolute paths and URIs are kept
     check_output_paths(cfg, cwd=REPO)  # outside a job, relative paths are the user's own folder
+
+
+def test_local_inputs_and_outputs_become_absolute_against_the_drivers_folder(tmp_path):
+    """Ray workers, prepare tasks and Tune trials run in other folders: every relative local
+    path is read against the driver's working directory; a relative input that is not there is
+    an error naming the setting; URIs, bundled names and absolute paths are kept."""
+    from pogdiff_dist.config import load_config
+    from pogdiff_dist.runtime import absolute_paths
+
+    (tmp_path / "assets" / "base" / "unet").mkdir(parents=True)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", {
+        "model.init_unet": "assets/base/unet", "tracking.tracking_uri": "sqlite:///mlflow.db",
+        "prepare.out_dir": "prep", "train.storage_path": "s3://bucket/runs"})
+    out = absolute_paths(cfg, cwd=tmp_path)
+    assert out.model.init_unet == str(tmp_path / "assets" / "base" / "unet")
+    assert out.prepare.out_dir == str(tmp_path / "prep")
+    assert out.train.storage_path == "s3://bucket/runs"
+    assert out.tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert out.data.dataset == cfg.data.dataset and out.model.text_encoder == cfg.model.text_encoder
+    assert cfg.model.init_unet == "assets/base/unet"  # a new config: the loaded one is never mutated
+    assert absolute_paths(out, cwd=REPO) == out  # idempotent: nothing left to resolve
+
+    with pytest.raises(ValueError) as e:
+        absolute_paths(cfg.with_overrides({"model.init_unet": "assets/nope/unet", "model.pretrained": "sd15"}),
+                       cwd=tmp_path)
+    assert "model.init_unet='assets/nope/unet'" in str(e.value) and "model.pretrained='sd15'" in str(e.value)
+    assert str(tmp_path) in str(e.value)

@@ -66,11 +66,12 @@ def safe_params(flat: dict) -> dict[str, str]:
     return {k: redact(str(v))[:500] for k, v in flat.items() if not any(h in k.lower() for h in SECRET_HINTS)}
 
 
-def resolve_tracking_uri(uri: str) -> str:
-    """Make a relative ``sqlite:///file.db`` absolute, so Ray workers (other cwd) hit the same store."""
+def resolve_tracking_uri(uri: str, cwd: Path | None = None) -> str:
+    """Make a relative ``sqlite:///file.db`` absolute (against ``cwd``, default this process's),
+    so Ray workers (other cwd) hit the same store."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).absolute())
+        return prefix + str((Path.cwd() if cwd is None else Path(cwd)) / uri[len(prefix):])
     return uri
 
 

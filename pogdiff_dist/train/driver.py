@@ -18,7 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pogdiff_dist.config import Config, save_config
 from pogdiff_dist.data.shards import ARRAY_FIELDS, verify_shards
 from pogdiff_dist.prepare.pipeline import run_prepare
-from pogdiff_dist.runtime import check_output_paths, init_ray, train_logging_config
+from pogdiff_dist.runtime import absolute_paths, check_output_paths, init_ray, train_logging_config
 from pogdiff_dist.tracking.model import log_pipeline_model
 from pogdiff_dist.tracking.runs import (
     RUN_STATE,
@@ -74,6 +74,7 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
     ``config_file``: the YAML the config came from (a run tag)."""
     t0 = time.time()
     check_output_paths(cfg)
+    cfg = absolute_paths(cfg)  # the workers run in other folders
     init_ray(cfg.ray)
     manifest = run_prepare(cfg)
     check_manifest(cfg, manifest)

@@ -44,7 +44,6 @@ from pogdiff_dist.tracking.runs import (
 from pogdiff_dist.tuning.spec import REPORTED, Param, SweepSpec, _check, check_space, spec_from_dict
 from pogdiff_dist.tuning.trial import (
     TrialSetup,
-    _absolute,
     _py,
     _trial_dirname,
     run_trial,
@@ -254,7 +253,7 @@ def finish_parent(uri: str, parent: str, spec: SweepSpec, rows: list[TrialRow], 
 def run_sweep(spec: SweepSpec, base: Config, resume: bool = False, retry_failed: bool = False) -> SweepOutcome:
     """Prepare once, run the sweep (or restore it, ``resume``), write the best config."""
     from pogdiff_dist.prepare.pipeline import run_prepare
-    from pogdiff_dist.runtime import check_output_paths, init_ray
+    from pogdiff_dist.runtime import absolute_paths, check_output_paths, init_ray
 
     check_output_paths(base)
     t0 = time.time()
@@ -264,7 +263,7 @@ def run_sweep(spec: SweepSpec, base: Config, resume: bool = False, retry_failed:
         state = json.loads((sweep_dir / SWEEP_STATE).read_text())
         spec = spec_from_dict({**state["spec"], "name": name}, name=name)
         base = from_dict(state["base_config"])
-    run_cfg = _absolute(base)
+    run_cfg = absolute_paths(base)
     uri = run_cfg.tracking.tracking_uri
     init_ray(run_cfg.ray)
     manifest = run_prepare(run_cfg)  # once, here: every trial then finds it up to date

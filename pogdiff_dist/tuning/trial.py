@@ -17,33 +17,15 @@ from pathlib import Path
 
 from ray import tune
 
-from pogdiff_dist.config import BUNDLED_TEXT_ENCODER, Config, from_dict
+from pogdiff_dist.config import Config, from_dict
 from pogdiff_dist.tracking.runs import (
     RUN_STATE,
     log_eval,
     read_run_state,
-    resolve_tracking_uri,
     set_status,
     set_tags,
 )
 from pogdiff_dist.tuning.spec import SweepSpec
-
-
-def _absolute(cfg: Config) -> Config:
-    """Trials run in other processes and folders: every path becomes absolute."""
-    def ab(p: str | None) -> str | None:
-        return None if p is None or Path(p).is_absolute() else str(Path(p).absolute())
-
-    o = {"prepare.out_dir": ab(cfg.prepare.out_dir), "train.storage_path": ab(cfg.train.storage_path),
-         "tracking.tracking_uri": resolve_tracking_uri(cfg.tracking.resolved_uri())}
-    if cfg.data.bundled is None:
-        o["data.dataset"] = ab(cfg.data.dataset)
-    for key, keep in (("model.pretrained", None), ("model.init_unet", None), ("model.image_encoder", "pixels"),
-                      ("model.text_encoder", BUNDLED_TEXT_ENCODER)):
-        value = cfg.flat()[key]
-        if value is not None and value != keep and Path(value).exists():
-            o[key] = ab(value)
-    return cfg.with_overrides({k: v for k, v in o.items() if v is not None})
 
 
 def _py(v):
