@@ -71,8 +71,8 @@ def methods(pogdiff: dict, swept: dict | None = None) -> dict[str, dict]:
         "PoGDiff w/o psi_img": {"loss.method": "pogdiff", **pogdiff, "loss.use_psi_img": False},
         "PoGDiff w/o psi_den": {"loss.method": "pogdiff", **pogdiff, "loss.use_psi_den": False},
     }
-    if swept is not None:
-        rows["PoGDiff (swept)"] = {"loss.method": "pogdiff", **swept}
+    if swept is not None:  # the sweep searched the sampling too: the two rows separate psi from sampling
+        rows["PoGDiff (swept)"] = {"loss.method": "pogdiff", **swept, "data.sampling": "uniform"}
         rows["PoGDiff (swept) + balanced sampling"] = {"loss.method": "pogdiff", **swept, "data.sampling": "balanced"}
     return rows
 
@@ -324,7 +324,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--stage", choices=["all", "base"], default="all", help="base: only train (or find) the base model")
     p.add_argument("--pogdiff-config", type=Path, default=None,
-                   help="a sweep's best_config.yaml: adds the rows 'PoGDiff (swept)' and '... + balanced sampling'")
+                   help="a sweep's best_config.yaml: adds the rows 'PoGDiff (swept)' (its loss settings, uniform "
+                        "sampling) and '... + balanced sampling'")
     p.add_argument("--protocols", nargs="+", default=["finetune", "scratch"], choices=["finetune", "scratch"])
     p.add_argument("--skip-validation", action="store_true", help="use the default PoGDiff variant")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/reproduce-<dataset>-<budget>")

@@ -287,16 +287,23 @@ class Trainer:
         s.epochs.append(record)
         self.tracker.log(s.step, {k: v for k, v in record.items() if k != "epoch" and not isinstance(v, list)})
         # every epoch reaches MLflow and metrics.json; the terminal gets the first, any epoch that
-        # skipped or lost rows, and otherwise at most one per logging window (short epochs)
+        # skipped or lost rows (with data.sampling, undrawn samples are the plan, not a loss), and
+        # otherwise at most one per logging window (short epochs)
         every = self.cfg.train.log_every
-        noteworthy = s.epoch == 0 or record["epoch_skipped_bad"] or record["epoch_not_delivered"]
+        lost = record["epoch_not_delivered"] if not self.sampling.active else 0
+        noteworthy = s.epoch == 0 or record["epoch_skipped_bad"] or lost
         if self.rank == 0 and (noteworthy or s.step // every != self._epoch_line_step // every):
             self._epoch_line_step = s.step
-            sampled = (f"; data.sampling={self.cfg.data.sampling}: {record['epoch_repeats']:.0f} repeated rows, "
-                       f"rows per identity {record['identity_rows']}") if self.sampling.active else ""
-            print(f"[train] epoch {s.epoch}: trained on {record['epoch_samples']:.0f} rows of {m.num_samples} "
-                  f"samples ({record['epoch_skipped_bad']:.0f} skipped as bad, "
-                  f"{record['epoch_not_delivered']:.0f} not delivered{sampled})", flush=True)
+            head = f"[train] epoch {s.epoch}: trained on {record['epoch_samples']:.0f} rows"
+            if self.sampling.active:  # drawn with replacement: repeats and undrawn samples are the plan
+                print(f"{head} (data.sampling={self.cfg.data.sampling}: {record['epoch_unique_samples']:.0f} distinct "
+                      f"of {m.num_samples} samples, {record['epoch_repeats']:.0f} repeated rows, "
+                      f"{record['epoch_not_delivered']:.0f} not drawn this epoch, "
+                      f"{record['epoch_skipped_bad']:.0f} skipped as bad; rows per identity "
+                      f"{record['identity_rows']})", flush=True)
+            else:
+                print(f"{head} of {m.num_samples} samples ({record['epoch_skipped_bad']:.0f} skipped as bad, "
+                      f"{record['epoch_not_delivered']:.0f} not delivered)", flush=True)
         s.epoch += 1
         if self._checkpoint_due:
             self.save_checkpoint()
