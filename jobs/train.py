@@ -1,6 +1,6 @@
 """Fine-tune a diffusers UNet with PoGDiff on Ray (prepares the data first if needed).
 
-    python jobs/train.py configs/default.yaml          # the embedded default: fine-tune assets/digits-base on Digits-IT2I M
+    python jobs/train.py configs/default.yaml --evaluate   # the embedded default (scripts/run_default.sh)
     python jobs/train.py                               # the config defaults: Digits-IT2I M from scratch, 2 CPU workers
     python jobs/train.py configs/tiny.yaml             # seconds: Digits-IT2I S, tiny UNet
     python jobs/train.py configs/sd15.yaml --set data.dataset=/data/people --set loss.a1=2   # SD v1.5, one GPU node
@@ -23,13 +23,21 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true",
                    help="also Ray Data progress bars, library info logs and known-harmless warnings (ray.verbose)")
     p.add_argument("--resume", action="store_true", help="continue run train.name from its latest checkpoint")
+    p.add_argument("--evaluate", action="store_true",
+                   help="then evaluate the export (jobs/evaluate.py with the config's eval section) and log eval/* "
+                        "into the run: identity accuracy for all, majority and few-shot identities, DINO, FID, gRecall")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, [*args.set, *(["ray.verbose=true"] if args.verbose else [])])
         check_output_paths(cfg)  # a submitted job's relative outputs would be deleted with Ray's copy
     except ValueError as e:
         p.error(str(e))
-    run_train(cfg, resume=args.resume, config_file=args.config)
+    out = run_train(cfg, resume=args.resume, config_file=args.config)
+    if args.evaluate:
+        from pogdiff_dist.evaluation.evaluate import resolve_source, run_evaluate
+
+        source = resolve_source(str(out.model_dir), None, out.run_id, out.tracking_uri, None)
+        run_evaluate(source, out.run_dir / "eval", cfg.eval, ray_cfg=cfg.ray)
     return 0
 
 

@@ -8,9 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-.venv/bin/python jobs/train.py configs/default.yaml "$@"
-name=default
-for ((i = 1; i <= $#; i++)); do  # a --set train.name=... moves the run folder
-  [[ "${!i}" == train.name=* ]] && name="${!i#train.name=}"
-done
-exec .venv/bin/python jobs/evaluate.py --model "runs/$name/model" --set eval.num_images=16 --set eval.steps=25
+exec .venv/bin/python jobs/train.py configs/default.yaml --evaluate "$@"

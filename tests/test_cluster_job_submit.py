@@ -62,9 +62,11 @@ def test_ray_job_submit_trains(tmp_path):
             time.sleep(5)
         said = refused.stdout + refused.stderr
         assert refused.returncode != 0 and "train.storage_path='runs'" in said and "Ray deletes" in said, said[-3000:]
+        # then with shared absolute outputs, evaluating the export in the same job (--evaluate)
         out = subprocess.run(submit + ["--set", f"train.storage_path={runs}", "--set",
                                        f"prepare.out_dir={tmp_path / 'prepared'}", "--set",
-                                       f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+                                       f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                                       "--evaluate", "--set", "eval.num_images=2", "--set", "eval.steps=2"],
                              env=env, capture_output=True, text=True, timeout=600, check=False)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "succeeded" in out.stdout + out.stderr
@@ -80,3 +82,6 @@ def test_ray_job_submit_trains(tmp_path):
     run_id = json.loads((runs / "tiny" / "pogdiff_run.json").read_text())["run_id"]
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["final_step"] == 2
+    evaluated = json.loads((runs / "tiny" / "eval" / "metrics.json").read_text())["summary"]
+    assert 0.0 <= evaluated["accuracy_few"] <= 1.0 and run.data.metrics["eval/accuracy_few"] == evaluated["accuracy_few"]
+    assert "[evaluate]" in out.stdout and "few-shot" in out.stdout
