@@ -274,7 +274,7 @@ def _fmt_row(row: dict) -> str:
 
 def markdown(results: dict) -> str:
     lines = [f"# Reproduction: {results['dataset']} (budget {results['budget']})", ""]
-    cols = [f"{m}_{s}" for m in METRICS for s in ("all", "few")]
+    cols = [f"{m}_{s}" for m in METRICS for s in (("all", "majority", "few") if m == "accuracy" else ("all", "few"))]
     arrows = {"accuracy": "↑", "grecall": "↑", "dino": "↑", "fid": "↓"}
     header = "| method | " + " | ".join(f"{c.split('_')[0]} {arrows[c.split('_')[0]]} ({c.split('_')[1]})"
                                        for c in cols) + " |"
