@@ -1,0 +1,36 @@
+"""The embedded default (configs/default.yaml, scripts/run_default.sh): the checked-in base model
+is what the config expects, small enough to ship, and the recipe is the README's."""
+
+import json
+
+import torch
+from conftest import REPO
+
+
+def test_default_config_fine_tunes_the_checked_in_base():
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    from pogdiff_dist.config import load_config
+    from pogdiff_dist.models import UNET_PRESETS
+    from pogdiff_dist.runtime import absolute_paths
+
+    cfg = absolute_paths(load_config(REPO / "configs" / "default.yaml"), cwd=REPO)
+    base = REPO / "assets" / "digits-base"
+    assert cfg.model.init_unet == str(base / "unet") and cfg.data.dataset == "digits-it2i:M"
+    assert cfg.loss.method == "vanilla" and cfg.loss.identity_weight == "inverse"  # the README's recipe
+    assert sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) <= 10 * 2**20
+
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    unet = UNet2DConditionModel.from_pretrained(str(base / "unet"))
+    preset = UNET_PRESETS[cfg.model.unet]
+    assert tuple(unet.config.block_out_channels) == preset["block_out_channels"]
+    assert unet.config.sample_size == cfg.data.resolution and unet.config.in_channels == cfg.data.channels
+    assert sum(p.numel() for p in unet.parameters()) == 1_972_641
+
+    made = json.loads((base / "made_by.json").read_text())
+    assert made["script"] == "benchmarks/make_default_base.py" and made["settings"]["model.unet"] == cfg.model.unet
+    assert made["settings"]["data.resolution"] == cfg.data.resolution and made["settings"]["optim.max_steps"] > 0
+    assert torch.isfinite(next(unet.parameters())).all()
