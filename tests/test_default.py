@@ -23,7 +23,8 @@ def test_default_config_fine_tunes_the_checked_in_base():
 
     weights = base / "unet" / "diffusion_pytorch_model.safetensors"
     with safe_open(str(weights), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+        names = f.keys()  # a safetensors handle is not iterable
+        assert {f.get_slice(k).get_dtype() for k in names} == {"F16"}
     unet = UNet2DConditionModel.from_pretrained(str(base / "unet"))
     preset = UNET_PRESETS[cfg.model.unet]
     assert tuple(unet.config.block_out_channels) == preset["block_out_channels"]
