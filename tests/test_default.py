@@ -18,7 +18,15 @@ def test_default_config_fine_tunes_the_checked_in_base():
     cfg = absolute_paths(load_config(REPO / "configs" / "default.yaml"), cwd=REPO)
     base = REPO / "assets" / "digits-base"
     assert cfg.model.init_unet == str(base / "unet") and cfg.data.dataset == "digits-it2i:M"
-    assert cfg.loss.method == "vanilla" and cfg.loss.identity_weight == "inverse"  # the README's recipe
+    # the README's recipe: the swept PoGDiff settings with balanced sampling
+    import yaml
+
+    swept = yaml.safe_load((REPO / "benchmarks" / "results" / "sweep-pogdiff-faces" / "best_config.yaml").read_text())
+    assert cfg.loss.method == "pogdiff" and cfg.data.sampling == swept["data"]["sampling"] == "balanced"
+    for key in ("a1", "a2", "a3", "den_temperature"):
+        assert abs(getattr(cfg.loss, key) - swept["loss"][key]) <= 0.01 * swept["loss"][key], key
+    for key in ("k", "neighbor_grad", "psi_den_source", "psi_cap"):
+        assert getattr(cfg.loss, key) == swept["loss"][key], key
     assert sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) <= 10 * 2**20
 
     weights = base / "unet" / "diffusion_pytorch_model.safetensors"
