@@ -34,8 +34,15 @@ def test_ray_job_submit_trains(tmp_path):
     gcs, dash = _free_port(), _free_port()
     # --block keeps the head in this process group, so the test stops exactly this cluster
     # (a global `ray stop` would also kill other sessions' clusters).
+    # Every port of its own: another local Ray cluster on this machine (a training next to the
+    # suite) holds the fixed defaults, e.g. the dashboard agent's 52365, and a head whose agent
+    # cannot bind never takes a job ("No available agent to submit job").
+    agent_ports = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                           "metrics-export-port", "runtime-env-agent-port",
+                                                           "node-manager-port", "object-manager-port",
+                                                           "ray-client-server-port")]
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"],
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *agent_ports],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 90
     while time.time() < deadline:
