@@ -36,10 +36,11 @@ def write_grid(model_dir: Path, out: Path, per_name: int = 6) -> Path:
     import torch
 
     from pogdiff_dist.data.bundled.digits import BASE_NAMES
+    from pogdiff_dist.data.records import IDENTITY_PROMPT
     from pogdiff_dist.pipeline import image_grid, load_pipeline
 
-    pipe = load_pipeline(model_dir)
-    images = pipe([f"An image of {n}." for n in BASE_NAMES], num_images_per_prompt=per_name,
+    pipe = load_pipeline(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    images = pipe([IDENTITY_PROMPT.format(name=n) for n in BASE_NAMES], num_images_per_prompt=per_name,
                   generator=torch.Generator().manual_seed(0))
     image_grid(np.asarray(images), rows=len(BASE_NAMES), labels=list(BASE_NAMES)).save(out)
     return out

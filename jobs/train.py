@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from pogdiff_dist.config import load_config
-from pogdiff_dist.runtime import check_output_paths
+from pogdiff_dist.runtime import absolute_paths, check_output_paths
 from pogdiff_dist.train.driver import run_train
 
 
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, [*args.set, *(["ray.verbose=true"] if args.verbose else [])])
         check_output_paths(cfg)  # a submitted job's relative outputs would be deleted with Ray's copy
+        absolute_paths(cfg)  # a missing relative input is a usage error here, before Ray starts
     except ValueError as e:
         p.error(str(e))
     out = run_train(cfg, resume=args.resume, config_file=args.config)

@@ -47,3 +47,18 @@ def test_local_inputs_and_outputs_become_absolute_against_the_drivers_folder(tmp
                        cwd=tmp_path)
     assert "model.init_unet='assets/nope/unet'" in str(e.value) and "model.pretrained='sd15'" in str(e.value)
     assert str(tmp_path) in str(e.value)
+
+
+@pytest.mark.parametrize("job", ["train", "prepare"])
+def test_a_missing_relative_input_is_a_usage_error_before_ray_starts(job, capsys, monkeypatch, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"jobs_{job}", REPO / "jobs" / f"{job}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        module.main([str(REPO / "configs" / "tiny.yaml"), "--set", "model.init_unet=assets/nope/unet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.init_unet='assets/nope/unet'" in err and str(tmp_path) in err
