@@ -11,6 +11,7 @@ import sys
 from pogdiff_dist.config import load_config
 from pogdiff_dist.prepare.pipeline import run_prepare
 from pogdiff_dist.runtime import absolute_paths, check_output_paths, init_ray
+from pogdiff_dist.storage import check_storage
 
 
 def main(argv=None) -> int:
@@ -24,6 +25,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, [*args.set, *(["ray.verbose=true"] if args.verbose else [])])
         check_output_paths(cfg)  # a submitted job's relative outputs would be deleted with Ray's copy
         cfg = absolute_paths(cfg)  # the encoder actors and k-NN / density tasks run in other folders
+        check_storage(cfg)  # a missing bucket or refused credentials: a usage error before any work
     except ValueError as e:
         p.error(str(e))
     init_ray(cfg.ray)

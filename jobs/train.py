@@ -12,6 +12,7 @@ import sys
 
 from pogdiff_dist.config import load_config
 from pogdiff_dist.runtime import absolute_paths, check_output_paths
+from pogdiff_dist.storage import Store, check_storage
 from pogdiff_dist.train.driver import run_train
 
 
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, [*args.set, *(["ray.verbose=true"] if args.verbose else [])])
         check_output_paths(cfg)  # a submitted job's relative outputs would be deleted with Ray's copy
         absolute_paths(cfg)  # a missing relative input is a usage error here, before Ray starts
+        check_storage(cfg)  # so is a missing bucket or one that refuses our credentials
     except ValueError as e:
         p.error(str(e))
     out = run_train(cfg, resume=args.resume, config_file=args.config)
@@ -39,6 +41,7 @@ def main(argv=None) -> int:
 
         source = resolve_source(str(out.model_dir), None, out.run_id, out.tracking_uri, None)
         run_evaluate(source, out.run_dir / "eval", cfg.eval, ray_cfg=cfg.ray)
+        Store(out.location).upload("eval")  # next to the run when it lives in a bucket
     return 0
 
 

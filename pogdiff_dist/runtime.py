@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -31,8 +33,38 @@ def init_ray(ray_cfg) -> None:
         log.info("joined Ray cluster at %s", address)
     else:
         num_cpus = ray_cfg.num_cpus or 2 * (os.cpu_count() or 1)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env, logging_level=level)
-        log.info("started a local Ray cluster with %d logical CPUs", num_cpus)
+        with _own_address() as own:
+            env["env_vars"]["RAY_ADDRESS"] = own
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
+                     logging_level=level)
+        log.info("started a local Ray cluster at %s with %d logical CPUs", own, num_cpus)
+
+
+@contextmanager
+def _own_address():
+    """A free GCS port for the local cluster about to start, and its address in ``RAY_ADDRESS``
+    for every process the head starts. Ray's own helpers (Ray Train's placement-group cleaner,
+    the state API) otherwise find a cluster by scanning this machine's processes, and with two
+    clusters on one machine (a training next to the test suite) they joined the newest one,
+    failing with ``InvalidAuthToken``. The driver's environment is restored afterwards, so a
+    later ``init_ray`` in this process starts a new cluster instead of joining a stopped one."""
+    from ray._private.services import get_node_ip_address
+
+    keys = ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")
+    saved = {k: os.environ.get(k) for k in keys}
+    with socket.socket() as s:  # freed here, bound by the GCS a moment later
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    address = f"{get_node_ip_address()}:{port}"
+    os.environ.update({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": address})
+    try:
+        yield address
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # Ray unpacks a submitted job's --working-dir into <session>/runtime_resources/working_dir_files/_ray_pkg_<hash>

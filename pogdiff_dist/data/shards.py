@@ -27,14 +27,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import posixpath
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
+
+from pogdiff_dist.storage import Store, join
 
 ARRAY_FIELDS = ("latent.npy", "y.npy", "nbr_tokens.npy", "nbr_len.npy", "nbr_index.npy", "nbr_sim.npy", "nbr_same.npy")
 META_FIELD = "meta.json"
@@ -106,17 +110,19 @@ class Manifest:
         written before prepare recorded them)."""
         if all(s in self.shard_rows for s in self.shards):
             return [int(self.shard_rows[s]) for s in self.shards]
-        return [count_shard_rows(Path(prepared_dir) / "shards" / s) for s in self.shards]
+        store = Store(prepared_dir)
+        return [count_shard_rows(store.open_input("shards", s)) for s in self.shards]
 
-    def save(self, prepared_dir: Path) -> None:
-        (Path(prepared_dir) / MANIFEST).write_text(json.dumps(asdict(self), indent=1))
+    def save(self, prepared_dir: str | Path) -> None:
+        Store(prepared_dir).write_text(json.dumps(asdict(self), indent=1), MANIFEST)
 
     @classmethod
     def load(cls, prepared_dir: str | Path) -> Manifest:
-        path = Path(prepared_dir) / MANIFEST
-        if not path.is_file():
-            raise ValueError(f"{path} not found: run jobs/prepare.py with the same config first")
-        return cls(**json.loads(path.read_text()))
+        """The manifest of a prepared folder, local or in object storage."""
+        store = Store(prepared_dir)
+        if not store.is_file(MANIFEST):
+            raise ValueError(f"{store.uri(MANIFEST)} not found: run jobs/prepare.py with the same config first")
+        return cls(**json.loads(store.read_text(MANIFEST)))
 
 
 def attach_neighbours(batch: dict[str, np.ndarray], nbr_idx: np.ndarray, nbr_sim: np.ndarray,
@@ -316,15 +322,21 @@ def _stack(column: np.ndarray, rows: list[int]) -> np.ndarray:
     return np.asarray(column)[rows]
 
 
-def count_shard_rows(path: Path) -> int:
-    """Samples in a shard: its ``.meta.json`` members (tar headers only)."""
-    with tarfile.open(path, "r:") as tar:
+def _opened(source: str | Path | BinaryIO):
+    """A path opened for reading, or an already open binary stream (closed after use)."""
+    return open(source, "rb") if isinstance(source, (str, os.PathLike)) else source
+
+
+def count_shard_rows(source: str | Path | BinaryIO) -> int:
+    """Samples in a shard (a path or a stream, read front to back): its ``.meta.json`` members."""
+    with _opened(source) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         return sum(1 for m in tar if m.name.endswith("." + META_FIELD))
 
 
-def file_digest(path: Path) -> str:
+def file_digest(source: str | Path | BinaryIO) -> str:
+    """SHA-256 of a file (a path or a stream, read front to back)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _opened(source) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -333,27 +345,30 @@ def file_digest(path: Path) -> str:
 def verify_shards(shard_dir: str | Path, manifest: Manifest, checksum: bool = True) -> None:
     """Before training: every shard is present, complete and the one prepare wrote.
 
-    Checks size (cheap; catches truncation) and, with ``checksum``, SHA-256 and the tar
-    structure: regular-file members only, no absolute or ``..`` names (nothing is ever
-    extracted to disk, but such a member marks a shard that is not ours).
+    ``shard_dir`` is a local folder or an object-storage URI. Checks size (cheap; catches
+    truncation) and, with ``checksum``, SHA-256 and the tar structure: regular-file members
+    only, no absolute or ``..`` names (nothing is ever extracted to disk, but such a member
+    marks a shard that is not ours).
     """
-    shard_dir = Path(shard_dir)
+    store = Store(shard_dir)
+    stages = join(posixpath.dirname(store.uri().rstrip("/")), "stages")
     for name in manifest.shards:
-        path = shard_dir / name
-        if not path.is_file():
+        path = store.uri(name)
+        size = store.size(name)
+        if size is None:
             raise ValueError(f"shard {path} listed in the manifest is missing: re-run prepare")
         want = manifest.shard_bytes.get(name)
-        if want is not None and path.stat().st_size != want:
-            raise ValueError(f"shard {path} is {path.stat().st_size} bytes but prepare wrote {want}: "
-                             f"truncated or replaced; re-run prepare (delete {shard_dir.parent / 'stages'})")
+        if want is not None and size != want:
+            raise ValueError(f"shard {path} is {size} bytes but prepare wrote {want}: "
+                             f"truncated or replaced; re-run prepare (delete {stages})")
         if not checksum:
             continue
         want = manifest.shard_sha256.get(name)
-        if want is not None and file_digest(path) != want:
+        if want is not None and file_digest(store.open_input(name)) != want:
             raise ValueError(f"shard {path} does not match the checksum prepare recorded: corrupt, or written "
-                             f"by another prepare run; re-run prepare (delete {shard_dir.parent / 'stages'})")
+                             f"by another prepare run; re-run prepare (delete {stages})")
         try:
-            with tarfile.open(path, "r:") as tar:
+            with store.open_input(name) as f, tarfile.open(fileobj=f, mode="r|") as tar:
                 for member in tar:
                     p = PurePosixPath(member.name)
                     if not member.isfile() or p.is_absolute() or ".." in p.parts:

@@ -26,6 +26,7 @@ from pogdiff_dist.evaluation.generate import (
 from pogdiff_dist.evaluation.report import write_outputs
 from pogdiff_dist.evaluation.scoring import compute_metrics, evaluated_identities
 from pogdiff_dist.pipeline import LORA_WEIGHTS
+from pogdiff_dist.storage import fetch
 from pogdiff_dist.tracking.runs import log_eval, read_run_state, resolve_tracking_uri, run_folders
 
 
@@ -84,11 +85,11 @@ def resolve_source(model: str | None = None, prepared: str | None = None, mlflow
             if "model_dir" not in folders:
                 raise ValueError(f"MLflow run {mlflow_run} records no model folder (tag pogdiff.model_dir; "
                                  f"not a training run of this project?): pass --model runs/<name>/model")
-            model_dir = Path(folders["model_dir"])
-            run_dir = Path(folders["run_dir"]) if "run_dir" in folders else None
+            model_dir = fetch(folders["model_dir"])  # a URI (train.storage_path in a bucket) is downloaded
+            run_dir = model_dir.parent if "run_dir" in folders else None
         found_prepared = found_prepared or folders.get("prepared_dir")
-    prepared_dir = Path(prepared).absolute() if prepared is not None else (
-        Path(found_prepared) if found_prepared else None)
+    prepared = prepared or found_prepared
+    prepared_dir = fetch(prepared, only=[MANIFEST]) if prepared is not None else None
     if prepared_dir is None:
         raise ValueError("cannot tell which prepared dataset this model was trained on: pass --prepared DIR "
                          "(the prepare.out_dir of its training config)")

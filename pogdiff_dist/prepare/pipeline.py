@@ -8,11 +8,12 @@ stopped and a changed setting redoes exactly the stages it affects.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from pogdiff_dist.data.neighbours import build_knn
 from pogdiff_dist.data.records import IDENTITY_PROMPT, DatasetRecords, read_dataset
 from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest, attach_neighbours, count_shard_rows, file_digest
 from pogdiff_dist.models import TextEncoder, check_pretrained_dir, resolve_text_encoder_dir
+from pogdiff_dist.storage import Store, local_mirror
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def load_records(cfg: Config) -> DatasetRecords:
     which = cfg.data.bundled
     if which is not None:
         name, preset = which
-        root = Path(cfg.prepare.out_dir) / "raw"
+        root = local_mirror(cfg.prepare.out_dir) / "raw"  # images are read from local disk
         build = bundled(name).build
         if name == "faces-it2i" and cfg.data.channels != 3 and cfg.model.pretrained is None:
             raise ValueError(f"data.dataset={cfg.data.dataset!r} is an RGB dataset whose captions name "
@@ -70,22 +72,25 @@ def records_fingerprint(records: DatasetRecords) -> str:
 
 
 class _Stage:
-    """A resumable stage: ``done()`` if its marker holds the same fingerprint."""
+    """A resumable stage: ``done()`` if its marker holds the same fingerprint. The marker is
+    written last, after the stage's outputs, in the same store (a local folder or a bucket)."""
 
-    def __init__(self, out: Path, name: str, fingerprint: str):
-        self.marker = out / "stages" / f"{name}.json"
+    def __init__(self, out: Store, name: str, fingerprint: str):
+        self.store, self.marker = out, ("stages", f"{name}.json")
         self.name, self.fingerprint = name, fingerprint
 
     def done(self) -> bool:
-        if self.marker.is_file() and json.loads(self.marker.read_text()).get("fingerprint") == self.fingerprint:
+        if self.store.is_file(*self.marker) and self.info().get("fingerprint") == self.fingerprint:
             log.info("stage %s: up to date, skipped", self.name)
             print(f"[prepare] {self.name}: up to date (fingerprint {self.fingerprint}), skipped", flush=True)
             return True
         return False
 
+    def info(self) -> dict:
+        return json.loads(self.store.read_text(*self.marker))
+
     def finish(self, **info) -> None:
-        self.marker.parent.mkdir(parents=True, exist_ok=True)
-        self.marker.write_text(json.dumps({"fingerprint": self.fingerprint, **info}))
+        self.store.write_text(json.dumps({"fingerprint": self.fingerprint, **info}), *self.marker)
 
 
 # Columns read from the encoded Parquet in this process, in order (tests check that the
@@ -94,9 +99,10 @@ LOADED_COLUMNS: list[tuple[str, ...]] = []
 EMBEDDING_COLUMNS = ("z", "pooled", "y", "latent")
 
 
-def read_encoded_columns(encoded: Path, columns: list[str]) -> dict[str, np.ndarray]:
-    """Some columns of the encoded Parquet, ordered by sample index, read with pyarrow in
-    this process. Tensor columns (Ray's ``arrow_tensor`` layout) come back as [N, ...] arrays."""
+def read_encoded_columns(encoded: str | Path, columns: list[str]) -> dict[str, np.ndarray]:
+    """Some columns of the encoded Parquet (a local folder or a URI), ordered by sample index,
+    read with pyarrow in this process. Tensor columns (Ray's ``arrow_tensor`` layout) come back
+    as [N, ...] arrays."""
     import pyarrow.dataset as pads
 
     LOADED_COLUMNS.append(tuple(columns))
@@ -140,9 +146,11 @@ def knn_task(encoded: str, out: str, k_max: int, gpus: float) -> dict:
     from pogdiff_dist.data.neighbours import knn_backend
 
     device = _task_device(gpus)
-    z = read_encoded_columns(Path(encoded), ["z"])["z"].astype(np.float32)
+    z = read_encoded_columns(encoded, ["z"])["z"].astype(np.float32)
     idx, sims = build_knn(z, k_max, device=device)
-    np.savez(Path(out) / "neighbours.npz", idx=idx, sims=sims)
+    buf = io.BytesIO()
+    np.savez(buf, idx=idx, sims=sims)
+    Store(out).write_bytes(buf.getvalue(), "neighbours.npz")
     return {**where_am_i(device), "backend": knn_backend(device)}
 
 
@@ -152,14 +160,17 @@ def density_task(encoded: str, out: str, dcfg: DensityVAEConfig, density_text: s
     identity prompts) itself, fits the text VAE on its device, writes ``elbo.npy``."""
     device = _task_device(gpus)
     if density_text == "identity":
-        ident = read_encoded_columns(Path(encoded), ["identity_id"])["identity_id"]
+        ident = read_encoded_columns(encoded, ["identity_id"])["identity_id"]
         pooled = _identity_prompt_rows(ident, identities, *text_dirs, max_length, device)
     else:
-        pooled = read_encoded_columns(Path(encoded), ["pooled"])["pooled"].astype(np.float32)
+        pooled = read_encoded_columns(encoded, ["pooled"])["pooled"].astype(np.float32)
     vae = fit_density_vae(pooled, dcfg, progress=False, device=device)
     elbo = compute_elbo(vae, pooled)
-    np.save(Path(out) / "elbo.npy", elbo)
-    save_density_vae(vae, Path(out) / "density_vae.safetensors")
+    store = Store(out)
+    store.write_bytes(_npy_bytes(elbo), "elbo.npy")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_density_vae(vae, Path(tmp) / "density_vae.safetensors")
+        store.write_bytes((Path(tmp) / "density_vae.safetensors").read_bytes(), "density_vae.safetensors")
     return {**where_am_i(device), "elbo_min": float(elbo.min()), "elbo_max": float(elbo.max())}
 
 
@@ -172,6 +183,12 @@ def _identity_prompt_rows(identity_id: np.ndarray, identities: list[str], text_d
     with torch.no_grad():
         _, pooled = text.encode([IDENTITY_PROMPT.format(name=n) for n in identities])
     return pooled.float().cpu().numpy()[np.asarray(identity_id, dtype=np.int64)]
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
 
 
 def _run_task(fn, gpus: float, *args) -> dict:
@@ -189,8 +206,8 @@ class _AttachNeighbours:
 def run_prepare(cfg: Config) -> Manifest:
     """Run every stage that is not up to date; return the manifest."""
     t_start = time.time()
-    out = Path(cfg.prepare.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Store(cfg.prepare.out_dir)  # a local folder or an object-storage prefix
+    out.check_writable("prepare.out_dir")
     records = load_records(cfg)
     for w in records.warnings:
         print(f"[prepare] warning: {w}", flush=True)
@@ -210,7 +227,7 @@ def run_prepare(cfg: Config) -> Manifest:
     vae_dir = str(check_pretrained_dir(cfg.model.pretrained) / "vae") if cfg.model.pretrained else None
     channels = 3 if vae_dir else cfg.data.channels
 
-    encoded = out / "encoded"
+    encoded = out.uri("encoded")
     # data.on_bad is left out: records are re-read on every run, and the skipped ones change
     # records_fingerprint; a dataset that read cleanly reads the same under either policy. The
     # sampling keys act at training time only.
@@ -219,7 +236,7 @@ def run_prepare(cfg: Config) -> Manifest:
     gpus = resolve_gpus(cfg.prepare.gpus_per_encoder)
     stage = _Stage(out, "encode", fp_encode)
     if not stage.done():
-        shutil.rmtree(encoded, ignore_errors=True)
+        out.delete_dir("encoded")
         items = [{"index": i, "key": r.key, "image": str(r.image), "caption": r.caption,
                   "identity_id": ident_id[r.identity]} for i, r in enumerate(train)]
         t0 = time.time()
@@ -232,9 +249,9 @@ def run_prepare(cfg: Config) -> Manifest:
                                                        "resolution": cfg.data.resolution, "channels": channels,
                                                        "image_encoder": cfg.model.image_encoder, "vae_dir": vae_dir,
                                                        "device": _task_device(gpus)})
-        ds.write_parquet(str(encoded))
+        ds.write_parquet(encoded)
         dt = time.time() - t0
-        ran_on = sorted(ray.data.read_parquet(str(encoded)).select_columns(["encoded_by"]).unique("encoded_by"))
+        ran_on = sorted(ray.data.read_parquet(encoded).select_columns(["encoded_by"]).unique("encoded_by"))
         print(f"[prepare] encode: {n} samples in {dt:.1f}s ({n / dt:.1f} samples/s) on {len(ran_on)} encoder(s) "
               f"with {gpus:g} GPU(s) each", flush=True)
         stage.finish(seconds=dt, gpus_per_encoder=gpus,
@@ -244,7 +261,7 @@ def run_prepare(cfg: Config) -> Manifest:
     stage = _Stage(out, "neighbours", fp_knn)
     if not stage.done():
         t0 = time.time()
-        ran_on = _run_task(knn_task, gpus, str(encoded.absolute()), str(out.absolute()), cfg.prepare.k_max, gpus)
+        ran_on = _run_task(knn_task, gpus, encoded, out.uri(), cfg.prepare.k_max, gpus)
         print(f"[prepare] neighbours: k_max={cfg.prepare.k_max} over {n} samples in {time.time() - t0:.1f}s "
               f"({ran_on['backend']} on {ran_on['device']}, pid {ran_on['pid']})", flush=True)
         stage.finish(ran_on=ran_on)
@@ -256,48 +273,48 @@ def run_prepare(cfg: Config) -> Manifest:
     stage = _Stage(out, "density", fp_den)
     if not stage.done():
         t0 = time.time()
-        ran_on = _run_task(density_task, gpus, str(encoded.absolute()), str(out.absolute()), dcfg, p.density_text,
+        ran_on = _run_task(density_task, gpus, encoded, out.uri(), dcfg, p.density_text,
                            identities, (str(text_dir), str(tok_dir)), cfg.model.max_length, gpus)
         lo, hi = ran_on["elbo_min"], ran_on["elbo_max"]
         print(f"[prepare] density: ELBO range [{lo:.1f}, {hi:.1f}] nats (spread {hi - lo:.1f}) in "
               f"{time.time() - t0:.1f}s (on {ran_on['device']}, pid {ran_on['pid']})", flush=True)
         stage.finish(elbo_spread=hi - lo, ran_on=ran_on)
 
-    shard_dir = out / "shards"
+    shard_dir = out.uri("shards")
     fp_shards = _hash(fp_knn, fp_den, cfg.prepare.samples_per_shard, SHARD_FORMAT)
     stage = _Stage(out, "shards", fp_shards)
     if not stage.done():
         t0 = time.time()
-        shutil.rmtree(shard_dir, ignore_errors=True)
+        out.delete_dir("shards")
         tab = read_encoded_columns(encoded, ["tokens", "length", "identity_id"])
-        knn = np.load(out / "neighbours.npz")
+        knn = np.load(io.BytesIO(out.read_bytes("neighbours.npz")))
         tables = {"nbr_idx": knn["idx"], "nbr_sim": knn["sims"], "tokens": tab["tokens"],
-                      "lengths": tab["length"], "identity": tab["identity_id"], "elbo": np.load(out / "elbo.npy"),
-                      "fingerprint": fp_shards}
+                      "lengths": tab["length"], "identity": tab["identity_id"],
+                      "elbo": np.load(io.BytesIO(out.read_bytes("elbo.npy"))), "fingerprint": fp_shards}
         ref = ray.put(tables)
-        ds = ray.data.read_parquet(str(encoded)).select_columns(["index", "key", "caption", "latent", "y"])
+        ds = ray.data.read_parquet(encoded).select_columns(["index", "key", "caption", "latent", "y"])
         ds = ds.map_batches(_AttachNeighbours, fn_constructor_args=([ref],), compute=ray.data.ActorPoolStrategy(size=1),
                             batch_format="numpy")
         # One shard per block of samples_per_shard rows (streaming, no shuffle): shards are the
         # unit of parallel reads, so 2 workers need >= 2 of them. (write_webdataset's
         # min_rows_per_file is only a minimum: alone, it wrote one shard for 385 rows.)
         ds = ds.repartition(target_num_rows_per_block=cfg.prepare.samples_per_shard)
-        ds.write_webdataset(str(shard_dir))
-        shards = sorted(shard_dir.glob("*.tar"))
+        ds.write_webdataset(shard_dir)
+        shards = out.list_files("shards", suffix=".tar")
         print(f"[prepare] shards: wrote {len(shards)} shard(s) in {time.time() - t0:.1f}s", flush=True)
         # sizes and checksums let training reject a truncated, corrupt or foreign shard by name
-        stage.finish(shard_bytes={p.name: p.stat().st_size for p in shards},
-                     shard_sha256={p.name: file_digest(p) for p in shards},
-                     shard_rows={p.name: count_shard_rows(p) for p in shards})
+        stage.finish(shard_bytes={s: out.size("shards", s) for s in shards},
+                     shard_sha256={s: file_digest(out.open_input("shards", s)) for s in shards},
+                     shard_rows={s: count_shard_rows(out.open_input("shards", s)) for s in shards})
 
-    shard_info = json.loads(stage.marker.read_text())
-    sample = ray.data.read_parquet(str(encoded)).select_columns(["latent", "y"]).take(1)[0]
+    shard_info = stage.info()
+    sample = ray.data.read_parquet(encoded).select_columns(["latent", "y"]).take(1)[0]
     counts = records.counts("train")
     manifest = Manifest(
         fingerprint=fp_shards, num_samples=n, k_max=cfg.prepare.k_max,
         latent_shape=list(np.asarray(sample["latent"]).shape), text_shape=list(np.asarray(sample["y"]).shape),
         identities=identities, train_counts=[counts.get(i, 0) for i in identities],
-        shards=sorted(p.name for p in shard_dir.glob("*.tar")),
+        shards=out.list_files("shards", suffix=".tar"),
         text_encoder_dir=str(text_dir), tokenizer_dir=str(tok_dir), vae_dir=vae_dir,
         skipped=[list(s) for s in records.skipped], warnings=records.warnings,
         heldout=[{"image": str(r.image), "identity": r.identity} for r in records.heldout()],
@@ -305,7 +322,7 @@ def run_prepare(cfg: Config) -> Manifest:
         shard_rows=shard_info.get("shard_rows", {}),
         dataset=cfg.data.dataset if cfg.data.bundled is None else ":".join(cfg.data.bundled),
     )
-    manifest.save(out)
+    manifest.save(out.uri())
     print(f"[prepare] done in {time.time() - t_start:.1f}s: {n} samples, {len(identities)} identities, "
           f"{len(manifest.shards)} shard(s) in {shard_dir}", flush=True)
     return manifest

@@ -7,6 +7,7 @@ CPU-only head, only starts the run and records what the workers wrote."""
 from __future__ import annotations
 
 import json
+import posixpath
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,7 @@ from pogdiff_dist.config import Config, save_config
 from pogdiff_dist.data.shards import ARRAY_FIELDS, verify_shards
 from pogdiff_dist.prepare.pipeline import run_prepare
 from pogdiff_dist.runtime import absolute_paths, check_output_paths, init_ray, train_logging_config
+from pogdiff_dist.storage import Store, check_storage, join
 from pogdiff_dist.tracking.model import log_pipeline_model
 from pogdiff_dist.tracking.runs import (
     RUN_STATE,
@@ -47,24 +49,25 @@ class TrainOutcome:
     metrics: dict
     run_id: str
     tracking_uri: str
+    location: str  # the run folder where it is kept: run_dir itself, or its URI (run_dir is then a local copy)
 
 
 def _run_name(cfg: Config, resume: bool) -> str:
     """Resume continues ``train.name`` exactly; a fresh run never overwrites an old one."""
-    run_dir = Path(cfg.train.storage_path).absolute() / cfg.train.name
+    run = Store(join(cfg.train.storage_path, cfg.train.name))
     if resume:
-        if not (run_dir / RUN_STATE).is_file():
-            raise ValueError(f"--resume: no run named {cfg.train.name!r} under {run_dir.parent}")
+        if not run.is_file(RUN_STATE):
+            raise ValueError(f"--resume: no run named {cfg.train.name!r} under {cfg.train.storage_path}")
         return cfg.train.name
-    if run_dir.exists():
+    if run.exists():
         name = f"{cfg.train.name}-{datetime.now():%Y%m%d-%H%M%S}"
         print(f"[train] run {cfg.train.name!r} exists; starting a new run {name!r} (use --resume to continue it)")
         return name
     return cfg.train.name
 
 
-def _dataset_input(manifest, prepared: Path) -> DatasetInfo:
-    return DatasetInfo(name=manifest.dataset or prepared.name, source=str(prepared), fingerprint=manifest.fingerprint,
+def _dataset_input(manifest, prepared: str) -> DatasetInfo:
+    return DatasetInfo(name=manifest.dataset or posixpath.basename(prepared.rstrip("/")), source=prepared, fingerprint=manifest.fingerprint,
                        fields={**{f.removesuffix(".npy"): "binary" for f in ARRAY_FIELDS}, "meta": "string"})
 
 
@@ -75,24 +78,29 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
     t0 = time.time()
     check_output_paths(cfg)
     cfg = absolute_paths(cfg)  # the workers run in other folders
+    check_storage(cfg)  # a missing or refused bucket fails here, before any work
     init_ray(cfg.ray)
     manifest = run_prepare(cfg)
     check_manifest(cfg, manifest)
-    prepared = Path(cfg.prepare.out_dir).absolute()
+    prepared = cfg.prepare.out_dir  # absolute, or a URI
 
     name = _run_name(cfg, resume)
-    run_dir = Path(cfg.train.storage_path).absolute() / name
+    # the run folder may be a URI: the driver and rank 0 write into its local mirror and upload
+    run = Store(join(cfg.train.storage_path, name))
+    run_dir = run.local
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(cfg.tracking.resolved_uri())
-    tags = {TAG_RUN_DIR: str(run_dir), TAG_PREPARED: str(prepared), TAG_MODEL: str(run_dir / MODEL_DIR),
-            "pogdiff.dataset": manifest.dataset or str(prepared), "pogdiff.dataset_fingerprint": manifest.fingerprint,
+    tags = {TAG_RUN_DIR: run.uri(), TAG_PREPARED: prepared, TAG_MODEL: run.uri(MODEL_DIR),
+            "pogdiff.dataset": manifest.dataset or prepared, "pogdiff.dataset_fingerprint": manifest.fingerprint,
             "pogdiff.config_file": str(Path(config_file).absolute()) if config_file else "(defaults)",
             "pogdiff.lora_rank": str(cfg.model.lora_rank), "pogdiff.sampling": cfg.data.sampling}
     start_step = 0
     if resume:
+        run.download(RUN_STATE)
         run_id = read_run_state(run_dir)["run_id"]
         start_run(cfg, run_id=run_id, tags=tags)
-        if (run_dir / "metrics.json").is_file():  # where the previous segment ended
+        if run.is_file("metrics.json"):  # where the previous segment ended
+            run.download("metrics.json")
             start_step = int(json.loads((run_dir / "metrics.json").read_text()).get("final_step", 0))
     else:
         run_id = start_run(cfg, run_name=name, parent_run_id=parent_run_id, tags=tags,
@@ -100,16 +108,18 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
     write_run_state(run_dir, run_id, uri, prepared)
     log_segment(uri, run_id, cfg, start_step)
     save_config(cfg, run_dir / "config.yaml")
+    run.upload(RUN_STATE)
+    run.upload("config.yaml")
 
-    verify_shards(prepared / "shards", manifest, checksum=cfg.train.verify_shards)
+    verify_shards(join(prepared, "shards"), manifest, checksum=cfg.train.verify_shards)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "prepared_dir": str(prepared), "run_id": run_id, "tracking_uri": uri,
-                           "run_dir": str(run_dir)},
+        train_loop_config={"cfg": cfg.to_dict(), "prepared_dir": prepared, "run_id": run_id, "tracking_uri": uri,
+                           "run_dir": run.uri()},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(Path(cfg.train.storage_path).absolute()),
+        run_config=RunConfig(name=name, storage_path=cfg.train.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              logging_config=train_logging_config(cfg.ray.verbose)),
@@ -122,11 +132,13 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
         raise
     fit_s = time.time() - t_fit
 
-    # rank 0 exported the pipeline and rendered the grid on its device (run_dir is shared storage)
+    # rank 0 exported the pipeline and rendered the grid on its device (into shared storage or a bucket)
     model_dir, samples = run_dir / MODEL_DIR, run_dir / SAMPLES
-    if not (model_dir / "model_index.json").is_file():
-        raise RuntimeError(f"training finished but rank 0 left no exported model in {model_dir}: is "
+    if not run.is_file(MODEL_DIR, "model_index.json"):
+        raise RuntimeError(f"training finished but rank 0 left no exported model in {run.uri(MODEL_DIR)}: is "
                            f"train.storage_path ({cfg.train.storage_path}) on storage every node shares?")
+    for part in (MODEL_DIR, SAMPLES, PLOTS_DIR, *([LORA_DIR] if cfg.model.lora_rank else [])):
+        run.download(part)  # MLflow uploads artifacts from local files
 
     m = result.metrics or {}
     metrics = {
@@ -141,6 +153,7 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
     metrics = {k: v for k, v in metrics.items() if v is not None}
     epochs = json.loads(m.get("epochs", "[]"))
     (run_dir / "metrics.json").write_text(json.dumps({**metrics, "epochs": epochs}, indent=1))
+    run.upload("metrics.json")
     model_uri = None
     if cfg.tracking.log_model:
         model_uri = log_pipeline_model(uri, run_id, model_dir, cfg.tracking.register_model)
@@ -149,10 +162,11 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
                 *([run_dir / LORA_DIR] if cfg.model.lora_rank else [])],
                step=int(metrics.get("final_step", 0)))
     print(f"\n[train] done in {metrics['total_seconds']:.0f}s\n"
-          f"  model (diffusers, safetensors): {model_dir}\n"
-          f"  sample grid:                    {samples}\n"
-          f"  metrics:                        {run_dir / 'metrics.json'}  {json.dumps(metrics)}\n"
+          f"  model (diffusers, safetensors): {run.uri(MODEL_DIR)}\n"
+          f"  sample grid:                    {run.uri(SAMPLES)}\n"
+          f"  metrics:                        {run.uri('metrics.json')}  {json.dumps(metrics)}\n"
+          + (f"  local copy of the run folder:   {run_dir}\n" if run.remote else "") +
           f"  checkpoints:                    {result.checkpoint.path}\n"
           f"  MLflow run {run_id} in experiment {cfg.tracking.experiment!r}:\n    {run_url_hint(uri, run_id)}"
           + (f"\n  MLflow model:                   {model_uri}" if model_uri else ""), flush=True)
-    return TrainOutcome(run_dir, model_dir, samples, metrics, run_id, uri)
+    return TrainOutcome(run_dir, model_dir, samples, metrics, run_id, uri, run.uri())

@@ -18,6 +18,7 @@ from pathlib import Path
 from pogdiff_dist.data.assignment import epoch_order, keep_ranges, rank_ranges
 from pogdiff_dist.data.sampling import SamplingPlan, expand, shuffled
 from pogdiff_dist.data.shards import Manifest, StreamedBatch, batched, collate_stream
+from pogdiff_dist.storage import join
 
 Reader = Callable[[list[str]], Iterable[dict]]  # shard paths, in order -> their numpy column batches
 
@@ -26,7 +27,7 @@ class EpochStream:
     def __init__(self, cfg, manifest: Manifest, prepared_dir: str | Path, rank: int, world: int,
                  sampling: SamplingPlan):
         self.cfg, self.manifest, self.rank, self.world, self.sampling = cfg, manifest, rank, world, sampling
-        self.shard_dir = Path(prepared_dir) / "shards"
+        self.shard_dir = join(prepared_dir, "shards")  # a local folder or a URI
         self.shard_rows = manifest.shard_row_counts(prepared_dir)
         self.planned = 0  # rows the last epoch's stream held for this rank (skipped ones included)
 
@@ -39,7 +40,7 @@ class EpochStream:
     def __call__(self, read: Reader, epoch: int, skip: int = 0) -> Iterator[StreamedBatch]:
         t = self.cfg.train
         ranges = self.ranges(epoch)
-        rows = keep_ranges(read([str(self.shard_dir / name) for name, _, _ in ranges]), ranges)
+        rows = keep_ranges(read([join(self.shard_dir, name) for name, _, _ in ranges]), ranges)
         if self.sampling.active:
             rows = expand(rows, self.sampling, epoch)
         rows = self._count(shuffled(rows, t.shuffle_buffer, seed=t.seed * 7919 + epoch * 31 + self.rank))

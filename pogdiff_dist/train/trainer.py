@@ -17,6 +17,7 @@ policy are functions of their own (:func:`agree_to_step`, :func:`nonfinite_polic
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import resource
@@ -42,6 +43,7 @@ from pogdiff_dist.models import (
     lora_state_dict,
 )
 from pogdiff_dist.pipeline import export_pipeline, load_pipeline
+from pogdiff_dist.storage import Store
 from pogdiff_dist.train.diagnostics import PLOTS_DIR, PsiRecord, eta, sample_grid, write_plots
 from pogdiff_dist.train.engine import Engine
 from pogdiff_dist.train.state import (
@@ -88,9 +90,13 @@ class Trainer:
                  report: Report, tracker=None, run_dir: str | Path | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.device = torch.device(device)
-        self.report, self.run_dir = report, Path(run_dir) if run_dir is not None else None
+        # run_dir and prepared_dir may be object-storage URIs: the export is written to the run's
+        # local mirror and uploaded; shards are streamed from where they are
+        self.report = report
+        self.run_store = Store(run_dir) if run_dir is not None else None
+        self.run_dir = self.run_store.local if self.run_store is not None else None
         self.tracker = tracker if tracker is not None else _NullTracker()
-        self.prepared = Path(prepared_dir)
+        self.prepared = str(prepared_dir)
         self.manifest = Manifest.load(self.prepared)
         check_manifest(cfg, self.manifest)
         t = cfg.train
@@ -106,7 +112,7 @@ class Trainer:
         m = self.manifest
         self.text = TextEncoder(m.text_encoder_dir, m.tokenizer_dir, cfg.model.max_length).to(self.device, self.dtype)
         uncond = self.text.encode([""])[0][0]
-        elbo = torch.from_numpy(np.load(self.prepared / m.elbo_file))
+        elbo = torch.from_numpy(np.load(io.BytesIO(Store(self.prepared).read_bytes(m.elbo_file))))
         self.stepper = DualConditionStep(cfg.loss, build_noise_scheduler(cfg.model), self.text, uncond, elbo,
                                          t.caption_dropout, t.text_cache_mib, device=self.device,
                                          identity_counts=torch.tensor(m.train_counts))
@@ -358,7 +364,9 @@ class Trainer:
         export_pipeline(model_dir, unet, build_noise_scheduler(self.cfg.model), text, vae)
         pipe = load_pipeline(model_dir, self.device)
         sample_grid(pipe, m, self.cfg, self.run_dir / SAMPLES)
-        write_plots(self.run_dir / PLOTS_DIR, m, self.psi, self.cfg.loss, str(self.prepared))
+        write_plots(self.run_dir / PLOTS_DIR, m, self.psi, self.cfg.loss, self.prepared)
+        for part in (MODEL_DIR, SAMPLES, PLOTS_DIR, *([LORA_DIR] if self.cfg.model.lora_rank else [])):
+            self.run_store.upload(part)
         print(f"[train] rank {self.rank} exported the model to {model_dir} and the sample grid on {self.device}",
               flush=True)
         return model_dir

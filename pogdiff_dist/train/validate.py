@@ -11,7 +11,6 @@ the dataset is a bundled one with a CNN judge, their identity accuracy (``val/ac
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from diffusers import DDIMScheduler
 from pogdiff_dist.data.records import IDENTITY_PROMPT
 from pogdiff_dist.models import LatentCodec
 from pogdiff_dist.pipeline import PoGDiffPipeline, image_grid
+from pogdiff_dist.storage import local_mirror
 
 
 class Validator:
@@ -84,7 +84,7 @@ class Validator:
                 self._judge = False  # a user folder: no judge, the grid only
                 return {}
             spec = bundled(name).judge_spec(list(tr.manifest.identities), images.shape[1], images.shape[3])
-            self._judge = CNNJudge.load_or_train(Path(tr.prepared) / "eval_cache", spec)
+            self._judge = CNNJudge.load_or_train(local_mirror(tr.prepared) / "eval_cache", spec)
         if self._judge is False:
             return {}
         out = {}

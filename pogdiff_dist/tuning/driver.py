@@ -254,8 +254,13 @@ def run_sweep(spec: SweepSpec, base: Config, resume: bool = False, retry_failed:
     """Prepare once, run the sweep (or restore it, ``resume``), write the best config."""
     from pogdiff_dist.prepare.pipeline import run_prepare
     from pogdiff_dist.runtime import absolute_paths, check_output_paths, init_ray
+    from pogdiff_dist.storage import is_uri
 
     check_output_paths(base)
+    if is_uri(base.train.storage_path):
+        raise ValueError(f"train.storage_path={base.train.storage_path!r}: a sweep keeps its trials, state and "
+                         f"best config in a shared folder; object storage is supported for prepare.out_dir and "
+                         f"single training runs, not yet for sweeps (see NOTES.md)")
     t0 = time.time()
     name = _sweep_name(base, spec.name, resume)
     sweep_dir = Path(base.train.storage_path).absolute() / "sweeps" / name
