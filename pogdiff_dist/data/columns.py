@@ -113,3 +113,68 @@ class LookupRows:
     def chunks(self, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for index, key in self.keys.chunks(rng):
             yield index, self.table[np.asarray(key, dtype=np.int64).reshape(-1)]
+
+
+class IndexedParquet:
+    """Rows of a Parquet dataset by sample index, one row group at a time.
+
+    For a dataset written in index-sorted ranges (each row group covering an ``index``
+    interval, as prepare's sorted neighbour table is): the row-group statistics locate the
+    groups that hold a batch's indices, and the last few groups read stay cached, so a
+    stream of roughly index-ordered batches reads each group about once and holds a few.
+    """
+
+    def __init__(self, path: str, columns: list[str], cache_groups: int = 4, filesystem=None):
+        import pyarrow.dataset as pads
+
+        ds = pads.dataset(path, format="parquet", filesystem=filesystem)
+        self.columns, self.cache_groups = columns, cache_groups
+        self.shapes = {c: column_shape(ds.schema, c) for c in columns}
+        self.groups, lo, hi = [], [], []
+        for frag in ds.get_fragments():
+            for rg in frag.split_by_row_group():
+                stats = rg.row_groups[0].statistics["index"]
+                self.groups.append(rg)
+                lo.append(stats["min"])
+                hi.append(stats["max"])
+        order = np.argsort(lo)
+        self.groups = [self.groups[i] for i in order]
+        self.lo, self.hi = np.asarray(lo, dtype=np.int64)[order], np.asarray(hi, dtype=np.int64)[order]
+        if len(self.lo) > 1 and (self.lo[1:] <= self.hi[:-1]).any():
+            raise ValueError(f"{path}: row groups overlap in 'index'; write it sorted by index")
+        self._cache: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+
+    def _group(self, g: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        if g not in self._cache:
+            if len(self._cache) >= self.cache_groups:
+                self._cache.pop(next(iter(self._cache)))
+            t = self.groups[g].to_table(columns=["index", *self.columns])
+            index = t.column("index").to_numpy()
+            order = np.argsort(index)
+            cols = {}
+            for c in self.columns:
+                shape = self.shapes[c]
+                v = list_values(t.column(c)) if shape else t.column(c).to_numpy()
+                cols[c] = v.reshape(len(index), *(shape or ()))[order]
+            self._cache[g] = index[order], cols
+        return self._cache[g]
+
+    def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """The columns of the rows with these sample indices, in the order given."""
+        index = np.asarray(index, dtype=np.int64)
+        g_of = np.searchsorted(self.lo, index, side="right") - 1
+        if (g_of < 0).any() or (index > self.hi[np.maximum(g_of, 0)]).any():
+            raise KeyError(f"sample index {int(index[(g_of < 0) | (index > self.hi[np.maximum(g_of, 0)])][0])} "
+                           "is in no row group")
+        out: dict[str, np.ndarray] = {}
+        for g in np.unique(g_of):
+            rows = g_of == g
+            have, cols = self._group(int(g))
+            pos = np.searchsorted(have, index[rows])
+            if (pos >= len(have)).any() or (have[np.minimum(pos, len(have) - 1)] != index[rows]).any():
+                raise KeyError(f"a sample index of row group {int(g)}'s range is missing from it")
+            for c, v in cols.items():
+                if c not in out:
+                    out[c] = np.empty((len(index), *v.shape[1:]), dtype=v.dtype)
+                out[c][rows] = v[pos]
+        return out
