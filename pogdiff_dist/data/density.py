@@ -132,7 +132,7 @@ def _as_source(pooled: np.ndarray | RowSource) -> RowSource:
 
 
 def _float_chunk(index: np.ndarray, values: np.ndarray) -> np.ndarray:
-    values = np.ascontiguousarray(values, dtype=np.float32).reshape(len(index), -1)
+    values = np.require(values, np.float32, ["C", "W"]).reshape(len(index), -1)  # torch wants writable
     bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
     if bad.size:
         raise ValueError(f"pooled text embeddings have a NaN/Inf value in row {int(index[bad].min())}")

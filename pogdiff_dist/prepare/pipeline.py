@@ -341,6 +341,25 @@ class _AttachNeighbours:
                           fingerprint=self.fingerprint)
 
 
+def write_shards(encoded: Path, out: Path, shard_dir: Path, n: int, k_max: int, samples_per_shard: int,
+                 fingerprint: str) -> None:
+    """The shards stage's work: the neighbour join (:func:`join_neighbour_tokens`), then the
+    encoded rows streamed through :class:`_AttachNeighbours` into WebDataset shards."""
+    nbr_dir = out / "neighbour_tokens"
+    shutil.rmtree(nbr_dir, ignore_errors=True)
+    join_neighbour_tokens(str(encoded.absolute()), str((out / "neighbours.parquet").absolute()),
+                          str(nbr_dir.absolute()), n, k_max)
+    ds = ray.data.read_parquet(str(encoded)).select_columns(["index", "key", "caption", "latent", "y", "identity_id"])
+    ds = ds.map_batches(_AttachNeighbours, fn_constructor_args=(str(nbr_dir.absolute()),
+                                                                str((out / "elbo.npy").absolute()), fingerprint),
+                        compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy")
+    # One shard per block of samples_per_shard rows (streaming, no shuffle): shards are the
+    # unit of parallel reads, so 2 workers need >= 2 of them. (write_webdataset's
+    # min_rows_per_file is only a minimum: alone, it wrote one shard for 385 rows.)
+    ds = ds.repartition(target_num_rows_per_block=samples_per_shard)
+    ds.write_webdataset(str(shard_dir))
+
+
 def run_prepare(cfg: Config) -> Manifest:
     """Run every stage that is not up to date; return the manifest."""
     t_start = time.time()
@@ -432,21 +451,7 @@ def run_prepare(cfg: Config) -> Manifest:
     if not stage.done():
         t0 = time.time()
         shutil.rmtree(shard_dir, ignore_errors=True)
-        nbr_dir = out / "neighbour_tokens"
-        shutil.rmtree(nbr_dir, ignore_errors=True)
-        join_neighbour_tokens(str(encoded.absolute()), str((out / "neighbours.parquet").absolute()),
-                              str(nbr_dir.absolute()), n, cfg.prepare.k_max)
-        ds = ray.data.read_parquet(str(encoded)).select_columns(["index", "key", "caption", "latent", "y",
-                                                                 "identity_id"])
-        ds = ds.map_batches(_AttachNeighbours, fn_constructor_args=(str(nbr_dir.absolute()),
-                                                                    str((out / "elbo.npy").absolute()),
-                                                                    fp_shards),
-                            compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy")
-        # One shard per block of samples_per_shard rows (streaming, no shuffle): shards are the
-        # unit of parallel reads, so 2 workers need >= 2 of them. (write_webdataset's
-        # min_rows_per_file is only a minimum: alone, it wrote one shard for 385 rows.)
-        ds = ds.repartition(target_num_rows_per_block=cfg.prepare.samples_per_shard)
-        ds.write_webdataset(str(shard_dir))
+        write_shards(encoded, out, shard_dir, n, cfg.prepare.k_max, cfg.prepare.samples_per_shard, fp_shards)
         shards = sorted(shard_dir.glob("*.tar"))
         print(f"[prepare] shards: wrote {len(shards)} shard(s) in {time.time() - t0:.1f}s", flush=True)
         # sizes and checksums let training reject a truncated, corrupt or foreign shard by name
