@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pogdiff_dist.config import load_config
+from pogdiff_dist.data.neighbours import read_neighbours
 from pogdiff_dist.data.shards import Manifest
 from pogdiff_dist.losses import log_density_normaliser, neighbour_weights, psi_den, psi_weights
 
@@ -31,8 +32,8 @@ from pogdiff_dist.losses import log_density_normaliser, neighbour_weights, psi_d
 def psi_table(prepared: Path, overrides: list[str] | None = None) -> dict:
     loss = load_config(None, overrides or []).loss
     manifest = Manifest.load(prepared)
-    knn = np.load(prepared / "neighbours.npz")
-    idx, sims = knn["idx"][:, : loss.k], knn["sims"][:, : loss.k]
+    idx, sims = read_neighbours(prepared)
+    idx, sims = idx[:, : loss.k], sims[:, : loss.k]
     elbo = torch.from_numpy(np.load(prepared / "elbo.npy"))
     tab = pq.read_table(prepared / "encoded", columns=["index", "identity_id"]).to_pandas().sort_values("index")
     ident = tab["identity_id"].to_numpy()

@@ -35,12 +35,14 @@ def test_shards_round_trip(ray_local, tiny_cfg, prepared):
     pixels = np.stack([load_image(r.image, 16, 1) for r in train])
     np.testing.assert_allclose(batch.x0[order].numpy(), pixels, atol=1e-6)
 
-    knn = np.load(out / "neighbours.npz")
+    from pogdiff_dist.data.neighbours import read_neighbours
+
+    nbr_idx, nbr_sims = read_neighbours(out)
     streamed = ray_local.data.read_webdataset([str(out / "shards" / s) for s in prepared.shards])
     rows = {int(r["meta.json"]["index"]): r for r in streamed.take_all()}
     for i in range(n):
-        np.testing.assert_array_equal(rows[i]["nbr_index.npy"], knn["idx"][i])
-        np.testing.assert_allclose(rows[i]["nbr_sim.npy"], knn["sims"][i])
+        np.testing.assert_array_equal(rows[i]["nbr_index.npy"], nbr_idx[i])
+        np.testing.assert_allclose(rows[i]["nbr_sim.npy"], nbr_sims[i])
         assert i not in rows[i]["nbr_index.npy"]  # itself excluded
         # the neighbour's caption tokens are that neighbour's own tokens
         j = int(rows[i]["nbr_index.npy"][0])

@@ -43,7 +43,7 @@ def _start_moto(extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
 
 
 @pytest.fixture(scope="module")
-def s3():
+def s3(tmp_path_factory):
     """A moto S3 server and credentials in the standard AWS environment variables (the
     provider chain pyarrow, Ray Data and Ray Train resolve), with a bucket ``pogdiff``."""
     proc, url = _start_moto()
@@ -53,6 +53,7 @@ def s3():
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
+        mp.setenv("POGDIFF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))  # local mirrors of the bucket
         fs = pafs.S3FileSystem(endpoint_override=url.removeprefix("http://"), scheme="http",
                                allow_bucket_creation=True)
         fs.create_dir("pogdiff")

@@ -28,6 +28,7 @@ BUNDLED_DATASETS = {
 SAMPLING_MODES = ("uniform", "balanced", "power")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TRAINING_TIME_DATA_KEYS = ("sampling", "sampling_alpha", "on_bad")  # data.* keys that do not change prepare
+KNN_INDEXES = ("flat", "ivf")
 
 
 @dataclass(frozen=True)
@@ -121,9 +122,37 @@ class PrepareConfig:
     # GPUs per encoder actor (fractional allowed) and per k-NN / density task: "auto" = 1 when
     # the Ray cluster has GPUs (ray.cluster_resources()), else 0.
     gpus_per_encoder: float | str = "auto"
+    # The k-NN index (Eq. 8). "flat": exact search over the whole table in one process (the
+    # default; N^2 d work). "ivf": FAISS IndexIVFFlat, approximate, for large N: knn_nlist
+    # inverted lists (0: about 4 sqrt(N)) trained by k-means on knn_train_rows sampled rows
+    # (0: 64 per list), each query scanning the knn_nprobe nearest lists; its recall@k against
+    # exact search is measured on knn_recall_queries random samples and reported.
+    knn_index: str = "flat"
+    knn_nlist: int = 0
+    knn_nprobe: int = 16
+    knn_train_rows: int = 0
+    knn_recall_queries: int = 1000
+    # Rows the density VAE holds and shuffles together while it streams the encoded Parquet
+    # (an epoch is still one pass over all samples; a dataset this small is shuffled whole).
+    density_buffer_rows: int = 65536
 
     def __post_init__(self):
         _one_of("prepare.density_text", self.density_text, ("caption", "identity"))
+        _one_of("prepare.knn_index", self.knn_index, KNN_INDEXES)
+        for name in ("knn_nlist", "knn_train_rows"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                   f"prepare.{name} must be an integer >= 0 (0: automatic), got {v!r}")
+        for name in ("knn_nprobe", "knn_recall_queries", "density_buffer_rows"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                   f"prepare.{name} must be an integer >= 1, got {v!r}")
+        _check(self.knn_nlist == 0 or self.knn_nprobe <= self.knn_nlist,
+               f"prepare.knn_nprobe={self.knn_nprobe} exceeds prepare.knn_nlist={self.knn_nlist}: "
+               "a query cannot scan more lists than the index has")
+        _check(self.knn_nlist == 0 or self.knn_train_rows == 0 or self.knn_train_rows >= self.knn_nlist,
+               f"prepare.knn_train_rows={self.knn_train_rows} is fewer than prepare.knn_nlist={self.knn_nlist}: "
+               "k-means needs at least one training row per list (FAISS asks for 39)")
         g = self.gpus_per_encoder
         _check(g == "auto" or (isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0),
                f"prepare.gpus_per_encoder must be 'auto' or a number >= 0, got {g!r}")

@@ -6,6 +6,12 @@ search on L2-normalised embeddings, i.e. by cosine similarity, and turned into t
 sampling weights w_j used to draw one neighbour per training step. The search is FAISS
 ``IndexFlatIP`` (on its GPUs with faiss-gpu), or, on a CUDA device that FAISS cannot use
 (faiss-cpu installed on a GPU node), the same exact search as chunked matmul + top-k in torch.
+
+At a million samples exact search is N^2 d work and the [N, d] table alone is 2 GiB, so
+:func:`build_knn_ivf` offers FAISS's inverted-file index instead (``prepare.knn_index=ivf``):
+k-means centroids trained on a sample, every vector added in streamed chunks, each query
+scanning the ``nprobe`` nearest of ``nlist`` lists. It is approximate; :func:`knn_recall`
+measures how much against exact search on a random sample of queries.
 """
 
 from __future__ import annotations
@@ -151,9 +157,198 @@ def build_knn(
         # Exclude self by index, not position: with exact duplicates a twin can tie with
         # (and precede) the self hit. If self fell outside the k_max + 1 hits (many
         # duplicates), every hit is another sample and the last one is dropped instead.
-        keep = i != np.arange(start, stop)[:, None]
-        keep[keep.all(axis=1), -1] = False
-        idx[start:stop] = i[keep].reshape(stop - start, k_max)
-        sims[start:stop] = s[keep].reshape(stop - start, k_max)
+        idx[start:stop], sims[start:stop] = _drop_self(s, i, np.arange(start, stop))
     assert (idx >= 0).all(), "FAISS returned a missing neighbour (-1) although k_max < N"
     return idx, sims
+
+
+def _drop_self(s: np.ndarray, i: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n, k + 1] search hits of queries ``ids`` -> [n, k] without the query itself.
+
+    Self is excluded by index, not position: with exact duplicates a twin can tie with (and
+    precede) the self hit. If self fell outside the k + 1 hits (many duplicates), every hit
+    is another sample and the last one is dropped instead."""
+    keep = i != ids[:, None]
+    keep[keep.all(axis=1), -1] = False
+    n, k = len(ids), i.shape[1] - 1
+    return i[keep].reshape(n, k), s[keep].reshape(n, k)
+
+
+def _normalised_chunk(index: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Validated, L2-normalised float32 copy of one streamed chunk (errors name the sample)."""
+    z = np.array(z, dtype=np.float32, order="C", copy=True).reshape(len(index), -1)
+    bad = _first_bad_row(~np.isfinite(z))
+    if bad >= 0:
+        raise ValueError(f"z has a NaN/Inf value in row {int(index[bad])}")
+    norms = np.linalg.norm(z, axis=1, keepdims=True)
+    zero = np.flatnonzero(norms[:, 0] == 0)
+    if zero.size:
+        raise ValueError(f"z row {int(index[zero[0]])} has zero norm, so its cosine similarity is undefined")
+    z /= norms
+    return z
+
+
+def ivf_nlist(n: int, nlist: int = 0) -> int:
+    """Inverted lists for N vectors: ``nlist``, or when 0 about 4 sqrt(N) (FAISS's usual
+    guidance), at most N / 39 so k-means has the 39 points per centroid FAISS asks for."""
+    if nlist < 0:
+        raise ValueError(f"nlist must be >= 0 (0: automatic), got {nlist}")
+    auto = max(1, min(int(4 * np.sqrt(n) + 0.5), n // 39))
+    return nlist or auto
+
+
+# k-means iterations for the IVF centroids (FAISS's default is 25): the lists only route the
+# search, and 10 iterations on a 2-core CPU keep training at a million samples to minutes.
+IVF_KMEANS_ITERS = 10
+
+
+def build_knn_ivf(
+    source,
+    k_max: int,
+    nlist: int = 0,
+    nprobe: int = 16,
+    train_rows: int = 0,
+    seed: int = 0,
+    use_gpu: str | bool = "auto",
+    device: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Approximate ``k_max`` nearest other samples by cosine similarity with ``IndexIVFFlat``.
+
+    Args:
+        source: a :class:`~pogdiff_dist.data.columns.RowSource` of image embeddings (read
+            three times: training sample, add, queries), so the [N, d] table is never held
+            beyond the index's own float32 copy.
+        nlist: inverted lists (0: :func:`ivf_nlist`'s 4 sqrt(N)).
+        nprobe: lists scanned per query; nprobe = nlist is exact search.
+        train_rows: k-means training sample, drawn uniformly without replacement (0: 64 per list).
+        seed: the training sample and k-means initialisation.
+        use_gpu, device: as :func:`build_knn`: the index runs on FAISS's GPUs when it has
+            some and the task was given a CUDA device (or ``use_gpu=True``).
+
+    Returns:
+        ``(idx, sims, info)`` as :func:`build_knn` (similarities are exact inner products of
+        the neighbours found), and ``info`` with the index parameters used.
+    """
+    import faiss
+
+    n = source.n_rows
+    if k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    if k_max >= n:
+        raise ValueError(f"k_max={k_max} is larger than the dataset allows: N={n} samples leave only {n - 1} "
+                         "other samples to be neighbours")
+    nlist = ivf_nlist(n, nlist)
+    if nlist > n:
+        raise ValueError(f"nlist={nlist} exceeds the N={n} vectors to cluster")
+    if nprobe < 1:
+        raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+    nprobe = min(nprobe, nlist)
+    train_rows = min(n, train_rows or 64 * nlist)
+    chosen = np.zeros(n, dtype=bool)
+    chosen[np.random.default_rng(seed).choice(n, train_rows, replace=False)] = True
+    sample = np.concatenate([_normalised_chunk(i, z)[chosen[i]] for i, z in source.chunks()])
+
+    d = sample.shape[1]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter, index.cp.seed = IVF_KMEANS_ITERS, seed
+    on_gpu = faiss.get_num_gpus() > 0 and (use_gpu is True or (
+        use_gpu == "auto" and device is not None and str(device).startswith("cuda")))
+    if use_gpu is True and faiss.get_num_gpus() == 0:
+        raise ValueError("use_gpu=True but FAISS sees no GPU (is faiss-gpu installed?)")
+    if on_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    logger.info("build_knn_ivf: IVF%d,Flat nprobe=%d on %s, trained on %d rows", nlist, nprobe,
+                "GPU" if on_gpu else "CPU", train_rows)
+    index.train(sample)
+    del sample
+    for i, z in source.chunks():
+        index.add_with_ids(_normalised_chunk(i, z), np.asarray(i, dtype=np.int64))
+    if on_gpu:
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    else:
+        index.nprobe = nprobe
+
+    idx = np.full((n, k_max), -1, dtype=np.int64)
+    sims = np.zeros((n, k_max), dtype=np.float32)
+    for i, z in source.chunks():
+        s, hits = index.search(_normalised_chunk(i, z), k_max + 1)
+        idx[i], sims[i] = _drop_self(s, hits, np.asarray(i, dtype=np.int64))
+    short = np.flatnonzero((idx < 0).any(axis=1))
+    if short.size:
+        raise ValueError(f"the IVF search found fewer than k_max={k_max} neighbours for {short.size} sample(s) "
+                         f"(e.g. {int(short[0])}): raise prepare.knn_nprobe (now {nprobe}) or lower "
+                         f"prepare.knn_nlist (now {nlist})")
+    return idx, sims, {"nlist": nlist, "nprobe": nprobe, "train_rows": train_rows, "gpu": on_gpu}
+
+
+def knn_recall(source, idx: np.ndarray, k: int, queries: int = 1000, seed: int = 0,
+               db_chunk: int = 65536) -> float:
+    """recall@k of neighbour table ``idx`` [N, >= k] against exact search: the mean share of
+    each query's k exact nearest other samples that ``idx[q, :k]`` holds, over ``queries``
+    samples drawn at random. The exact answer streams ``source`` once, scoring the queries
+    against each chunk of the database (FAISS flat search) and keeping a running top-k."""
+    import faiss
+
+    n = source.n_rows
+    if not 1 <= k <= idx.shape[1]:
+        raise ValueError(f"k must be in 1..{idx.shape[1]}, got {k}")
+    q_ids = np.sort(np.random.default_rng(seed).choice(n, min(queries, n), replace=False))
+    slot = np.full(n, -1)
+    slot[q_ids] = np.arange(len(q_ids))
+    q = np.zeros((len(q_ids), source.dim), dtype=np.float32)
+    for i, z in source.chunks():
+        hit = slot[i] >= 0
+        q[slot[i][hit]] = _normalised_chunk(i, z)[hit]
+    best_s = np.full((len(q_ids), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(q_ids), k), -1, dtype=np.int64)
+    for i, z in source.chunks():
+        i = np.asarray(i, dtype=np.int64)
+        for start in range(0, len(i), db_chunk):
+            ids, zc = i[start:start + db_chunk], _normalised_chunk(i[start:start + db_chunk], z[start:start + db_chunk])
+            flat = faiss.IndexFlatIP(zc.shape[1])
+            flat.add(zc)
+            s, local = flat.search(q, min(k + 1, len(ids)))
+            found = ids[local]
+            s[found == q_ids[:, None]] = -np.inf  # the query itself is not its neighbour
+            all_s, all_i = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, found], axis=1)
+            top = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+            best_s, best_i = np.take_along_axis(all_s, top, 1), np.take_along_axis(all_i, top, 1)
+    hits = [len(set(a) & set(b)) for a, b in zip(idx[q_ids, :k], best_i)]
+    return float(np.mean(hits) / k)
+
+
+def write_neighbours(path, idx: np.ndarray, sims: np.ndarray, row_group_rows: int = 65536) -> None:
+    """The neighbour table as Parquet: ``index`` int64, ``nbr_idx`` [k_max] int64 and
+    ``nbr_sim`` [k_max] float32 (fixed-size lists, similarity-descending)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, k = idx.shape
+    table = pa.table({
+        "index": pa.array(np.arange(n, dtype=np.int64)),
+        "nbr_idx": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(idx, np.int64).ravel()), k),
+        "nbr_sim": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(sims, np.float32).ravel()), k),
+    })
+    pq.write_table(table, path, row_group_size=row_group_rows)
+
+
+def read_neighbours(prepared_dir) -> tuple[np.ndarray, np.ndarray]:
+    """``(idx, sims)`` [N, k_max] of a prepared dataset, in sample order: ``neighbours.parquet``
+    (what prepare writes), else the ``neighbours.npz`` of older or synthetic datasets."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from pogdiff_dist.data.columns import list_values
+    from pogdiff_dist.storage import Store
+
+    store = Store(prepared_dir)  # a local folder or a URI
+    if not store.is_file("neighbours.parquet"):
+        knn = np.load(io.BytesIO(store.read_bytes("neighbours.npz")))
+        return knn["idx"], knn["sims"]
+    table = pq.read_table(store.uri("neighbours.parquet"))
+    order = np.argsort(table.column("index").to_numpy())
+    k = table.schema.field("nbr_idx").type.list_size
+    idx = list_values(table.column("nbr_idx")).reshape(-1, k)
+    sims = list_values(table.column("nbr_sim")).reshape(-1, k)
+    return idx[order], sims[order]

@@ -128,27 +128,38 @@ class Manifest:
 def attach_neighbours(batch: dict[str, np.ndarray], nbr_idx: np.ndarray, nbr_sim: np.ndarray,
                       tokens: np.ndarray, lengths: np.ndarray, identity: np.ndarray,
                       elbo: np.ndarray, fingerprint: str = "") -> dict[str, np.ndarray]:
-    """Encoded rows -> shard rows: add neighbour references, y' token ids, ELBO.
-
+    """Encoded rows -> shard rows from dataset-wide tables indexed by sample index:
     ``nbr_idx``/``nbr_sim`` [N, K], ``tokens`` [N, L], ``lengths``/``identity``/``elbo`` [N]
-    are dataset-wide tables indexed by sample index (small: ints and floats only).
-    """
+    (small datasets and synthetic ones; prepare joins the neighbours in Ray Data instead
+    and calls :func:`shard_rows` with each batch's own rows)."""
     idx = batch["index"].astype(np.int64)
     nb = nbr_idx[idx]  # [B, K]
+    return shard_rows({**batch, "identity_id": identity[idx]}, nbr_index=nb, nbr_sim=nbr_sim[idx],
+                      nbr_tokens=tokens[nb], nbr_len=lengths[nb], nbr_identity=identity[nb], elbo=elbo[idx],
+                      fingerprint=fingerprint)
+
+
+def shard_rows(batch: dict[str, np.ndarray], nbr_index: np.ndarray, nbr_sim: np.ndarray, nbr_tokens: np.ndarray,
+               nbr_len: np.ndarray, nbr_identity: np.ndarray, elbo: np.ndarray,
+               fingerprint: str = "") -> dict[str, np.ndarray]:
+    """Encoded rows (``index, key, caption, latent, y, identity_id`` [B]) and their
+    neighbours' rows -> shard rows: ``nbr_index``/``nbr_sim``/``nbr_len``/``nbr_identity``
+    [B, K] (similarity-descending), ``nbr_tokens`` [B, K, L], ``elbo`` [B]."""
+    idx = batch["index"].astype(np.int64)
+    identity = np.asarray(batch["identity_id"])
     out = {
         "__key__": np.asarray(batch["key"]).astype(str),
         "latent.npy": np.asarray(batch["latent"], dtype=np.float32),
         "y.npy": np.asarray(batch["y"], dtype=np.float16),
-        "nbr_tokens.npy": tokens[nb].astype(np.int32),
-        "nbr_len.npy": lengths[nb].astype(np.int32),
-        "nbr_index.npy": nb.astype(np.int64),
-        "nbr_sim.npy": nbr_sim[idx].astype(np.float32),
-        "nbr_same.npy": (identity[nb] == identity[idx][:, None]).astype(np.uint8),
+        "nbr_tokens.npy": np.asarray(nbr_tokens).astype(np.int32),
+        "nbr_len.npy": np.asarray(nbr_len).astype(np.int32),
+        "nbr_index.npy": np.asarray(nbr_index).astype(np.int64),
+        "nbr_sim.npy": np.asarray(nbr_sim).astype(np.float32),
+        "nbr_same.npy": (np.asarray(nbr_identity) == identity[:, None]).astype(np.uint8),
     }
     out[META_FIELD] = np.array([
-        {"index": int(i), "identity_id": int(identity[i]), "caption": str(c), "elbo": float(elbo[i]),
-         "fingerprint": fingerprint}
-        for i, c in zip(idx, batch["caption"])
+        {"index": int(i), "identity_id": int(ident), "caption": str(c), "elbo": float(e), "fingerprint": fingerprint}
+        for i, ident, c, e in zip(idx, identity, batch["caption"], elbo)
     ], dtype=object)
     return out
 
