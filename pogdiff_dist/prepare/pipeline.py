@@ -358,15 +358,23 @@ class _AttachNeighbours:
                           fingerprint=self.fingerprint)
 
 
+def shard_row_dataset(encoded: str, out: Store, fingerprint: str, batch_rows: int = 1024) -> ray.data.Dataset:
+    """The encoded rows streamed through :class:`_AttachNeighbours` (after the join): the shard
+    rows. Batches of ``batch_rows``: Ray Data's default is a whole block (a whole Parquet file,
+    50,000 rows at the benchmark's million), and one such batch of shard rows, with a Python
+    dict of metadata per row, is what took the actor past 5 GiB."""
+    ds = ray.data.read_parquet(encoded).select_columns(["index", "key", "caption", "latent", "y", "identity_id"])
+    return ds.map_batches(_AttachNeighbours, fn_constructor_args=(out.uri(), fingerprint), batch_size=batch_rows,
+                          compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy")
+
+
 def write_shards(encoded: str, out: Store, n: int, k_max: int, samples_per_shard: int, fingerprint: str) -> None:
     """The shards stage's work: the neighbour join (:func:`join_neighbour_tokens`), then the
     encoded rows streamed through :class:`_AttachNeighbours` into WebDataset shards, all at
     locations in ``out`` (a local folder or a bucket)."""
     out.delete_dir("neighbour_tokens")
     join_neighbour_tokens(encoded, out.uri("neighbours.parquet"), out.uri("neighbour_tokens"), n, k_max)
-    ds = ray.data.read_parquet(encoded).select_columns(["index", "key", "caption", "latent", "y", "identity_id"])
-    ds = ds.map_batches(_AttachNeighbours, fn_constructor_args=(out.uri(), fingerprint),
-                        compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy")
+    ds = shard_row_dataset(encoded, out, fingerprint)
     # One shard per block of samples_per_shard rows (streaming, no shuffle): shards are the
     # unit of parallel reads, so 2 workers need >= 2 of them. (write_webdataset's
     # min_rows_per_file is only a minimum: alone, it wrote one shard for 385 rows.)
