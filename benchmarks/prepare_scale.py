@@ -43,7 +43,8 @@ from _common import RESULTS, WORK, write_result
 
 from pogdiff_dist.config import PrepareConfig, RayConfig
 from pogdiff_dist.data.density import DensityVAEConfig
-from pogdiff_dist.prepare.pipeline import density_task, join_neighbour_tokens, knn_task, shard_row_dataset
+from pogdiff_dist.prepare.join import join_neighbour_tokens, shard_row_dataset
+from pogdiff_dist.prepare.pipeline import density_task, knn_task
 from pogdiff_dist.runtime import init_ray
 from pogdiff_dist.storage import Store
 

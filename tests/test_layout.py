@@ -11,7 +11,7 @@ PACKAGE = REPO / "pogdiff_dist"
 
 # module (dotted, under pogdiff_dist) -> the distribution libraries it may import
 ALLOWED = {
-    "ray": {"runtime", "prepare.pipeline", "train.worker", "train.driver", "tuning.driver", "tuning.trial",
+    "ray": {"runtime", "prepare.pipeline", "prepare.join", "train.worker", "train.driver", "tuning.driver", "tuning.trial",
             "evaluation.generate"},
     "deepspeed": {"train.engine"},
     "torch.distributed": {"train.state"},

@@ -119,7 +119,7 @@ def test_neighbours_parquet_round_trip_and_indexed_lookup(tmp_path):
 def test_join_block_functions_match_attach_neighbours():
     """The Ray Data join's per-block steps, run on whole tables, give attach_neighbours' rows."""
     from pogdiff_dist.data.shards import attach_neighbours, shard_rows
-    from pogdiff_dist.prepare.pipeline import _fold_neighbours, _join_tokens, _pair_rows, _token_rows
+    from pogdiff_dist.prepare.join import _fold_neighbours, _join_tokens, _pair_rows, _token_rows
 
     rng = np.random.default_rng(4)
     n, k, length = 60, 5, 6
