@@ -207,27 +207,23 @@ def _check_run_reads_back(client, run_id, manifest):
 
 def test_prepare_with_an_ivf_index_reports_its_recall(ray_local, tiny_cfg, prepared, tmp_path):
     """``prepare.knn_index=ivf`` through run_prepare: with every list probed the IVF search is
-    exact, so its neighbours are the flat index's and the recall prepare measured is 1; with
-    one list of four probed it is approximate, and the recall it reports is what it found."""
+    exact, so its neighbours are the flat index's and the recall prepare measured and recorded
+    is 1; probing one list of four leaves samples short of k_max neighbours on 32 samples, which
+    is an error naming the settings to change, not a table padded with wrong neighbours."""
     import json
 
     from pogdiff_dist.data.neighbours import read_neighbours
     from pogdiff_dist.prepare.pipeline import run_prepare
 
     flat_idx, flat_sims = read_neighbours(tiny_cfg.prepare.out_dir)
-    found = {}
-    for nprobe in (4, 1):
-        out = tmp_path / f"ivf{nprobe}"
-        cfg = tiny_cfg.with_overrides({"prepare.out_dir": str(out), "prepare.knn_index": "ivf", "prepare.knn_nlist": 4,
-                                       "prepare.knn_nprobe": nprobe, "prepare.knn_train_rows": 32})
-        manifest = run_prepare(cfg)
-        marker = json.loads((out / "stages" / "neighbours.json").read_text())
-        idx, sims = read_neighbours(out)
-        k = manifest.k_max
-        exact = [len(set(idx[i]) & set(flat_idx[i])) / k for i in range(len(idx))]
-        found[nprobe] = (marker["recall"][str(k)], float(np.mean(exact)), marker["ran_on"]["index"])
-        if nprobe == 4:
-            np.testing.assert_allclose(sims, flat_sims, atol=1e-5)
-    assert found[4] == (1.0, 1.0, "ivf")
-    reported, measured, _ = found[1]
-    assert reported < 1.0 and reported == pytest.approx(measured, abs=0.15)  # recall on 32 of 32 queries
+    ivf = {"prepare.knn_index": "ivf", "prepare.knn_nlist": 4, "prepare.knn_train_rows": 32}
+    out = tmp_path / "ivf"
+    manifest = run_prepare(tiny_cfg.with_overrides({**ivf, "prepare.out_dir": str(out), "prepare.knn_nprobe": 4}))
+    marker = json.loads((out / "stages" / "neighbours.json").read_text())
+    assert marker["ran_on"]["index"] == "ivf" and marker["recall"][str(manifest.k_max)] == 1.0
+    idx, sims = read_neighbours(out)
+    np.testing.assert_allclose(sims, flat_sims, atol=1e-5)
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(idx, flat_idx)]) >= manifest.k_max - 0.2  # ties may swap
+
+    with pytest.raises(ValueError, match=r"fewer than k_max=5 neighbours .* raise prepare.knn_nprobe \(now 1\)"):
+        run_prepare(tiny_cfg.with_overrides({**ivf, "prepare.out_dir": str(tmp_path / "ivf1"), "prepare.knn_nprobe": 1}))
