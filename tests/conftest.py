@@ -131,3 +131,14 @@ def mlflow_server(tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def cluster_and_outliers():
+    """300 points in a tight cluster and 5 far outliers [305, 8]: the density tests' data."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    cluster = rng.normal(0.0, 0.1, size=(300, 8))
+    outliers = rng.normal(0.0, 1.0, size=(5, 8)) + 10.0 * rng.choice([-1, 1], size=(5, 8))
+    return np.concatenate([cluster, outliers]).astype(np.float32)

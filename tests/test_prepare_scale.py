@@ -59,13 +59,6 @@ def write_column(path, values, row_group_size, seed=0):
 CFG = DensityVAEConfig(latent_dim=4, hidden_dim=32, epochs=60, batch_size=64, seed=3)
 
 
-@pytest.fixture(scope="module")
-def cluster_and_outliers():
-    rng = np.random.default_rng(0)
-    cluster = rng.normal(0.0, 0.1, size=(300, 8))
-    outliers = rng.normal(0.0, 1.0, size=(5, 8)) + 10.0 * rng.choice([-1, 1], size=(5, 8))
-    return np.concatenate([cluster, outliers]).astype(np.float32)
-
 
 def test_streamed_density_ranks_rare_captions_low(tmp_path, cluster_and_outliers):
     path = tmp_path / "pooled.parquet"

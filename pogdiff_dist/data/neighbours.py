@@ -35,16 +35,7 @@ def _normalised_copy(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z)
     if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] == 0:
         raise ValueError(f"z must be a non-empty 2-D array [N, d], got shape {z.shape}")
-    z = np.array(z, dtype=np.float32, order="C", copy=True)
-    bad = _first_bad_row(~np.isfinite(z))
-    if bad >= 0:
-        raise ValueError(f"z has a NaN/Inf value in row {bad}")
-    norms = np.linalg.norm(z, axis=1, keepdims=True)
-    zero = np.flatnonzero(norms[:, 0] == 0)
-    if zero.size:
-        raise ValueError(f"z row {int(zero[0])} has zero norm, so its cosine similarity is undefined")
-    z /= norms
-    return z
+    return _normalised_chunk(np.arange(len(z)), z)
 
 
 def _make_index(d: int, use_gpu: str | bool):
