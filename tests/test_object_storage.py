@@ -222,6 +222,13 @@ def test_prepare_train_kill_and_resume_in_a_bucket_next_to_another_training(s3, 
         assert e["epoch_samples"] == e["epoch_unique_samples"] == 32 and e["epoch_seen_twice"] == 0, e
         assert e["epoch_repeated_after_resume"] == 0, e
 
+    # jobs/evaluate.py --mlflow-run finds the bucket's export and manifest from the run's tags
+    from pogdiff_dist.evaluation.evaluate import resolve_source
+
+    source = resolve_source(None, None, state["run_id"], uri, None)
+    assert (source.model_dir / "model_index.json").is_file() and (source.run_dir / "config.yaml").is_file()
+    assert json.loads((source.prepared_dir / "manifest.json").read_text()) == manifest
+
     # the credentials reached no output, saved config, marker, manifest, MLflow field or Ray log
     from mlflow.tracking import MlflowClient
 

@@ -86,7 +86,7 @@ def resolve_source(model: str | None = None, prepared: str | None = None, mlflow
                 raise ValueError(f"MLflow run {mlflow_run} records no model folder (tag pogdiff.model_dir; "
                                  f"not a training run of this project?): pass --model runs/<name>/model")
             model_dir = fetch(folders["model_dir"])  # a URI (train.storage_path in a bucket) is downloaded
-            run_dir = model_dir.parent if "run_dir" in folders else None
+            run_dir = fetch(folders["run_dir"], only=["config.yaml"]) if "run_dir" in folders else None
         found_prepared = found_prepared or folders.get("prepared_dir")
     prepared = prepared or found_prepared
     prepared_dir = fetch(prepared, only=[MANIFEST]) if prepared is not None else None
