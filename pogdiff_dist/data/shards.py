@@ -338,10 +338,54 @@ def _opened(source: str | Path | BinaryIO):
     return open(source, "rb") if isinstance(source, (str, os.PathLike)) else source
 
 
+class ShardScan(NamedTuple):
+    """What one front-to-back read of a shard tells: its SHA-256, its samples (``.meta.json``
+    members), the first member that is not a plain relative file, and a tar read error."""
+
+    sha256: str
+    rows: int
+    odd_member: str | None
+    tar_error: str | None
+
+
+class _Hashing(io.RawIOBase):
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.h = f, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.h.update(data)
+        return data
+
+
+def scan_shard(source: str | Path | BinaryIO) -> ShardScan:
+    """Checksum, sample count and tar structure of a shard in a single read (a shard in a bucket
+    is downloaded once, not once per check)."""
+    rows, odd, error = 0, None, None
+    with _opened(source) as f:
+        hashing = _Hashing(f)
+        try:
+            with tarfile.open(fileobj=hashing, mode="r|") as tar:
+                for member in tar:
+                    p = PurePosixPath(member.name)
+                    if odd is None and (not member.isfile() or p.is_absolute() or ".." in p.parts):
+                        odd = member.name
+                    rows += member.name.endswith("." + META_FIELD)
+        except tarfile.TarError as e:
+            error = str(e)
+        while hashing.read(1 << 20):  # the rest (tar padding, or what followed a read error)
+            pass
+    return ShardScan(hashing.h.hexdigest(), rows, odd, error)
+
+
 def count_shard_rows(source: str | Path | BinaryIO) -> int:
     """Samples in a shard (a path or a stream, read front to back): its ``.meta.json`` members."""
-    with _opened(source) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        return sum(1 for m in tar if m.name.endswith("." + META_FIELD))
+    return scan_shard(source).rows
 
 
 def file_digest(source: str | Path | BinaryIO) -> str:
@@ -374,15 +418,12 @@ def verify_shards(shard_dir: str | Path, manifest: Manifest, checksum: bool = Tr
                              f"truncated or replaced; re-run prepare (delete {stages})")
         if not checksum:
             continue
+        scan = scan_shard(store.open_input(name))
         want = manifest.shard_sha256.get(name)
-        if want is not None and file_digest(store.open_input(name)) != want:
+        if want is not None and scan.sha256 != want:
             raise ValueError(f"shard {path} does not match the checksum prepare recorded: corrupt, or written "
                              f"by another prepare run; re-run prepare (delete {stages})")
-        try:
-            with store.open_input(name) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-                for member in tar:
-                    p = PurePosixPath(member.name)
-                    if not member.isfile() or p.is_absolute() or ".." in p.parts:
-                        raise ValueError(f"shard {path}: member {member.name!r} is not a plain relative file")
-        except tarfile.TarError as e:
-            raise ValueError(f"shard {path} is not a readable tar file ({e}): re-run prepare") from e
+        if scan.tar_error is not None:
+            raise ValueError(f"shard {path} is not a readable tar file ({scan.tar_error}): re-run prepare")
+        if scan.odd_member is not None:
+            raise ValueError(f"shard {path}: member {scan.odd_member!r} is not a plain relative file")

@@ -36,7 +36,7 @@ from pogdiff_dist.data.density import (
 from pogdiff_dist.data.encode import SampleEncoder
 from pogdiff_dist.data.neighbours import build_knn, build_knn_ivf, knn_recall, write_neighbours
 from pogdiff_dist.data.records import IDENTITY_PROMPT, DatasetRecords, read_dataset
-from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest, count_shard_rows, file_digest
+from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest, scan_shard
 from pogdiff_dist.models import TextEncoder, check_pretrained_dir, resolve_text_encoder_dir
 from pogdiff_dist.prepare.join import write_shards
 from pogdiff_dist.storage import Store, local_mirror
@@ -208,6 +208,12 @@ def _identity_prompt_table(identities: list[str], text_dir, tok_dir, max_length:
     return pooled.float().cpu().numpy()
 
 
+def _scanned(out: Store, shards: list[str]) -> dict[str, dict]:
+    """The shards' checksums and sample counts for the stage marker, one read of each."""
+    scans = {s: scan_shard(out.open_input("shards", s)) for s in shards}
+    return {"shard_sha256": {s: v.sha256 for s, v in scans.items()}, "shard_rows": {s: v.rows for s, v in scans.items()}}
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -314,8 +320,7 @@ def run_prepare(cfg: Config) -> Manifest:
         print(f"[prepare] shards: wrote {len(shards)} shard(s) in {time.time() - t0:.1f}s", flush=True)
         # sizes and checksums let training reject a truncated, corrupt or foreign shard by name
         stage.finish(shard_bytes={s: out.size("shards", s) for s in shards},
-                     shard_sha256={s: file_digest(out.open_input("shards", s)) for s in shards},
-                     shard_rows={s: count_shard_rows(out.open_input("shards", s)) for s in shards})
+                     **_scanned(out, shards))
 
     shard_info = stage.info()
     sample = ray.data.read_parquet(encoded).select_columns(["latent", "y"]).take(1)[0]
