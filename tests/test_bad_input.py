@@ -14,7 +14,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from pogdiff_dist.data.shards import ARRAY_FIELDS, Manifest, collate, decode_sample, file_digest, verify_shards
+from pogdiff_dist.data.shard_files import file_digest, verify_shards
+from pogdiff_dist.data.shards import ARRAY_FIELDS, Manifest, collate, decode_sample
 
 FP = "f" * 16
 

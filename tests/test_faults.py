@@ -175,7 +175,7 @@ def _tamper(shard: Path, marker: Path) -> str:
 
     import numpy as np
 
-    from pogdiff_dist.data.shards import file_digest
+    from pogdiff_dist.data.shard_files import file_digest
 
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]

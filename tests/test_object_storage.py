@@ -65,7 +65,8 @@ def s3(tmp_path_factory):
 def test_store_and_shard_checks_on_a_bucket(s3, tmp_path):
     """A prepared folder copied into the bucket reads back the same through Store and
     Manifest, passes verify_shards, and a truncated shard object is named by its URI."""
-    from pogdiff_dist.data.shards import Manifest, verify_shards
+    from pogdiff_dist.data.shard_files import verify_shards
+    from pogdiff_dist.data.shards import Manifest
     from pogdiff_dist.data.synthetic import build_synthetic_prepared
     from pogdiff_dist.models import bundled_text_encoder_dir
     from pogdiff_dist.storage import Store

@@ -23,7 +23,8 @@ import torch
 from pogdiff_dist.data.density import DensityVAEConfig, compute_elbo, fit_density_vae
 from pogdiff_dist.data.neighbours import build_knn
 from pogdiff_dist.data.records import IDENTITY_PROMPT
-from pogdiff_dist.data.shards import META_FIELD, Manifest, attach_neighbours, count_shard_rows, file_digest
+from pogdiff_dist.data.shard_files import count_shard_rows, file_digest
+from pogdiff_dist.data.shards import META_FIELD, Manifest, attach_neighbours
 from pogdiff_dist.models import TextEncoder
 
 POSES = ("facing left", "facing right", "smiling", "in soft light", "in profile", "close up")

@@ -36,7 +36,8 @@ from pogdiff_dist.data.density import (
 from pogdiff_dist.data.encode import SampleEncoder
 from pogdiff_dist.data.neighbours import build_knn, build_knn_ivf, knn_recall, write_neighbours
 from pogdiff_dist.data.records import IDENTITY_PROMPT, DatasetRecords, read_dataset
-from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest, scan_shard
+from pogdiff_dist.data.shard_files import scan_shard
+from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest
 from pogdiff_dist.models import TextEncoder, check_pretrained_dir, resolve_text_encoder_dir
 from pogdiff_dist.prepare.join import write_shards
 from pogdiff_dist.storage import Store, local_mirror

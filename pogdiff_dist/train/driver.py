@@ -17,7 +17,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pogdiff_dist.config import Config, save_config
-from pogdiff_dist.data.shards import ARRAY_FIELDS, verify_shards
+from pogdiff_dist.data.shard_files import verify_shards
+from pogdiff_dist.data.shards import ARRAY_FIELDS
 from pogdiff_dist.prepare.pipeline import run_prepare
 from pogdiff_dist.runtime import absolute_paths, check_output_paths, init_ray, train_logging_config
 from pogdiff_dist.storage import Store, check_storage, join
