@@ -38,6 +38,7 @@ from pogdiff_dist.data.neighbours import build_knn, build_knn_ivf, knn_recall, w
 from pogdiff_dist.data.records import IDENTITY_PROMPT, DatasetRecords, read_dataset
 from pogdiff_dist.data.shard_files import scan_shard
 from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest
+from pogdiff_dist.devices import task_device
 from pogdiff_dist.models import TextEncoder, check_pretrained_dir, resolve_text_encoder_dir
 from pogdiff_dist.prepare.join import write_shards
 from pogdiff_dist.storage import Store, local_mirror
@@ -144,11 +145,6 @@ def where_am_i(device: str) -> dict:
             "device": device}
 
 
-def _task_device(gpus: float) -> str:
-    """The device of a Ray task or actor given ``gpus`` GPUs (Ray set CUDA_VISIBLE_DEVICES)."""
-    return "cuda" if gpus > 0 else "cpu"
-
-
 def knn_task(encoded: str, out: str, p: PrepareConfig, seed: int, gpus: float) -> dict:
     """The neighbours stage as a Ray task: reads the image embeddings itself, searches on its
     device, writes ``neighbours.parquet`` (:func:`~pogdiff_dist.data.neighbours.write_neighbours`).
@@ -158,7 +154,7 @@ def knn_task(encoded: str, out: str, p: PrepareConfig, seed: int, gpus: float) -
     against exact search on ``knn_recall_queries`` random samples is measured and returned."""
     from pogdiff_dist.data.neighbours import knn_backend
 
-    device = _task_device(gpus)
+    device = task_device(gpus)
     if p.knn_index == "flat":
         z = read_encoded_columns(encoded, ["z"])["z"].astype(np.float32)
         idx, sims = build_knn(z, p.k_max, device=device)
@@ -182,7 +178,7 @@ def density_task(encoded: str, out: str, dcfg: DensityVAEConfig, density_text: s
     """The density stage as a Ray task: streams the pooled caption embeddings (or each
     sample's identity prompt embedding) from the encoded Parquet itself, fits the text VAE on
     its device from shuffled buffers of ``buffer_rows`` rows, writes ``elbo.npy``."""
-    device = _task_device(gpus)
+    device = task_device(gpus)
     if density_text == "identity":
         prompts = _identity_prompt_table(identities, *text_dirs, max_length, device)
         rows = LookupRows(ParquetColumn(encoded, "identity_id"), prompts)
@@ -270,7 +266,7 @@ def run_prepare(cfg: Config) -> Manifest:
                                                        "max_length": cfg.model.max_length,
                                                        "resolution": cfg.data.resolution, "channels": channels,
                                                        "image_encoder": cfg.model.image_encoder, "vae_dir": vae_dir,
-                                                       "device": _task_device(gpus)})
+                                                       "device": task_device(gpus)})
         ds.write_parquet(encoded)
         dt = time.time() - t0
         ran_on = sorted(ray.data.read_parquet(encoded).select_columns(["encoded_by"]).unique("encoded_by"))

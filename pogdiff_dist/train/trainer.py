@@ -33,6 +33,7 @@ import torch
 from pogdiff_dist.config import Config
 from pogdiff_dist.data.sampling import SamplingPlan
 from pogdiff_dist.data.shards import Batch, Manifest, StreamedBatch
+from pogdiff_dist.devices import resolve_device
 from pogdiff_dist.models import (
     LatentCodec,
     ModelSpec,
@@ -89,7 +90,7 @@ class Trainer:
     def __init__(self, cfg: Config, prepared_dir: str | Path, device: torch.device | str, rank: int, world: int,
                  report: Report, tracker=None, run_dir: str | Path | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # cuda -> cuda:<current>: set_device and NCCL need the index
         # run_dir and prepared_dir may be object-storage URIs: the export is written to the run's
         # local mirror and uploaded; shards are streamed from where they are
         self.report = report

@@ -1,0 +1,65 @@
+"""Every decision the GPU path makes about devices and precision, each a small pure function.
+
+A CPU machine cannot run the CUDA branch of these decisions, so each one takes the inputs a
+GPU run gives it (an unindexed ``torch.device("cuda")``, a Ray task's GPU count, a card's
+name) and returns the answer, and the tests call them with exactly those inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def resolve_device(device: torch.device | str, current_cuda_index: int | None = None) -> torch.device:
+    """The device with an index: ``cuda`` -> ``cuda:<current>``.
+
+    ``torch.cuda.set_device`` and NCCL need an indexed device; a bare ``torch.device("cuda")``
+    (what a script or a Ray task with ``CUDA_VISIBLE_DEVICES`` set would naturally pass) raises
+    ``ValueError: Expected a torch.device with a specified index``. ``current_cuda_index``
+    defaults to ``torch.cuda.current_device()`` and is asked only for an unindexed CUDA device.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or device.index is not None:
+        return device
+    index = torch.cuda.current_device() if current_cuda_index is None else current_cuda_index
+    return torch.device("cuda", index)
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """``train.precision`` -> the dtype the denoiser computes in (its master weights stay fp32)."""
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def task_device(gpus: float) -> str:
+    """The device of a Ray task or actor that asked for ``gpus`` GPUs: Ray sets its
+    ``CUDA_VISIBLE_DEVICES`` to the GPUs it was given, so ``cuda`` is the first of those."""
+    return "cuda" if gpus > 0 else "cpu"
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """How a host batch reaches the device: pinned host memory and an asynchronous copy on
+    CUDA (a blocking host-to-device copy synchronises the stream, so the host could not run
+    ahead of the GPU); a plain copy elsewhere."""
+
+    pin: bool
+    non_blocking: bool
+
+
+def transfer(device: torch.device | str) -> Transfer:
+    cuda = torch.device(device).type == "cuda"
+    return Transfer(pin=cuda, non_blocking=cuda)
+
+
+def to_device(array, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host array (numpy or a CPU tensor) on ``device``: the one host-to-device copy of the
+    training loop (:func:`transfer` says how)."""
+    t = torch.as_tensor(array)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    how = transfer(device)
+    if how.pin:
+        t = t.pin_memory()
+    return t.to(device, non_blocking=how.non_blocking)
