@@ -90,17 +90,18 @@ def build_models(tiny: bool, device: str = "cpu"):
 
 def make_batch(b: int, tiny: bool, vocab: int, device, zero_frac: float = 0.0):
     """A micro-batch with psi = 0.9 for all but the first round(f * b) samples (psi = 0)."""
-    from pogdiff_dist.data.shards import Batch
+    from pogdiff_dist.data.shards import Batch, HostBatch
 
     shapes = TINY_SHAPES if tiny else SD15_SHAPES
     g = torch.Generator().manual_seed(1)
     sim = torch.full((b, K), 0.9)
     sim[: round(zero_frac * b)] = 0.0
     length = shapes["ctx"][0]
-    return Batch(x0=torch.randn(b, *shapes["latent"], generator=g), y=torch.randn(b, *shapes["ctx"], generator=g),
+    host = Batch(x0=torch.randn(b, *shapes["latent"], generator=g), y=torch.randn(b, *shapes["ctx"], generator=g),
                  nbr_tokens=torch.randint(1, vocab, (b, K, length), generator=g),
                  nbr_len=torch.full((b, K), length), nbr_sim=sim, nbr_same=torch.ones(b, K, dtype=torch.uint8),
-                 elbo=torch.zeros(b, dtype=torch.float64), index=torch.arange(b)).to(device)
+                 elbo=torch.zeros(b, dtype=torch.float64), index=torch.arange(b))
+    return HostBatch.from_batch(host).to_device(device)
 
 
 def steppers(scheduler, text, ctx, device):

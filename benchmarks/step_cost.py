@@ -67,6 +67,8 @@ def make_batch(b: int, channels: int, size: int, ctx: tuple[int, int], zero_frac
 class GivenHiddenStates:
     """A text encoder that costs nothing: isolates the UNet's share of the step."""
 
+    device = torch.device("cpu")
+
     def __init__(self, ctx: tuple[int, int]):
         self.ctx = ctx
 

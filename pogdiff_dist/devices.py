@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pogdiff_dist.syncs import host_side
+
 
 def resolve_device(device: torch.device | str, current_cuda_index: int | None = None) -> torch.device:
     """The device with an index: ``cuda`` -> ``cuda:<current>``.
@@ -53,6 +55,7 @@ def transfer(device: torch.device | str) -> Transfer:
     return Transfer(pin=cuda, non_blocking=cuda)
 
 
+@host_side
 def to_device(array, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A host array (numpy or a CPU tensor) on ``device``: the one host-to-device copy of the
     training loop (:func:`transfer` says how)."""

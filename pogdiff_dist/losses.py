@@ -122,16 +122,21 @@ def psi_weights(
 
 
 def pogdiff_loss(
-    eps_pred: torch.Tensor, eps_pred_neighbour: torch.Tensor, eps: torch.Tensor, psi: torch.Tensor
+    eps_pred: torch.Tensor, eps_pred_neighbour: torch.Tensor, eps: torch.Tensor, psi: torch.Tensor,
+    denoise_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PoGDiff per-sample loss (Eq. 13 / Algorithm 1), returning (total, denoise, pog) each [B].
 
-    total_i = |eps_theta(x_t, y) - eps|^2 + psi_i |eps_theta(x_t, y) - eps_theta(x_t, y')|^2
+    total_i = w_i |eps_theta(x_t, y) - eps|^2 + psi_i |eps_theta(x_t, y) - eps_theta(x_t, y')|^2
 
-    Whether the y' branch receives gradient is decided by the caller: pass a tensor
-    computed under ``torch.no_grad()`` for ``neighbor_grad = "stop"``.
+    ``w`` is a per-sample weight of the denoising term (min-SNR; 1 when None); ``denoise`` is
+    the weighted term. Whether the y' branch receives gradient is decided by the caller: pass
+    a tensor computed under ``torch.no_grad()`` for ``neighbor_grad = "stop"``; a row whose
+    y' pass was skipped (psi = 0) passes ``eps_pred.detach()`` there (its pog term is 0).
     """
     denoise = per_sample_mse(eps_pred, eps)
+    if denoise_weight is not None:
+        denoise = denoise_weight * denoise
     pog = per_sample_mse(eps_pred, eps_pred_neighbour)
     return denoise + psi * pog, denoise, pog
 
@@ -141,7 +146,7 @@ def pogdiff_loss(
 
 def cbdm_loss(
     eps_pred: torch.Tensor, eps_pred_other: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
-    num_train_timesteps: int, tau: float,
+    num_train_timesteps: int, tau: float, denoise_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CBDM per-sample loss (Qin et al., CVPR 2023), returning (total, denoise, reg) each [B].
 
@@ -151,9 +156,12 @@ def cbdm_loss(
     split the regulariser: its first term moves only h (towards the other condition's
     prediction), the 1/4 term only h' (towards h). ``reg`` is the weighted regulariser, so
     total = denoise + reg; its forward value is (t / T) tau (5 / 4) |h - h'|^2. Both
-    predictions must carry autograd for the two halves to act.
+    predictions must carry autograd for the two halves to act. ``denoise_weight``: as in
+    :func:`pogdiff_loss`; a row without a y' pass passes ``eps_pred.detach()`` as h' (reg 0).
     """
     denoise = per_sample_mse(eps_pred, eps)
+    if denoise_weight is not None:
+        denoise = denoise_weight * denoise
     weight = t.float() / num_train_timesteps * tau
     reg = weight * (per_sample_mse(eps_pred, eps_pred_other.detach())
                     + 0.25 * per_sample_mse(eps_pred.detach(), eps_pred_other))

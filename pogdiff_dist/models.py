@@ -16,7 +16,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoModel, AutoTokenizer
 
+from pogdiff_dist.devices import to_device
+
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+STATE_DTYPE = torch.float16  # caption hidden states as the shards store them (y.npy)
 
 # From-scratch UNets for pixel-space training on small images. "tiny" is for tests.
 UNET_PRESETS: dict[str, dict] = {
@@ -106,7 +109,10 @@ class TextEncoder:
         """hidden [B, L, D] and pooled [B, D] (masked mean)."""
         ids = ids.long()
         mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
-        out = self.model(input_ids=ids, attention_mask=mask if self.use_mask else None)
+        # the mask as [B, 1, L, L] booleans: transformers uses a 4-D mask as given, where a 2-D one
+        # is first checked on the host for padding (``padding_mask.all()``: a device sync per call)
+        attend = mask[:, None, None, :].bool().expand(-1, 1, ids.shape[1], -1) if self.use_mask else None
+        out = self.model(input_ids=ids, attention_mask=attend)
         hidden = out.last_hidden_state
         m = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
@@ -134,6 +140,11 @@ class CaptionStateCache:
     encodes only its distinct token rows that are not already cached, and keeps them in
     a least-recently-used cache bounded by ``max_mib`` (0: no cache, distinct rows are
     still encoded once per batch). Counts lookups and hits for the run's metrics.
+
+    Token ids arrive as host arrays (the step's plan picked them on the host), so finding a
+    row in the cache never reads the device. States are kept, and returned, at the precision
+    the shards store y in (``STATE_DTYPE``): a neighbour whose caption equals the sample's own
+    gives exactly the sample's y, and the PoG term between them is exactly zero.
     """
 
     def __init__(self, encoder: TextEncoder, max_mib: float = 0.0):
@@ -148,10 +159,12 @@ class CaptionStateCache:
     def hit_rate(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
 
-    def __call__(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """hidden states [B, L, D] of the token rows ``ids`` [B, L] with ``lengths`` [B]."""
-        keys = [row.tobytes() + int(n).to_bytes(4, "little")
-                for row, n in zip(ids.cpu().numpy(), lengths.cpu().tolist())]
+    def __call__(self, ids, lengths, device: torch.device | str | None = None) -> torch.Tensor:
+        """float32 hidden states [B, L, D] on ``device`` (default: the encoder's) of the host token
+        rows ``ids`` [B, L] with ``lengths`` [B] (numpy or CPU tensors)."""
+        ids, lengths = np.asarray(ids), np.asarray(lengths)
+        device = torch.device(device) if device is not None else self.encoder.device
+        keys = [row.astype(np.int64).tobytes() + int(n).to_bytes(4, "little") for row, n in zip(ids, lengths)]
         self.lookups += len(keys)
         missing: dict[bytes, int] = {}
         for i, key in enumerate(keys):
@@ -162,8 +175,10 @@ class CaptionStateCache:
                 missing.setdefault(key, i)
         fresh: dict[bytes, torch.Tensor] = {}
         if missing:
-            rows = torch.tensor(list(missing.values()), device=ids.device)
-            hidden, _ = self.encoder.encode_ids(ids[rows], lengths[rows])
+            rows = list(missing.values())
+            hidden, _ = self.encoder.encode_ids(to_device(ids[rows], self.encoder.device, torch.long),
+                                                to_device(lengths[rows], self.encoder.device, torch.long))
+            hidden = hidden.to(device, STATE_DTYPE)
             fresh = dict(zip(missing, hidden))
             if self.capacity is None:
                 self.capacity = int(self.max_mib * 2**20 // max(hidden[0].numel() * hidden.element_size(), 1))
@@ -173,7 +188,7 @@ class CaptionStateCache:
                 self._cache[key] = h
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
-        return out
+        return out.float()
 
 
 class PixelEmbedder:

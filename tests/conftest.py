@@ -58,6 +58,28 @@ def prepared(ray_local, tiny_cfg):
     return run_prepare(tiny_cfg)
 
 
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """A prepared dataset in the shard format, written without Ray: 16 samples of identities
+    6, 6, 2, 2 (4 steps per epoch at batch 4 with one worker), 1 x 16 x 16 latents."""
+    from pogdiff_dist.data.synthetic import build_synthetic_prepared
+    from pogdiff_dist.models import bundled_text_encoder_dir
+
+    d = bundled_text_encoder_dir()
+    out = tmp_path_factory.mktemp("synthetic")
+    build_synthetic_prepared(out, [6, 6, 2, 2], (1, 16, 16), d, d, max_length=16, k_max=4, samples_per_shard=8)
+    return out
+
+
+def synthetic_cfg(**overrides):
+    """configs/tiny.yaml fitted to the ``synthetic`` dataset, one worker, plus ``overrides``."""
+    from pogdiff_dist.config import load_config
+
+    base = {"train.num_workers": 1, "loss.k": 4, "prepare.k_max": 4, "train.caption_dropout": 0.1,
+            "loss.den_temperature": 20.0, "train.validate_every": 0}
+    return load_config(REPO / "configs" / "tiny.yaml", {**base, **overrides})
+
+
 def make_tiny_sd(root):
     """A Stable Diffusion v1.5-layout directory with tiny random models, built from configs
     and saved with save_pretrained (unet/ vae/ text_encoder/ tokenizer/ scheduler/)."""

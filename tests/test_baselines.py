@@ -369,13 +369,21 @@ def run(unet, scheduler, method, seed=0, batch=None, dropout=0.0, **loss_kw):
 
 
 def redraw(scheduler, batch, seed):
-    """t, eps, x_t and the dropout draw in step.py's order; returns the generator for the method's own draws."""
+    """t, eps and x_t in step.py's order on the device generator; returns that generator for the
+    method's own device draws (T2H). The host plan's draws (dropout, CBDM's partner) come from a
+    second generator seeded alike: see ``host_redraw``."""
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=g)
     eps = torch.randn(batch.x0.shape, generator=g)
     x_t = scheduler.add_noise(batch.x0, eps, t)
-    torch.rand(B, generator=g)
     return t, eps, x_t, g
+
+
+def host_redraw(seed):
+    """The host generator after the plan's dropout draw (step.py's order)."""
+    hg = torch.Generator().manual_seed(seed)
+    torch.rand(B, generator=hg)
+    return hg
 
 
 def unet_grads(unet, loss):
@@ -392,21 +400,21 @@ METHODS = ["cbdm", "t2h", "diffrop"]
 @pytest.mark.parametrize("method", METHODS)
 def test_step_finite_grads_and_reproducible(unet, scheduler, method):
     batch = make_batch(near=True)
-    loss, stats, _ = run(unet, scheduler, method, seed=4, batch=batch)
+    loss, stats, _ = run(unet, scheduler, method, seed=5, batch=batch)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
     assert {"loss_denoise", "loss_pog"} <= set(stats) and all(isinstance(v, float) for v in stats.values())
     assert loss.item() == pytest.approx(stats["loss_denoise"] + stats["loss_pog"], rel=1e-5)
     grads = unet_grads(unet, loss)
     assert torch.isfinite(grads).all() and grads.abs().max() > 0
 
-    loss2, stats2, _ = run(unet, scheduler, method, seed=4, batch=batch)
+    loss2, stats2, _ = run(unet, scheduler, method, seed=5, batch=batch)
     assert loss2.item() == loss.item() and stats2 == stats
     assert torch.equal(unet_grads(unet, loss2), grads)
-    loss3, _, _ = run(unet, scheduler, method, seed=5, batch=batch)
+    loss3, _, _ = run(unet, scheduler, method, seed=6, batch=batch)
     assert loss3.item() != loss.item()
 
     # the baseline's extra term changes the update relative to vanilla on the same x_t
-    v_loss, v_stats, _ = run(unet, scheduler, "vanilla", seed=4, batch=batch)
+    v_loss, v_stats, _ = run(unet, scheduler, "vanilla", seed=5, batch=batch)
     assert v_stats["loss_denoise"] == pytest.approx(stats["loss_denoise"], rel=1e-5)
     assert stats["loss_pog"] != 0.0
     assert (unet_grads(unet, v_loss) - grads).abs().max() > 1e-6 * grads.abs().max()
@@ -416,8 +424,8 @@ def test_step_cbdm_matches_reference(unet, scheduler):
     seed, tau = 6, 1.5
     batch = make_batch()
     loss, stats, calls = run(unet, scheduler, "cbdm", seed=seed, cbdm_tau=tau)
-    t, eps, x_t, g = redraw(scheduler, batch, seed)
-    other = (torch.arange(B) + torch.randint(1, B, (B,), generator=g)) % B
+    t, eps, x_t, _ = redraw(scheduler, batch, seed)
+    other = (torch.arange(B) + torch.randint(1, B, (B,), generator=host_redraw(seed))) % B
     assert torch.all(other != torch.arange(B)) and torch.all(t > 0)
     # one UNet call of 2B rows with autograd; the y' half is the other row's condition
     assert [(c["n"], c["grad"]) for c in calls] == [(2 * B, True)]
@@ -447,7 +455,7 @@ def test_step_cbdm_dropped_rows_skip_y_prime(unet, scheduler):
 
 
 def test_step_t2h_matches_reference(unet, scheduler):
-    seed = 0
+    seed = 2
     batch = make_batch(near=True)
     loss, stats, calls = run(unet, scheduler, "t2h", seed=seed, batch=batch)
     assert [(c["n"], c["grad"]) for c in calls] == [(B, True)]

@@ -28,3 +28,21 @@ def test_precision_task_device_and_transfer_decisions():
     assert not transfer("cpu").pin and not transfer("cpu").non_blocking
     t = to_device(np.arange(4, dtype=np.int32), "cpu", torch.long)
     assert t.dtype == torch.long and t.tolist() == [0, 1, 2, 3]
+
+
+def test_the_text_encoders_4d_mask_equals_the_2d_mask_and_reads_nothing_on_the_host():
+    """transformers checks a 2-D padding mask with ``mask.all()`` before SDPA (a device sync per
+    call); TextEncoder passes the same mask as [B, 1, L, L] booleans, used as given."""
+    from pogdiff_dist.models import TextEncoder, bundled_text_encoder_dir
+    from pogdiff_dist.syncs import HostSyncCounter
+
+    d = bundled_text_encoder_dir()
+    te = TextEncoder(d, d, 16)
+    ids, lens = (torch.from_numpy(a).long() for a in te.tokenize(["a red three", "a blue seven on a grey background"]))
+    mask = (torch.arange(16)[None] < lens[:, None]).long()
+    with HostSyncCounter() as plain:
+        want = te.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    with HostSyncCounter() as ours:
+        got, _ = te.encode_ids(ids, lens)
+    assert [e.library for e in plain.events] == ["transformers"] and not ours.events
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from pogdiff_dist.config import LossConfig, ModelConfig
-from pogdiff_dist.data.shards import Batch
+from pogdiff_dist.data.shards import Batch, HostBatch
 from pogdiff_dist.losses import (
     ddpm_posterior_mean,
     diffrop_overlap,
@@ -58,12 +58,19 @@ def step_for(method, prediction="v_prediction", **loss):
                              torch.zeros(10).double() if method == "pogdiff" else None)
 
 
+def draws(step, seed):
+    """The step's host plan and device draws for ``batch()``, from seeded generators: (draws, generator)."""
+    b = batch()
+    plan = step.plan(HostBatch.from_batch(b), torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    return step.draw(b, plan, g), g
+
+
 def run(step, unet, method, seed=1):
     """(per-sample loss, stats, the draws the step made) with a replayable generator."""
-    g = torch.Generator().manual_seed(seed)
-    d = step.draw(batch(), g)
+    d, g = draws(step, seed)
     loss, stats = METHODS[method](step, unet, d, g)
-    return loss, stats, d
+    return loss, {**stats, **(d.plan.host_stats or {})}, d
 
 
 def test_the_v_target_and_its_inverse(unet):
@@ -110,8 +117,7 @@ def test_pogdiff_v_denoises_against_v_and_its_pog_term_is_in_output_space(unet):
 def test_t2h_v_target_is_the_transferred_samples_velocity(unet):
     step = step_for("t2h")
     loss, _, d = run(step, unet, "t2h")
-    g = torch.Generator().manual_seed(1)
-    step.draw(batch(), g)  # replay the draws up to T2H's own
+    _, g = draws(step, 1)  # replay the draws up to T2H's own
     ac = step.scheduler.alphas_cumprod
     eps_t, j, moved = t2h_targets(d.batch.x0, d.x_t, d.eps, d.t, ac, d.batch.elbo, g)
     a = ac[d.t].view(-1, 1, 1, 1)
@@ -159,7 +165,7 @@ def test_min_snr_weights_against_compute_snr(unet, prediction):
 
 def test_noise_offset_shifts_each_channel_of_the_noise(unet):
     off, plain = step_for("vanilla", "epsilon", noise_offset=0.1), step_for("vanilla", "epsilon")
-    d_off, d_plain = off.draw(batch(), torch.Generator().manual_seed(4)), plain.draw(batch(), torch.Generator().manual_seed(4))
+    (d_off, _), (d_plain, _) = draws(off, 4), draws(plain, 4)
     shift = d_off.eps - d_plain.eps  # the same base noise, plus a constant per sample and channel
     torch.testing.assert_close(shift, shift[..., :1, :1].expand_as(shift))
     assert 0 < shift.abs().mean() < 0.5 and torch.equal(d_off.t, d_plain.t)

@@ -101,7 +101,7 @@ def test_the_step_weights_every_methods_per_sample_loss():
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from pogdiff_dist.config import LossConfig
-    from pogdiff_dist.data.shards import Batch
+    from pogdiff_dist.data.shards import Batch, HostBatch
     from pogdiff_dist.losses import identity_weights
     from pogdiff_dist.train.step import METHODS, DualConditionStep
 
@@ -121,7 +121,8 @@ def test_the_step_weights_every_methods_per_sample_loss():
         loss, stats = step(unet, batch, torch.Generator().manual_seed(1))
         plain = DualConditionStep(LossConfig(method=method, k=1), sched, None, torch.zeros(4, 8), None)
         g = torch.Generator().manual_seed(1)
-        per_sample, _ = METHODS[method](plain, unet, plain.draw(batch, g), g)
+        plan = plain.plan(HostBatch.from_batch(batch), torch.Generator().manual_seed(1))
+        per_sample, _ = METHODS[method](plain, unet, plain.draw(batch, plan, g), g)
         w = identity_weights(torch.tensor(COUNTS), "inverse")[batch.identity]
         assert loss.item() == pytest.approx((w * per_sample).mean().item(), rel=1e-5), method
         assert float(stats["identity_weight_mean"]) == pytest.approx(w.mean().item())

@@ -5,7 +5,7 @@ encoder whole; the non-finite policy. Shards in the project's format, written wi
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import synthetic_cfg
 
 
 class RecordingTracker:
@@ -24,24 +24,8 @@ class RecordingTracker:
         return [(s, m[key]) for s, m in self.logs if key in m]
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    from pogdiff_dist.data.synthetic import build_synthetic_prepared
-    from pogdiff_dist.models import bundled_text_encoder_dir
-
-    d = bundled_text_encoder_dir()
-    out = tmp_path_factory.mktemp("synthetic")
-    # 16 samples: 4 steps per epoch at batch 4 with one worker
-    build_synthetic_prepared(out, [6, 6, 2, 2], (1, 16, 16), d, d, max_length=16, k_max=4, samples_per_shard=8)
-    return out
-
-
 def _cfg(**overrides):
-    from pogdiff_dist.config import load_config
-
-    base = {"train.num_workers": 1, "loss.k": 4, "prepare.k_max": 4, "train.checkpoint_every": 4,
-            "train.caption_dropout": 0.1, "loss.den_temperature": 20.0}
-    return load_config(REPO / "configs" / "tiny.yaml", {**base, **overrides})
+    return synthetic_cfg(**{"train.checkpoint_every": 4, **overrides})
 
 
 @pytest.mark.parametrize("first", [4, 6])  # stop at an epoch's end / in the middle of the second epoch
@@ -100,22 +84,19 @@ def test_zero3_partitions_the_unet_but_not_the_frozen_text_encoder(synthetic, tm
     assert state.step == 2 and (tmp_path / "model" / "unet" / "config.json").is_file()
 
 
-def test_nonfinite_policy_counts_then_raises():
+def test_nonfinite_policy_counts_runs_and_raises_naming_the_samples():
     from pogdiff_dist.config import TrainConfig
-    from pogdiff_dist.train.state import TrainState, agree_to_step, nonfinite_policy
+    from pogdiff_dist.train.state import TrainState, nonfinite_policy
 
-    state = TrainState(step=7)
+    state = TrainState(step=8)
     skip = TrainConfig(on_nonfinite="skip", max_nonfinite=2)
-    nonfinite_policy(state, skip, finite_here=False, where="loss nan")
-    assert (state.nonfinite, state.nonfinite_run) == (1, 1)
-    with pytest.raises(FloatingPointError, match="loss nan; stopping: 2 non-finite steps in a row"):
-        nonfinite_policy(state, skip, finite_here=False, where="loss nan")
-    with pytest.raises(FloatingPointError, match="another rank at step 8.*on_nonfinite=raise"):
-        nonfinite_policy(TrainState(step=7), TrainConfig(on_nonfinite="raise"), finite_here=True, where="")
-    cpu = torch.device("cpu")
-    assert agree_to_step(torch.tensor(1.0), cpu) == (True, True, True)
-    assert agree_to_step(torch.tensor(float("inf")), cpu) == (True, False, False)
-    assert agree_to_step(None, cpu) == (False, True, True)
+    nonfinite_policy(state, skip, [6], [5, 6, 7, 8], {6: [3, 9]})  # one skip, then good steps reset the run
+    assert (state.nonfinite, state.nonfinite_run) == (1, 0)
+    with pytest.raises(FloatingPointError, match=r"step 10 on this rank \(samples \[1\]\); stopping: 2 non-finite "
+                                                 r"steps in a row"):
+        nonfinite_policy(state, skip, [9, 10], [9, 10], {10: [1]})
+    with pytest.raises(FloatingPointError, match="step 3 skipped: a non-finite loss on another rank.*on_nonfinite=raise"):
+        nonfinite_policy(TrainState(), TrainConfig(on_nonfinite="raise"), [3], [1, 2, 3], {})
 
 
 def test_train_state_round_trips(tmp_path):
@@ -138,12 +119,13 @@ def test_an_idle_rank_takes_a_weight_zero_step_without_recording_psi(synthetic, 
     ranks stay in lockstep): neither the psi record nor the logged window gains its samples."""
     from pogdiff_dist.train.local import train_local
 
-    trainer, _ = train_local(_cfg(**{"optim.max_steps": 2, "train.caption_dropout": 0.0}), synthetic, tmp_path)
+    trainer, _ = train_local(_cfg(**{"optim.max_steps": 2, "train.caption_dropout": 0.0, "train.log_every": 100}),
+                             synthetic, tmp_path)
     seen = trainer.psi.seen
     assert seen == 2 * trainer.cfg.optim.batch_size
-    window = len(trainer._window)
-    assert trainer._train_step(None, idle=True)
-    assert trainer.state.step == 3 and trainer.psi.seen == seen and len(trainer._window) == window
+    assert trainer._train_step(trainer._last_batch, idle=True)
+    assert trainer.state.step == 3 and trainer.psi.seen == seen
+    assert len(trainer.window) == 1 and trainer.window._steps[0].micro == []  # a step, no rows of this rank
 
 
 @pytest.mark.parametrize("sampling", ["uniform", "balanced"])

@@ -251,8 +251,15 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" or "bf16"
     seed: int = 0
     caption_dropout: float = 0.1  # train the unconditional branch for classifier-free guidance
+    # EMA of the fp32 master weights (the adapter alone with LoRA), exported instead of the live
+    # weights. Decay at optimiser step n (diffusers' EMAModel.get_decay, s = n - ema_update_after_step - 1):
+    # 0 while s <= 0, then min(ema_decay, (1 + s) / (10 + s)), or with ema_warmup
+    # min(ema_decay, 1 - (1 + s) ** -ema_power).
     ema: bool = False
     ema_decay: float = 0.999
+    ema_warmup: bool = False
+    ema_power: float = 2 / 3
+    ema_update_after_step: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     max_failures: int = 0  # worker-group restarts from the latest checkpoint (Ray Train FailureConfig)
@@ -281,6 +288,11 @@ class TrainConfig:
         _one_of("train.precision", self.precision, ("fp32", "bf16"))
         _check(0 <= self.caption_dropout < 1, "train.caption_dropout must be in [0, 1)")
         _check(0 < self.ema_decay < 1, "train.ema_decay must be in (0, 1)")
+        _check(self.ema_power > 0, f"train.ema_power must be > 0, got {self.ema_power}")
+        _check(self.ema_update_after_step >= 0, "train.ema_update_after_step must be >= 0")
+        _check(not (self.precision == "bf16" and self.zero_stage == 0),
+               "train.precision=bf16 needs train.zero_stage >= 1: DeepSpeed keeps fp32 master weights and "
+               "accumulates gradients in fp32 only inside its ZeRO optimisers (set train.zero_stage=1, 2 or 3)")
         _check(self.checkpoint_every >= 1 and self.log_every >= 1, "train.checkpoint_every and log_every must be >= 1")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.sample_steps >= 1 and self.samples_per_prompt >= 1, "train.sample_steps and samples_per_prompt must be >= 1")

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from pogdiff_dist.devices import to_device
 from pogdiff_dist.storage import Store
 
 ARRAY_FIELDS = ("latent.npy", "y.npy", "nbr_tokens.npy", "nbr_len.npy", "nbr_index.npy", "nbr_sim.npy", "nbr_same.npy")
@@ -44,8 +45,38 @@ SHARD_FORMAT = 3  # bump when the fields or layout change: prepare re-writes sha
 
 
 @dataclass
+class HostBatch:
+    """A collated micro-batch in host memory (numpy): what the data pipeline, the epoch ledger
+    and the step's host-side draws read. :meth:`to_device` is its one copy to the device."""
+
+    x0: np.ndarray  # f32 [B, C, H, W] latents or pixels
+    y: np.ndarray  # f16 [B, L, D] caption hidden states
+    nbr_tokens: np.ndarray  # i64 [B, K, L] neighbours' caption token ids
+    nbr_len: np.ndarray  # i64 [B, K]
+    nbr_sim: np.ndarray  # f32 [B, K] cosine similarity, descending
+    nbr_same: np.ndarray  # u8 [B, K] 1 where the neighbour has the same identity
+    elbo: np.ndarray  # f64 [B] text-density ELBO of the sample's caption
+    index: np.ndarray  # i64 [B] dataset index
+    identity: np.ndarray  # i64 [B] identity id
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    def to_device(self, device) -> Batch:
+        return Batch(**{k: to_device(v, device) for k, v in vars(self).items()})
+
+    @classmethod
+    def from_batch(cls, batch: Batch) -> HostBatch:
+        """The host arrays of a batch built as tensors (tests, benchmarks); identity 0 if absent."""
+        arrays = {k: None if v is None else v.detach().cpu().numpy() for k, v in vars(batch).items()}
+        if arrays["identity"] is None:
+            arrays["identity"] = np.zeros(len(batch), np.int64)
+        return cls(**arrays)
+
+
+@dataclass
 class Batch:
-    """A collated micro-batch: the tensors of the fields above (CPU until the trainer moves it)."""
+    """A micro-batch on the device: the tensors of the fields above."""
 
     x0: torch.Tensor  # [B, C, H, W] latents or pixels
     y: torch.Tensor  # [B, L, D] caption hidden states
@@ -56,12 +87,6 @@ class Batch:
     elbo: torch.Tensor  # [B] text-density ELBO of the sample's caption
     index: torch.Tensor  # [B] dataset index
     identity: torch.Tensor | None = None  # [B] identity id (DiffROP pairs samples of different identities)
-
-    def to(self, device, non_blocking: bool = False) -> Batch:
-        return Batch(**{k: None if v is None else v.to(device, non_blocking=non_blocking) for k, v in vars(self).items()})
-
-    def pin_memory(self) -> Batch:
-        return Batch(**{k: None if v is None else v.pin_memory() for k, v in vars(self).items()})
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -221,8 +246,8 @@ def _row_problems(arrays: dict[str, np.ndarray], meta, fingerprint: str | None) 
 
 
 def collate(batch: dict[str, np.ndarray], on_bad: str = "raise", skipped: list[str] | None = None,
-            fingerprint: str | None = None) -> Batch | None:
-    """Streamed numpy batch (Ray Data column dict) -> tensors.
+            fingerprint: str | None = None) -> HostBatch | None:
+    """Streamed numpy batch (Ray Data column dict) -> a :class:`HostBatch`.
 
     A bad row (see :func:`decode_sample`, non-finite values, another ``fingerprint``)
     raises a ValueError naming shard, sample and field, or with ``on_bad="skip"`` is
@@ -258,16 +283,16 @@ def collate(batch: dict[str, np.ndarray], on_bad: str = "raise", skipped: list[s
             return None
         arrays = {f: a[keep] for f, a in arrays.items()}
         meta = [meta[j] for j in keep]
-    return Batch(
-        x0=torch.tensor(arrays["latent.npy"], dtype=torch.float32),
-        y=torch.as_tensor(arrays["y.npy"]),
-        nbr_tokens=torch.as_tensor(arrays["nbr_tokens.npy"]).long(),
-        nbr_len=torch.as_tensor(arrays["nbr_len.npy"]).long(),
-        nbr_sim=torch.as_tensor(arrays["nbr_sim.npy"], dtype=torch.float32),
-        nbr_same=torch.as_tensor(arrays["nbr_same.npy"]),
-        elbo=torch.tensor([m["elbo"] for m in meta], dtype=torch.float64),
-        index=torch.tensor([m["index"] for m in meta], dtype=torch.long),
-        identity=torch.tensor([m["identity_id"] for m in meta], dtype=torch.long),
+    return HostBatch(
+        x0=np.ascontiguousarray(arrays["latent.npy"], dtype=np.float32),
+        y=np.ascontiguousarray(arrays["y.npy"]),
+        nbr_tokens=np.ascontiguousarray(arrays["nbr_tokens.npy"], dtype=np.int64),
+        nbr_len=np.ascontiguousarray(arrays["nbr_len.npy"], dtype=np.int64),
+        nbr_sim=np.ascontiguousarray(arrays["nbr_sim.npy"], dtype=np.float32),
+        nbr_same=np.ascontiguousarray(arrays["nbr_same.npy"]),
+        elbo=np.array([m["elbo"] for m in meta], dtype=np.float64),
+        index=np.array([m["index"] for m in meta], dtype=np.int64),
+        identity=np.array([m["identity_id"] for m in meta], dtype=np.int64),
     )
 
 
@@ -276,7 +301,7 @@ class StreamedBatch(NamedTuple):
     the collated tensors (None when every row was skipped) and the skip reports."""
 
     rows: int
-    batch: Batch | None
+    batch: HostBatch | None
     skipped: list[str]
 
 

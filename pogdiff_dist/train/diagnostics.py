@@ -13,26 +13,28 @@ from pogdiff_dist.config import Config
 from pogdiff_dist.data.records import IDENTITY_PROMPT
 from pogdiff_dist.data.shards import Manifest
 from pogdiff_dist.pipeline import image_grid
+from pogdiff_dist.syncs import host_side
 
 PLOTS_DIR = "plots"
 
 
 class PsiRecord:
-    """The per-sample psi of every PoGDiff step, kept on the device in a ring of ``capacity``
-    values (no host sync per step): the latest ``capacity`` samples when the run is longer."""
+    """The per-sample psi of every PoGDiff step (drawn on the host by the step's plan), in a
+    host ring of ``capacity`` values: the latest ``capacity`` samples when the run is longer."""
 
-    def __init__(self, device: torch.device, capacity: int = 1 << 18):
-        self.values = torch.zeros(capacity, device=device)
+    def __init__(self, capacity: int = 1 << 18):
+        self.values = np.zeros(capacity, np.float32)
         self.seen = 0
 
-    def add(self, psi: torch.Tensor) -> None:
-        psi = psi.detach().float().reshape(-1)[-len(self.values):]
-        at = torch.arange(self.seen, self.seen + len(psi), device=psi.device) % len(self.values)
+    @host_side
+    def add(self, psi) -> None:
+        psi = np.asarray(psi, np.float32).reshape(-1)[-len(self.values):]
+        at = np.arange(self.seen, self.seen + len(psi)) % len(self.values)
         self.values[at] = psi
         self.seen += len(psi)
 
     def array(self) -> np.ndarray:
-        return self.values[:min(self.seen, len(self.values))].cpu().numpy()
+        return self.values[:min(self.seen, len(self.values))].copy()
 
 
 def _pyplot():

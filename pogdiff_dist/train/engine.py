@@ -10,14 +10,17 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.utils import safe_get_full_fp32_param
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-EMA_FILE = "ema.safetensors"
+EMA_FILE = "ema_rank{rank}.safetensors"  # each rank's EMA of its own master partitions
 SHM_OP = "deepspeed_shm_comm"  # JIT-built by DeepSpeed's CPU backend on first use (~25 s)
 LOCK_STALE_S = 120.0  # a build lock this long without any file of the build changing is stale
 
@@ -70,9 +73,15 @@ def init_single_process(device: torch.device | str) -> None:
 def deepspeed_config(optim, train, world_size: int, device_type: str = "cpu") -> dict:
     """The DeepSpeed config for a run.
 
-    The optimiser is torch's AdamW (``torch_adam``): on CPU it avoids JIT-building
-    DeepSpeed's fused_adam (a minute and 2 GB), on CUDA it runs torch's fused kernel
-    (``fused``; DeepSpeed passes the remaining params through to ``torch.optim.AdamW``).
+    The optimiser is torch's fused AdamW (``torch_adam`` + ``fused``; DeepSpeed passes the
+    remaining params through to ``torch.optim.AdamW``): on CPU it avoids JIT-building
+    DeepSpeed's fused_adam (a minute and 2 GB), on CUDA it is torch's fused kernel, and on
+    both it honours ``found_inf``, which :class:`Engine` uses to skip a non-finite step on the
+    device instead of reading a flag on the host.
+
+    Under bf16, gradients accumulate over micro-batches and are reduced across ranks in fp32
+    (``data_types.grad_accum_dtype`` and ``communication_data_type``; DeepSpeed otherwise uses
+    the model's dtype for both), and the optimiser updates fp32 master weights.
     """
     if optim.schedule == "cosine":
         scheduler = {"type": "WarmupCosineLR", "params": {
@@ -89,31 +98,127 @@ def deepspeed_config(optim, train, world_size: int, device_type: str = "cpu") ->
         "gradient_clipping": optim.grad_clip,
         "optimizer": {"type": "AdamW", "params": {
             "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
-            "weight_decay": optim.weight_decay, "torch_adam": True,
-            **({"fused": True} if device_type == "cuda" else {})}},
+            "weight_decay": optim.weight_decay, "torch_adam": True, "fused": True}},
         "scheduler": scheduler,
         # DeepSpeed overlaps ZeRO-2's gradient reduce-scatter with backward only when asked
         # (it defaults on for ZeRO-3 alone); on CPU/gloo there is nothing to overlap with.
         "zero_optimization": {"stage": train.zero_stage,
                               **({"overlap_comm": True} if device_type == "cuda" and train.zero_stage == 2 else {})},
         "bf16": {"enabled": train.precision == "bf16"},
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
+def master_weights(ds) -> list[torch.Tensor]:
+    """The fp32 tensors the optimiser updates on this rank: ZeRO's flat partitions of the
+    master weights (stage 3: ``fp32_partitioned_groups_flat``, which its inner optimiser holds
+    only during a step; stages 1-2: ``single_partition_of_fp32_groups``; DeepSpeed's bf16
+    optimiser: ``fp32_groups_flat_partition``), or the parameters themselves (an fp32 run
+    without ZeRO). Each requires grad (they are the inner optimiser's params)."""
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        found = getattr(ds.optimizer, name, None)
+        if found:
+            return list(found)
+    masters = [p for group in inner_optimizer(ds).param_groups for p in group["params"]]
+    assert masters, f"no master weights found in {type(ds.optimizer).__name__}"
+    return masters
+
+
+def inner_optimizer(ds) -> torch.optim.Optimizer:
+    """The torch optimiser DeepSpeed calls at each step (inside ZeRO's wrapper, if any)."""
+    return getattr(ds.optimizer, "optimizer", ds.optimizer)
+
+
+class MasterEMA:
+    """An exponential moving average of the fp32 master weights, on each rank's own partition.
+
+    It averages exactly what the optimiser updates (ZeRO's flat fp32 partitions, see
+    :func:`master_weights`): no gather per step, no bf16 rounding, 1 / world of the
+    weights' memory per rank; with LoRA only the adapter trains, so only the adapter is
+    averaged. The update and decay schedule are diffusers' ``EMAModel`` (``step``/``get_decay``),
+    given tensors that require grad: its ``step`` silently *copies* any parameter that does
+    not (``s_param.copy_(param)``), which would make the "average" the last weights.
+    :meth:`swapped` puts the averages into the master partitions for a moment, so DeepSpeed's
+    own gather of the full fp32 weights (``safe_get_full_fp32_param``) reads the EMA.
+    """
+
+    def __init__(self, masters: list[torch.Tensor], decay: float, warmup: bool = False, power: float = 2 / 3,
+                 update_after_step: int = 0):
+        not_trained = [i for i, m in enumerate(masters) if not m.requires_grad]
+        assert masters and not not_trained, f"master tensors {not_trained} do not require grad: EMAModel.step would copy them"
+        self.masters = masters
+        self.model = EMAModel(masters, decay=decay, use_ema_warmup=warmup, power=power,
+                              update_after_step=update_after_step, foreach=True)
+
+    def step(self) -> None:
+        self.model.step(self.masters)
+
+    @property
+    def optimization_step(self) -> int:
+        return self.model.optimization_step
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The EMA in the master tensors for the duration, the live weights back afterwards."""
+        live = [m.detach().clone() for m in self.masters]
+        with torch.no_grad():
+            for m, s in zip(self.masters, self.model.shadow_params):
+                m.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, w in zip(self.masters, live):
+                    m.copy_(w)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors = {f"master{i}": s.detach().contiguous() for i, s in enumerate(self.model.shadow_params)}
+        return tensors, {"optimization_step": str(self.model.optimization_step)}
+
+    def load(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> None:
+        shadow = [tensors.get(f"master{i}") for i in range(len(self.masters))]
+        if any(s is None or s.shape != m.shape for s, m in zip(shadow, self.masters)) or len(tensors) != len(shadow):
+            raise ValueError(f"{where} holds an EMA of other master partitions ({len(tensors)} tensors for "
+                             f"{len(self.masters)}): written with another world size, ZeRO stage or model?")
+        self.model.shadow_params = [s.to(m.device, m.dtype) for s, m in zip(shadow, self.masters)]
+        self.model.optimization_step = int(metadata["optimization_step"])
+
+
+@dataclass
+class StepOutcome:
+    """What one micro-step did. ``skipped`` is a device flag (1.0: the optimiser step was not
+    applied because a loss on some rank was non-finite), read with the log window, never here;
+    ``overflow`` is DeepSpeed's own verdict on the gradients (a host bool its ZeRO optimisers
+    already computed at the step)."""
+
+    boundary: bool
+    skipped: torch.Tensor | None = None
+    overflow: bool = False
+
+
 class Engine:
-    """A DeepSpeed engine around the UNet, plus an optional EMA of its weights.
+    """A DeepSpeed engine around the denoiser, plus an optional EMA of its fp32 master weights.
 
     Only the trainable parameters reach DeepSpeed's optimiser and the EMA (with LoRA: the
-    adapter; the frozen base is left alone). The EMA keeps full-size shadow weights on every
-    rank; under ZeRO-3 the live parameters are gathered around each EMA update so the
-    average is of the real weights, not of the local shards.
+    adapter; the frozen base is left alone). The exported weights are the fp32 masters
+    (or their EMA), gathered with DeepSpeed's own ``safe_get_full_fp32_param``, never the
+    module's compute-dtype copy.
+
+    Non-finite losses never reach the host inside a step: each micro-step's
+    ``~isfinite(loss)`` accumulates on the device, is max-reduced across ranks at the
+    accumulation boundary (enqueued, not waited for) and handed to the fused AdamW as
+    ``found_inf``, which skips the update on the device (torch's mechanism for GradScaler).
+    DeepSpeed's ZeRO optimisers additionally refuse a step whose gradient norm is not finite.
     """
 
     def __init__(self, unet: torch.nn.Module, cfg, world_size: int, device: torch.device | str = "cpu"):
         device = torch.device(device)
-        self.config = deepspeed_config(cfg.optim, cfg.train, world_size, device.type)
+        t = cfg.train
+        assert not (t.precision == "bf16" and t.zero_stage == 0), "TrainConfig refuses bf16 without ZeRO"
+        self.config = deepspeed_config(cfg.optim, t, world_size, device.type)
         trainable = [p for p in unet.parameters() if p.requires_grad]
         if device.type == "cpu":
             check_op_build_lock()  # deepspeed.initialize builds the op on a CPU worker
@@ -122,12 +227,13 @@ class Engine:
         if placed.type != device.type or (device.index is not None and placed.index != device.index):
             raise RuntimeError(f"DeepSpeed placed the UNet on {placed} but this worker's device is {device}: "
                                f"LOCAL_RANK={os.environ.get('LOCAL_RANK')!r} does not match the device")
-        self.zero_stage = cfg.train.zero_stage
-        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        self.ema = None
-        if cfg.train.ema:
-            with self.gathered():
-                self.ema = EMAModel([p.detach().float() for _, p in self.trainable()], decay=cfg.train.ema_decay)
+        self.device, self.world = device, world_size
+        self.zero_stage = t.zero_stage
+        self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+        self.inner = inner_optimizer(self.ds)
+        self._nonfinite = torch.zeros((), device=device)  # this optimiser step's micro-batches: any non-finite loss
+        self.ema = (MasterEMA(master_weights(self.ds), t.ema_decay, t.ema_warmup, t.ema_power, t.ema_update_after_step)
+                    if t.ema else None)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -141,8 +247,7 @@ class Engine:
         """Bytes of this rank's optimiser state: Adam's two moments (not ZeRO's fp32 master
         weights under bf16), each tensor once (a ZeRO optimiser's ``state`` is its inner one's)."""
         seen: dict[int, int] = {}
-        inner = getattr(self.ds.optimizer, "optimizer", None)
-        for opt in (self.ds.optimizer, inner):
+        for opt in (self.ds.optimizer, self.inner):
             for state in getattr(opt, "state", {}).values() if opt is not None else ():
                 for v in state.values():
                     if torch.is_tensor(v):
@@ -168,50 +273,58 @@ class Engine:
             return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
         return contextlib.nullcontext()
 
-    def backward_step(self, loss: torch.Tensor) -> bool:
-        """Backward and (at an accumulation boundary) optimiser + schedule step.
-        Returns True when an optimiser step happened."""
+    def backward_step(self, loss: torch.Tensor) -> StepOutcome:
+        """Backward and (at an accumulation boundary) the optimiser + schedule step, without
+        reading anything on the host (see the class docstring)."""
         boundary = self.ds.is_gradient_accumulation_boundary()
+        self._nonfinite = torch.maximum(self._nonfinite, (~torch.isfinite(loss.detach())).float())
+        if not boundary:
+            self.ds.backward(loss)
+            self.ds.step()
+            return StepOutcome(boundary=False)
+        skipped = self._nonfinite
+        if self.world > 1:  # every rank must skip together: enqueued on the device, not waited for
+            deepspeed.comm.all_reduce(skipped, op=deepspeed.comm.ReduceOp.MAX)
+        self.inner.found_inf = skipped  # torch's fused AdamW skips params and moments where found_inf != 0
         self.ds.backward(loss)
         self.ds.step()
-        if boundary and self.ema is not None:
-            with self.gathered():
-                self.ema.step([p.detach().float() for _, p in self.trainable()])
-        return boundary
+        self._nonfinite = torch.zeros((), device=self.device)
+        overflow = bool(getattr(self.ds.optimizer, "overflow", False))  # a host bool DeepSpeed already holds
+        if self.ema is not None and not overflow:
+            self.ema.step()
+        return StepOutcome(boundary=True, skipped=skipped, overflow=overflow)
 
     def save(self, directory: str | Path, tag: str, client_state: dict) -> None:
-        """Every rank must call this (each writes its ZeRO partition)."""
+        """Every rank must call this (each writes its ZeRO partition and its EMA partition)."""
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state)
-        if self.ema is not None and self.ds.global_rank == 0:
-            names = [n for n, _ in self.trainable()]
-            save_file({n: s.contiguous() for n, s in zip(names, self.ema.shadow_params)}, str(Path(directory) / EMA_FILE),
-                      metadata={"optimization_step": str(self.ema.optimization_step)})
+        if self.ema is not None:
+            tensors, metadata = self.ema.state()
+            save_file(tensors, str(Path(directory) / EMA_FILE.format(rank=self.ds.global_rank)), metadata=metadata)
 
     def load(self, directory: str | Path) -> dict:
         _, client_state = self.ds.load_checkpoint(str(directory), load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
         if client_state is None:
             raise ValueError(f"no DeepSpeed checkpoint found in {directory}")
-        ema_path = Path(directory) / EMA_FILE
         if self.ema is not None:
-            if not ema_path.is_file():
-                raise ValueError(f"train.ema is on but checkpoint {directory} holds no {EMA_FILE}")
-            shadow = load_file(str(ema_path))
-            self.ema.shadow_params = [shadow[n].to(p.device) for n, p in self.trainable()]
-            from safetensors import safe_open
-
-            with safe_open(str(ema_path), "pt") as f:
-                self.ema.optimization_step = int(f.metadata()["optimization_step"])
+            path = Path(directory) / EMA_FILE.format(rank=self.ds.global_rank)
+            if not path.is_file():
+                raise ValueError(f"train.ema is on but checkpoint {directory} holds no {path.name}")
+            with safe_open(str(path), "pt") as f:
+                self.ema.load({k: f.get_tensor(k) for k in f.keys()}, f.metadata(), str(path))  # noqa: SIM118
         return client_state
 
-    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full fp32 weights for export (EMA weights if enabled). Every rank calls; rank 0 gets them."""
-        with self.gathered():
-            if self.ds.global_rank != 0:
-                return None
-            state = {k: v.detach().float().clone() for k, v in self.module.state_dict().items()}
-        if self.ema is not None:
-            for (name, _), shadow in zip(self.trainable(), self.ema.shadow_params):
-                state[name] = shadow.detach().float().clone()
-        return state
-
+    def master_state_dict(self, ema: bool = True) -> dict[str, torch.Tensor] | None:
+        """The trainable parameters' fp32 master weights by name (their EMA when ``ema`` and
+        ``train.ema``), on rank 0's CPU; None on other ranks. Every rank calls: DeepSpeed's
+        ``safe_get_full_fp32_param`` gathers each parameter from the ranks' partitions."""
+        use_ema = ema and self.ema is not None
+        out = {}
+        with self.ema.swapped() if use_ema else contextlib.nullcontext():
+            for name, p in self.trainable():
+                full = safe_get_full_fp32_param(p)
+                if full is None:  # no ZeRO optimiser: the parameter is its own fp32 master
+                    full = p.detach()
+                if self.ds.global_rank == 0:
+                    out[name] = full.detach().float().cpu().clone()
+        return out if self.ds.global_rank == 0 else None

@@ -2,8 +2,9 @@
 
 :class:`TrainState` is what a checkpoint holds besides the DeepSpeed partitions (one object,
 one safetensors file per rank); :class:`EpochLedger` accounts for what each epoch trained on;
-:func:`agree_to_step` and :func:`nonfinite_policy` are the cross-rank rules of the loop. The
-only torch.distributed user of the training loop.
+:class:`HostComm` carries the ranks' agreements on host facts (each has a batch, epoch counts)
+without touching the device; :func:`nonfinite_policy` is the rule for skipped steps. The only
+torch.distributed user of the training loop.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pogdiff_dist.data.shards import StreamedBatch
+from pogdiff_dist.syncs import host_side
 
 
 @dataclass
@@ -35,11 +37,12 @@ class TrainState:
     # ``open_rows`` rows of the epoch's (deterministic) stream and keeps counting from here
     open_rows: int = 0
     open_skipped: int = 0
-    generator: torch.Tensor | None = None  # noise / timestep / neighbour generator state (CPU bytes)
+    generator: torch.Tensor | None = None  # the device generator's state (noise, timesteps), as CPU bytes
+    host_generator: torch.Tensor | None = None  # the host generator's (dropout, neighbour draws, CBDM partners)
     open_index: torch.Tensor | None = None  # [rows trained] sample indices of the open epoch
     open_identity: torch.Tensor | None = None  # [rows trained] their identities
 
-    TENSORS = ("generator", "open_index", "open_identity")
+    TENSORS = ("generator", "host_generator", "open_index", "open_identity")
 
     def save(self, path: Path) -> None:
         meta = {k: v for k, v in asdict(self).items() if k not in self.TENSORS}
@@ -92,23 +95,20 @@ class EpochLedger:
         self.rows += item.rows
         self.skipped += len(item.skipped)
         if item.batch is not None:
-            self.indices.append(item.batch.index.numpy())
-            if item.batch.identity is not None:
-                self.identities.append(item.batch.identity.numpy())
+            self.indices.append(item.batch.index)
+            self.identities.append(item.batch.identity)
 
-    def close(self, epoch: int, num_samples: int, device: torch.device, num_identities: int = 0) -> dict:
+    def close(self, epoch: int, num_samples: int, comm: HostComm, num_identities: int = 0) -> dict:
         """All ranks call at the end of a full pass; returns the global counts. With
         ``data.sampling`` a sample may be delivered several times by design: ``epoch_repeats``
         counts those extra rows, ``identity_rows`` the rows trained per identity."""
         mine = np.concatenate(self.indices) if self.indices else np.zeros(0, np.int64)
-        times = torch.from_numpy(np.bincount(mine, minlength=num_samples).astype(np.int32))
-        times = all_reduce(times, device)
+        times = comm.all_reduce(np.bincount(mine, minlength=num_samples).astype(np.int64))
         per_id = np.bincount(np.concatenate(self.identities), minlength=num_identities) if self.identities else (
             np.zeros(num_identities, np.int64))
-        per_id = all_reduce(torch.from_numpy(per_id.astype(np.int64)), device).tolist()
+        per_id = comm.all_reduce(per_id.astype(np.int64)).tolist()
         repeated = max(0, self.rows - self.planned) if self.planned is not None else 0
-        rows, skipped, repeated = all_reduce(torch.tensor([self.rows, self.skipped, repeated],
-                                                          dtype=torch.float64), device).tolist()
+        rows, skipped, repeated = comm.all_reduce(np.array([self.rows, self.skipped, repeated], np.float64)).tolist()
         self.__init__()
         unique = float((times > 0).sum())
         return {"epoch": epoch, "epoch_rows": rows, "epoch_samples": rows - skipped, "epoch_skipped_bad": skipped,
@@ -117,43 +117,59 @@ class EpochLedger:
                 "epoch_repeated_after_resume": repeated, "identity_rows": per_id}
 
 
-def all_reduce(t: torch.Tensor, device: torch.device, op: str = "sum") -> torch.Tensor:
-    """``t`` reduced over ranks (``sum``, ``max`` or ``min``), returned on the CPU. The
-    collective runs on ``device``: NCCL needs CUDA tensors, gloo CPU ones."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return t
-    t = t.to(device)
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
-    return t.cpu()
+class HostComm:
+    """Collectives over host values (numpy), which never touch the device: every rank's
+    agreement that it has a batch, the epoch ledger's counts, the window's sample count, the
+    end-of-run peaks. Under NCCL (which reduces CUDA tensors only) a gloo group of the same
+    ranks carries them, so agreeing on a host fact never waits for the GPU."""
+
+    def __init__(self):
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.group = None
+        if self.world > 1 and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")  # every rank creates it, in the same order
+
+    @host_side
+    def all_reduce(self, values, op: str = "sum") -> np.ndarray:
+        a = np.asarray(values)
+        if self.world == 1:
+            return a
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()), group=self.group)
+        return t.numpy()
+
+    def every(self, flag: bool) -> bool:
+        """True when ``flag`` is true on every rank."""
+        return bool(self.all_reduce(np.array([int(flag)], np.int64), op="min")[0])
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.all_reduce(np.array([int(flag)], np.int64), op="max")[0])
+
+    def any_every(self, a: bool, b: bool) -> tuple[bool, bool]:
+        """(``a`` on some rank, ``b`` on every rank) in one collective."""
+        r = self.all_reduce(np.array([int(a), 1 - int(b)], np.int64), op="max")
+        return bool(r[0]), not bool(r[1])
 
 
-def agree_to_step(loss: torch.Tensor | None, device: torch.device) -> tuple[bool, bool, bool]:
-    """(every rank has a batch, every rank's loss is finite, this rank's loss is finite).
-
-    Every rank must agree to step, or the gradient all-reduce would hang: a rank with
-    nothing left to train on, or a non-finite loss anywhere, makes every rank skip. One
-    small all-reduce (and one host sync) per micro-batch.
-    """
-    here = torch.ones((), device=device) if loss is None else torch.isfinite(loss.detach()).float()
-    flags = torch.stack([torch.ones((), device=device) * float(loss is not None), here])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    has_batch, finite = flags.tolist()
-    return bool(has_batch), bool(finite), bool(here.item())
-
-
-def nonfinite_policy(state: TrainState, train_cfg, finite_here: bool, where: str) -> None:
-    """Count a skipped step; raise when ``train.on_nonfinite=raise`` or after
-    ``train.max_nonfinite`` skips in a row. ``where`` describes this rank's bad loss."""
-    state.nonfinite += 1
-    state.nonfinite_run += 1
-    stop = train_cfg.on_nonfinite == "raise" or state.nonfinite_run >= train_cfg.max_nonfinite
-    if not stop:
-        if not finite_here:
-            print(f"[train] skipped step: {where}", flush=True)
-        return
-    why = ("train.on_nonfinite=raise" if train_cfg.on_nonfinite == "raise"
-           else f"{state.nonfinite_run} non-finite steps in a row (train.max_nonfinite)")
-    if finite_here:
-        raise FloatingPointError(f"non-finite loss on another rank at step {state.step + 1}; stopping: {why}")
-    raise FloatingPointError(f"{where}; stopping: {why}")
+def nonfinite_policy(state: TrainState, train_cfg, skipped_steps: list[int], window_steps: list[int],
+                     bad_here: dict[int, list[int]]) -> None:
+    """Count the window's skipped optimiser steps (a non-finite loss on some rank, or gradients
+    DeepSpeed refused); raise when ``train.on_nonfinite=raise`` or after ``train.max_nonfinite``
+    skips in a row. ``window_steps``: the window's optimiser steps in order; ``bad_here``: this
+    rank's non-finite micro-batches by step (their sample indices), to name them."""
+    skipped = set(skipped_steps)
+    for step in window_steps:
+        if step not in skipped:
+            state.nonfinite_run = 0
+            continue
+        state.nonfinite += 1
+        state.nonfinite_run += 1
+        where = (f"non-finite loss at step {step} on this rank (samples {bad_here[step]})" if step in bad_here
+                 else f"step {step} skipped: a non-finite loss on another rank or non-finite gradients")
+        stop = train_cfg.on_nonfinite == "raise" or state.nonfinite_run >= train_cfg.max_nonfinite
+        if not stop:
+            print(f"[train] {where}; its update was not applied", flush=True)
+            continue
+        why = ("train.on_nonfinite=raise" if train_cfg.on_nonfinite == "raise"
+               else f"{state.nonfinite_run} non-finite steps in a row (train.max_nonfinite)")
+        raise FloatingPointError(f"{where}; stopping: {why}")

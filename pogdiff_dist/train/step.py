@@ -1,24 +1,30 @@
-"""One training step's forward: noise, the dual-condition UNet call, the loss.
+"""One training step's forward: host-side draws, noise, the dual-condition UNet call, the loss.
 
 Knows nothing about distribution: ``unet`` is any callable with the diffusers UNet
 signature (a bare ``UNet2DConditionModel`` or a DeepSpeed engine wrapping one).
 
-Every method draws the same t, eps and caption dropout first (:class:`Draws`), so a seed
-gives every method the same x_t; then :data:`METHODS` maps ``loss.method`` to a function
-returning the per-sample loss [B] and its stats. All UNet calls go through
-:meth:`DualConditionStep.eps` (the one place inputs are cast to the compute dtype) and
-the two-condition ones through :meth:`DualConditionStep.dual_forward`.
+A step has two halves. :meth:`DualConditionStep.plan` runs on the host, on the host batch
+(numpy), with a host generator: which captions are dropped, each sample's neighbour and psi,
+which rows run the second-condition pass, CBDM's partner rows. Every choice that sets a
+tensor's shape is made there, so the device half never has to tell the host a size (a
+boolean mask's ``nonzero`` on a GPU waits for the GPU). The device half draws t and eps
+with the device generator (:class:`Draws`: every method the same x_t for a seed), then
+:data:`METHODS` maps ``loss.method`` to a function returning the per-sample loss [B] and
+its stats. All UNet calls go through :meth:`DualConditionStep.eps` (the one place inputs are
+cast to the compute dtype) and the two-condition ones through :meth:`DualConditionStep.dual_forward`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from diffusers.training_utils import compute_snr
 
-from pogdiff_dist.data.shards import Batch
+from pogdiff_dist.data.shards import Batch, HostBatch
+from pogdiff_dist.devices import to_device
 from pogdiff_dist.losses import (
     cbdm_loss,
     ddpm_posterior_mean,
@@ -37,8 +43,35 @@ from pogdiff_dist.losses import (
     velocity,
 )
 from pogdiff_dist.models import CaptionStateCache
+from pogdiff_dist.syncs import host_side
 
 Stats = dict[str, "torch.Tensor | float"]
+
+
+@dataclass
+class StepPlan:
+    """What a step decides on the host, before its batch reaches the device (see the module
+    docstring). Tensors are CPU tensors until :meth:`to_device`; ``host_stats`` are floats."""
+
+    dropped: torch.Tensor  # [B] bool: caption replaced by the empty caption's states
+    active: torch.Tensor  # [A] long: rows that run the second-condition pass (y' or CBDM's y_other)
+    psi: torch.Tensor | None = None  # [B] float32 (PoGDiff): 0 where no y' pass runs
+    nbr: torch.Tensor | None = None  # [B] long (PoGDiff): the neighbour drawn, j ~ Cat(w)
+    other: torch.Tensor | None = None  # [B] long (CBDM): the row whose condition is y'
+    nbr_tokens: np.ndarray | None = None  # [A, L] the active rows' neighbour caption token ids (host)
+    nbr_len: np.ndarray | None = None  # [A]
+    host_stats: dict | None = None
+
+    @property
+    def num_active(self) -> int:
+        return len(self.active)
+
+    def to_device(self, device) -> StepPlan:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("dropped", "active", "psi", "nbr", "other"):
+            if moved[name] is not None:
+                moved[name] = to_device(moved[name], device)
+        return StepPlan(**moved)
 
 
 @dataclass
@@ -49,6 +82,7 @@ class Draws:
     denoising term (ones when ``loss.snr_gamma`` is off)."""
 
     batch: Batch
+    plan: StepPlan
     t: torch.Tensor  # [B]
     eps: torch.Tensor  # [B, C, H, W]
     x_t: torch.Tensor  # [B, C, H, W]
@@ -79,10 +113,12 @@ class DualConditionStep:
                  all_elbo: torch.Tensor | None, caption_dropout: float = 0.0, text_cache_mib: float = 0.0,
                  device: torch.device | str | None = None, identity_counts: torch.Tensor | None = None):
         """``identity_counts`` [C]: training images per identity id, for ``loss.identity_weight``
-        and ``loss.psi_den_source=identity_count`` (the manifest's ``train_counts``)."""
+        and ``loss.psi_den_source=identity_count`` (the manifest's ``train_counts``). ``uncond``:
+        the empty caption's states, in the precision the shards store y in (so a dropped caption
+        and a stored one differ only by what they say)."""
         self.cfg = loss_cfg
         self.scheduler = noise_scheduler
-        if device is not None:  # every tensor the step reads lives where the batch does
+        if device is not None:  # every tensor the device half reads lives where the batch does
             noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
             uncond = uncond.to(device)
         self.text_encoder = text_encoder
@@ -90,6 +126,7 @@ class DualConditionStep:
         self.nbr_states = CaptionStateCache(text_encoder, text_cache_mib)
         self.uncond = uncond  # [L, D] hidden states of the empty caption
         self.caption_dropout = caption_dropout
+        # host copies (CPU) for the plan; the identity weight also on the device for the loss
         self.log_norm, self.counts, self.id_weight = None, None, None
         needs_counts = loss_cfg.identity_weight != "none" or (
             loss_cfg.method == "pogdiff" and loss_cfg.psi_den_source == "identity_count")
@@ -97,24 +134,30 @@ class DualConditionStep:
             if identity_counts is None:
                 raise ValueError("loss.identity_weight / loss.psi_den_source=identity_count need the identity counts "
                                  "(the manifest's train_counts)")
-            self.counts = torch.as_tensor(identity_counts).to(device or "cpu")
-            self.id_weight = identity_weights(self.counts, loss_cfg.identity_weight, loss_cfg.identity_weight_alpha)
+            self.counts = torch.as_tensor(identity_counts).cpu()
+            self.id_weight = identity_weights(self.counts, loss_cfg.identity_weight,
+                                              loss_cfg.identity_weight_alpha).to(device or "cpu")
         if loss_cfg.method == "pogdiff" and loss_cfg.psi_den_source == "identity_count":
-            every = torch.repeat_interleave(torch.arange(len(self.counts), device=self.counts.device), self.counts.long())
+            every = torch.repeat_interleave(torch.arange(len(self.counts)), self.counts.long())
             self.log_norm = log_density_normaliser(identity_count_density(self.counts, every), loss_cfg.den_temperature)
         elif loss_cfg.method == "pogdiff":
             assert all_elbo is not None, "pogdiff needs the dataset's ELBOs to normalise psi_den"
-            self.log_norm = log_density_normaliser(all_elbo, loss_cfg.den_temperature)
-            if device is not None:
-                self.log_norm = self.log_norm.to(device)
+            self.log_norm = log_density_normaliser(all_elbo.cpu(), loss_cfg.den_temperature)
         self.dtype = torch.float32
 
-    def __call__(self, unet, batch: Batch, generator: torch.Generator, dtype=torch.float32):
-        """(mean loss, stats) for one micro-batch. Stats are detached 0-d tensors (or floats),
-        read only when a window is logged, so a GPU step is not synchronised for each of them."""
+    def __call__(self, unet, batch: Batch, generator: torch.Generator, dtype=torch.float32,
+                 plan: StepPlan | None = None, host_generator: torch.Generator | None = None):
+        """(mean loss, stats) for one micro-batch on the device. Stats are detached 0-d tensors
+        (or floats), read only when a window is logged. ``plan``: the host half's draws for this
+        batch (:meth:`plan`); without one it is drawn here from the batch with ``host_generator``
+        (default: a CPU generator seeded like ``generator``), as tests and benchmarks do."""
         self.dtype = dtype
-        d = self.draw(batch, generator)
+        if plan is None:
+            host_generator = host_generator or torch.Generator().manual_seed(generator.initial_seed())
+            plan = self.plan(HostBatch.from_batch(batch), host_generator).to_device(batch.x0.device)
+        d = self.draw(batch, plan, generator)
         loss, stats = METHODS[self.cfg.method](self, unet, d, generator)
+        stats.update(plan.host_stats or {})
         if self.id_weight is not None:  # loss.identity_weight: every method's per-sample loss, one place
             w = self.id_weight[batch.identity]
             loss = loss * w
@@ -125,7 +168,47 @@ class DualConditionStep:
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
 
-    def draw(self, batch: Batch, generator: torch.Generator) -> Draws:
+    @host_side
+    def plan(self, batch: HostBatch, generator: torch.Generator) -> StepPlan:
+        """The host half of a step (module docstring): caption dropout, then the method's own
+        draws, all with the host ``generator``, on the host batch."""
+        b = len(batch)
+        dropped = torch.rand(b, generator=generator) < self.caption_dropout
+        if self.cfg.method == "pogdiff":
+            return self._plan_pogdiff(batch, dropped, generator)
+        if self.cfg.method == "cbdm":
+            other = torch.zeros(b, dtype=torch.long)
+            if b > 1:
+                other = (torch.arange(b) + torch.randint(1, b, (b,), generator=generator)) % b
+            # t = 0 rows have CBDM weight t / T * tau = 0: they run the pass and add nothing
+            active = ((~dropped) & (b > 1) & (self.cfg.cbdm_tau > 0)).nonzero().squeeze(1)
+            return StepPlan(dropped, active, other=other, host_stats={"cbdm_active_frac": len(active) / b})
+        return StepPlan(dropped, torch.zeros(0, dtype=torch.long))
+
+    def _plan_pogdiff(self, batch: HostBatch, dropped: torch.Tensor, generator: torch.Generator) -> StepPlan:
+        """Eq. 8-12 on the host: one neighbour j ~ Cat(w) over the first k, psi = psi_img * psi_den."""
+        cfg, b = self.cfg, len(batch)
+        sim, same = torch.from_numpy(batch.nbr_sim), torch.from_numpy(batch.nbr_same)
+        j = torch.multinomial(neighbour_weights(sim, cfg.k), 1, generator=generator).squeeze(1)
+        rows = torch.arange(b)
+        # psi_den's input: the caption's ELBO (Eq. 11) or log n_id (loss.psi_den_source=identity_count)
+        if cfg.psi_den_source == "identity_count":
+            density = identity_count_density(self.counts, torch.from_numpy(batch.identity))
+        else:
+            density = torch.from_numpy(batch.elbo)
+        psi = psi_weights(sim[rows, j], same[rows, j], density, self.log_norm, a1=cfg.a1, a2=cfg.a2, a3=cfg.a3,
+                          den_temperature=cfg.den_temperature, use_psi_img=cfg.use_psi_img,
+                          use_psi_den=cfg.use_psi_den, psi_cap=cfg.psi_cap)
+        psi = torch.where(dropped, torch.zeros_like(psi), psi)
+        active = (psi > 0).nonzero().squeeze(1)
+        picked = j[active].numpy()
+        return StepPlan(dropped, active, psi=psi, nbr=j,
+                        nbr_tokens=batch.nbr_tokens[active.numpy(), picked], nbr_len=batch.nbr_len[active.numpy(), picked],
+                        host_stats={"psi_mean": float(psi.mean()), "psi_max": float(psi.max()),
+                                    "psi_zero_frac": float((psi == 0).float().mean()),
+                                    "psi": psi})  # per sample, on the host: the trainer's PsiRecord
+
+    def draw(self, batch: Batch, plan: StepPlan, generator: torch.Generator) -> Draws:
         b, device = len(batch), batch.x0.device
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
         eps = torch.randn(batch.x0.shape, generator=generator, device=device)
@@ -134,14 +217,13 @@ class DualConditionStep:
                                                             device=device)
         x_t = self.scheduler.add_noise(batch.x0, eps, t)
         y = batch.y.to(torch.float32)
-        dropped = torch.rand(b, generator=generator, device=device) < self.caption_dropout
-        y = torch.where(dropped[:, None, None], self.uncond.to(y)[None].expand_as(y), y)
+        y = torch.where(plan.dropped[:, None, None], self.uncond.to(y)[None].expand_as(y), y)
         ac = self.scheduler.alphas_cumprod
         target = eps if self.prediction_type == "epsilon" else velocity(eps, batch.x0, t, ac)
         snr_weight = torch.ones(b, device=device)
         if self.cfg.snr_gamma is not None:
             snr_weight = min_snr_weights(compute_snr(self.scheduler, t), self.cfg.snr_gamma, self.prediction_type)
-        return Draws(batch, t, eps, x_t, y, dropped, target, snr_weight)
+        return Draws(batch, plan, t, eps, x_t, y, plan.dropped, target, snr_weight)
 
     def denoise(self, pred: torch.Tensor, d: Draws) -> torch.Tensor:
         """The (min-SNR weighted) denoising term |pred - target|^2, [B]."""
@@ -151,19 +233,25 @@ class DualConditionStep:
         """eps_theta(x, t, y): the one place inputs are cast to the compute dtype."""
         return unet(x.to(self.dtype), t, encoder_hidden_states=y.to(self.dtype)).sample
 
-    def dual_forward(self, unet, d: Draws, rows: torch.Tensor, y_other: torch.Tensor | None,
-                     grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """eps(x_t, y) for every row, and eps(x_t[rows], y_other) for ``rows``: one UNet call on
-        [x_t; x_t[rows]] when the second half needs gradient, else that half without autograd."""
-        if not rows.numel():
-            return self.eps(unet, d.x_t, d.t, d.y), None
+    def dual_forward(self, unet, d: Draws, y_other: torch.Tensor | None,
+                     grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """eps(x_t, y) for every row, and the second prediction for every row: eps(x_t[a], y_other)
+        on the plan's active rows a, ``pred.detach()`` elsewhere (a zero difference: no term).
+        One UNet call on [x_t; x_t[a]] when the second half needs gradient, else that half
+        without autograd. Whether a pass runs is the plan's (host) decision."""
+        rows = d.plan.active
+        if not d.plan.num_active:
+            pred = self.eps(unet, d.x_t, d.t, d.y)
+            return pred, pred.detach()
         if grad:
             out = self.eps(unet, torch.cat([d.x_t, d.x_t[rows]]), torch.cat([d.t, d.t[rows]]),
                            torch.cat([d.y.to(self.dtype), y_other.to(self.dtype)]))
-            return out[:len(d)], out[len(d):]
-        pred = self.eps(unet, d.x_t, d.t, d.y)
-        with torch.no_grad():
-            return pred, self.eps(unet, d.x_t[rows], d.t[rows], y_other)
+            pred, second = out[:len(d)], out[len(d):]
+        else:
+            pred = self.eps(unet, d.x_t, d.t, d.y)
+            with torch.no_grad():
+                second = self.eps(unet, d.x_t[rows], d.t[rows], y_other)
+        return pred, pred.detach().index_put((rows,), second)
 
 
 # ----------------------------------------------------------------------------- the methods: (loss [B], stats)
@@ -175,61 +263,30 @@ def _vanilla(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.
 
 
 def _pogdiff(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.Tensor, Stats]:
-    """Eq. 8-13: one neighbour j ~ Cat(w) over the first k, psi = psi_img * psi_den."""
-    cfg, batch, b = step.cfg, d.batch, len(d)
-    w = neighbour_weights(batch.nbr_sim, cfg.k)
-    j = torch.multinomial(w, 1, generator=generator).squeeze(1)
-    rows = torch.arange(b, device=j.device)
-    # psi_den's input: the caption's ELBO (Eq. 11) or log n_id (loss.psi_den_source=identity_count)
-    by_count = step.cfg.psi_den_source == "identity_count"
-    density = identity_count_density(step.counts, batch.identity) if by_count else batch.elbo
-    psi = psi_weights(
-        batch.nbr_sim[rows, j], batch.nbr_same[rows, j], density, step.log_norm,
-        a1=cfg.a1, a2=cfg.a2, a3=cfg.a3, den_temperature=cfg.den_temperature,
-        use_psi_img=cfg.use_psi_img, use_psi_den=cfg.use_psi_den, psi_cap=cfg.psi_cap,
-    )
-    psi = torch.where(d.dropped, torch.zeros_like(psi), psi)
-    active = (psi > 0).nonzero().squeeze(1)
-    y_nb = None
-    if active.numel():
-        y_nb = step.nbr_states(batch.nbr_tokens[active, j[active]], batch.nbr_len[active, j[active]])
-    pred, pred_nb = step.dual_forward(unet, d, active, y_nb, grad=cfg.neighbor_grad == "full")
-    denoise = step.denoise(pred, d)
-    pog = torch.zeros_like(denoise)
-    if active.numel():  # the PoG term compares the two predictions, in the model's parametrization
-        _, _, pog_act = pogdiff_loss(pred[active], pred_nb, d.target[active], psi[active])
-        pog = pog.index_put((active,), pog_act)
-    return denoise + psi * pog, {
-        "loss_denoise": denoise.mean().detach(), "loss_pog": (psi * pog).mean().detach(),
-        "psi_mean": psi.mean().detach(), "psi_max": psi.max().detach(),
-        "psi_zero_frac": (psi == 0).float().mean().detach(), "text_cache_hit_rate": step.nbr_states.hit_rate,
-        "psi": psi.detach()}  # per sample: the trainer's PsiRecord, not a logged mean
+    """Eq. 13 with the plan's neighbour and psi (Eq. 8-12, drawn on the host)."""
+    plan = d.plan
+    y_nb = step.nbr_states(plan.nbr_tokens, plan.nbr_len, d.x_t.device) if plan.num_active else None
+    pred, pred_nb = step.dual_forward(unet, d, y_nb, grad=step.cfg.neighbor_grad == "full")
+    loss, denoise, pog = pogdiff_loss(pred, pred_nb, d.target, plan.psi, denoise_weight=d.snr_weight)
+    return loss, {"loss_denoise": denoise.mean().detach(), "loss_pog": (plan.psi * pog).mean().detach(),
+                  "text_cache_hit_rate": step.nbr_states.hit_rate}
 
 
 def _cbdm(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.Tensor, Stats]:
     """CBDM: h = eps(x_t, y) and h' = eps(x_t, y') from one UNet call on [x_t; x_t], both with autograd.
 
     Data path: y' of sample i is the (pre-dropout) condition of another row j != i of
-    the same shuffled micro-batch, j uniform among the other rows. With a uniformly
-    shuffled stream this is a uniform draw from the dataset (CBDM's fine-tuning
-    choice) that reuses already-encoded hidden states: no extra text-encoder pass.
-    Rows whose caption was dropped (no condition to align) or with weight t / T * tau
-    = 0 skip the y' half, as do all rows of a single-sample batch.
+    the same shuffled micro-batch, j uniform among the other rows (drawn in the plan). With
+    a uniformly shuffled stream this is a uniform draw from the dataset (CBDM's fine-tuning
+    choice) that reuses already-encoded hidden states: no extra text-encoder pass. Rows
+    whose caption was dropped (no condition to align) skip the y' half, as do all rows of a
+    single-sample batch.
     """
-    b, device = len(d), d.x_t.device
     num_t, tau = step.scheduler.config.num_train_timesteps, step.cfg.cbdm_tau
-    other = torch.zeros(b, dtype=torch.long, device=device)
-    if b > 1:
-        other = (torch.arange(b, device=device) + torch.randint(1, b, (b,), generator=generator, device=device)) % b
-    active = ((~d.dropped) & (d.t > 0) & (b > 1) & (tau > 0)).nonzero().squeeze(1)
-    pred, pred_other = step.dual_forward(unet, d, active, d.batch.y[other[active]])
-    denoise = step.denoise(pred, d)
-    reg = torch.zeros_like(denoise)
-    if active.numel():
-        _, _, reg_act = cbdm_loss(pred[active], pred_other, d.target[active], d.t[active], num_t, tau)
-        reg = reg.index_put((active,), reg_act)
-    return denoise + reg, {"loss_denoise": denoise.mean().detach(), "loss_pog": reg.mean().detach(),
-                           "cbdm_active_frac": active.numel() / b}
+    rows = d.plan.active
+    pred, pred_other = step.dual_forward(unet, d, d.batch.y[d.plan.other[rows]])
+    loss, denoise, reg = cbdm_loss(pred, pred_other, d.target, d.t, num_t, tau, denoise_weight=d.snr_weight)
+    return loss, {"loss_denoise": denoise.mean().detach(), "loss_pog": reg.mean().detach()}
 
 
 def _t2h(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.Tensor, Stats]:

@@ -5,14 +5,15 @@ collated batches per epoch and a report callback. The Ray Train worker
 (:mod:`pogdiff_dist.train.worker`) supplies ``ray.train.torch.get_device()``, its
 ``streaming_split`` of the WebDataset stream and ``ray.train.report``; a plain process
 (:func:`pogdiff_dist.train.local.train_local`: tests, ``scripts/gpu_check.sh``) supplies a device, the shards read
-with ``webdataset`` and a local checkpoint folder. Everything the step touches lives on
-the trainer's device: the UNet (placed by DeepSpeed), the frozen text encoder (in the
-compute dtype, outside ZeRO), the empty-caption states, the y' cache, the generator of
-noise, timesteps and neighbour draws, and every batch (moved in :meth:`Trainer.to_device`).
+with ``webdataset`` and a local checkpoint folder. What the device half of a step touches
+lives on the trainer's device: the UNet (placed by DeepSpeed), the frozen fp32 text encoder
+(outside ZeRO), the empty-caption states, the y' cache, the generator of noise and
+timesteps, and every batch (copied once, :meth:`HostBatch.to_device`); the host half (the
+step's plan, the epoch ledger, the ranks' agreements) works on host arrays.
 
 The loop reads top to bottom as torchtitan's does: ``fit`` -> ``_run_epoch`` ->
-``_train_step``; the cross-rank rule "every rank agrees to step" and the non-finite
-policy are functions of their own (:func:`agree_to_step`, :func:`nonfinite_policy`).
+``_train_step``; the non-finite policy is a function of its own (:func:`nonfinite_policy`),
+applied once per log window.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import io
 import json
 import os
 import resource
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,34 +32,22 @@ import torch
 
 from pogdiff_dist.config import Config
 from pogdiff_dist.data.sampling import SamplingPlan
-from pogdiff_dist.data.shards import Batch, Manifest, StreamedBatch
+from pogdiff_dist.data.shards import HostBatch, Manifest, StreamedBatch
 from pogdiff_dist.devices import resolve_device
-from pogdiff_dist.models import (
-    LatentCodec,
-    ModelSpec,
-    TextEncoder,
-    add_lora,
-    build_noise_scheduler,
-    build_unet,
-    lora_state_dict,
-)
-from pogdiff_dist.pipeline import export_pipeline, load_pipeline
+from pogdiff_dist.models import STATE_DTYPE, ModelSpec, TextEncoder, add_lora, build_noise_scheduler, build_unet
 from pogdiff_dist.storage import Store
-from pogdiff_dist.train.diagnostics import PLOTS_DIR, PsiRecord, eta, sample_grid, write_plots
+from pogdiff_dist.syncs import host_side
+from pogdiff_dist.train.diagnostics import PsiRecord, eta
 from pogdiff_dist.train.engine import Engine
-from pogdiff_dist.train.state import (
-    EpochLedger,
-    TrainState,
-    agree_to_step,
-    all_reduce,
-    nonfinite_policy,
-)
+from pogdiff_dist.train.export import LORA_DIR, MODEL_DIR, SAMPLES, export_run
+from pogdiff_dist.train.metrics import MetricsWindow
+from pogdiff_dist.train.state import EpochLedger, HostComm, TrainState, nonfinite_policy
 from pogdiff_dist.train.step import DualConditionStep
 from pogdiff_dist.train.stream import EpochStream, Reader
 from pogdiff_dist.train.validate import Validator
 
 STATE_FILE = "train_state_rank{rank}.safetensors"  # TrainState of each rank, next to DeepSpeed's files
-MODEL_DIR, SAMPLES, LORA_DIR = "model", "samples.png", "lora"
+__all__ = ["LORA_DIR", "MODEL_DIR", "SAMPLES", "Trainer", "check_manifest"]
 
 # report(metrics, checkpoint_dir): checkpoint_dir is a temporary folder valid during the call
 Report = Callable[[dict, Path], None]
@@ -81,10 +69,16 @@ def check_manifest(cfg: Config, manifest: Manifest) -> None:
 class Trainer:
     """One rank's training: build once, ``load`` a checkpoint (optional), ``fit``.
 
-    ``epoch_batches(epoch)`` yields :class:`StreamedBatch` items for that epoch (CPU tensors);
+    ``epoch_batches(epoch)`` yields :class:`StreamedBatch` items for that epoch (host arrays);
     ``report(metrics, dir)`` persists a checkpoint folder; ``tracker.log(step, metrics)``
     records metrics (a null tracker on ranks other than 0). ``run_dir`` receives the
     exported model and the sample grid, written by rank 0 on its device.
+
+    Inside a micro-step the host never waits for the device (:mod:`pogdiff_dist.syncs`): the
+    step's shape-setting draws are made on the host (:meth:`DualConditionStep.plan`), the
+    ranks agree on host facts through :class:`HostComm`, a non-finite loss is skipped on the
+    device (:class:`Engine`), and statistics reach the host once per log window
+    (:class:`MetricsWindow`).
     """
 
     def __init__(self, cfg: Config, prepared_dir: str | Path, device: torch.device | str, rank: int, world: int,
@@ -108,11 +102,14 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
             torch.backends.cudnn.allow_tf32 = t.allow_tf32
         self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+        self.comm = HostComm()
 
         # Frozen text encoder for y': built here, never handed to DeepSpeed, so ZeRO-3 does not partition it.
+        # It runs in fp32, as prepare did for y, and its states are kept at the shards' precision
+        # (the empty caption's too): identical captions give identical conditions.
         m = self.manifest
-        self.text = TextEncoder(m.text_encoder_dir, m.tokenizer_dir, cfg.model.max_length).to(self.device, self.dtype)
-        uncond = self.text.encode([""])[0][0]
+        self.text = TextEncoder(m.text_encoder_dir, m.tokenizer_dir, cfg.model.max_length).to(self.device)
+        uncond = self.text.encode([""])[0][0].to(STATE_DTYPE).float()
         elbo = torch.from_numpy(np.load(io.BytesIO(Store(self.prepared).read_bytes(m.elbo_file))))
         self.stepper = DualConditionStep(cfg.loss, build_noise_scheduler(cfg.model), self.text, uncond, elbo,
                                          t.caption_dropout, t.text_cache_mib, device=self.device,
@@ -129,20 +126,22 @@ class Trainer:
         self.engine = Engine(unet, cfg, world, self.device)
         if t.compile:
             self.engine.ds.compile()
+        # t and eps on the device; the plan's draws (dropout, neighbours, CBDM partners) on the host
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + rank)
+        self.host_generator = torch.Generator().manual_seed(t.seed * 1000 + rank + 10**6)
         self.sampling = SamplingPlan(m.train_counts, cfg.data.sampling, cfg.data.sampling_alpha, t.seed)
         self.stream = EpochStream(cfg, m, self.prepared, rank, world, self.sampling)
         self.state = TrainState()
         self.ledger = EpochLedger()
+        self.window = MetricsWindow()
         self._skip = 0  # rows of the first epoch to skip: what this rank had consumed before a restart
-        self._last_batch: Batch | None = None  # what a rank whose share ran out steps on, with weight 0
+        self._last_batch: HostBatch | None = None  # what a rank whose share ran out steps on, with weight 0
         self._checkpoint_due = False
-        self._window: list[tuple[torch.Tensor, dict]] = []
-        self._window_t0, self._window_wait = time.time(), 0.0
         self._t_start = time.time()
         self._first_step, self._t_fit = 0, time.time()  # where and when this segment's fit() began
+        self.samples_trained = 0  # this segment, all ranks (counted in the log windows)
         self.validator = Validator(self)
-        self.psi = PsiRecord(self.device) if rank == 0 and cfg.loss.method == "pogdiff" else None
+        self.psi = PsiRecord() if rank == 0 and cfg.loss.method == "pogdiff" else None
 
     # -- checkpoints
 
@@ -152,6 +151,7 @@ class Trainer:
         self.engine.load(d)
         self.state = TrainState.load(d / STATE_FILE.format(rank=self.rank))
         self.generator.set_state(self.state.generator)
+        self.host_generator.set_state(self.state.host_generator)
         assert self.state.step == self.engine.global_step, (self.state.step, self.engine.global_step)
         self.ledger = EpochLedger.restore(self.state)
         self._skip = self.state.open_rows
@@ -161,7 +161,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Every rank writes its ZeRO partition and its state, then reports the folder."""
         s = self.state
-        s.generator = self.generator.get_state()
+        s.generator, s.host_generator = self.generator.get_state(), self.host_generator.get_state()
         self.ledger.snapshot(s)
         metrics = {"step": s.step, "epoch": s.epoch, **s.last, "nonfinite_skipped": s.nonfinite,
                    "epochs": json.dumps(s.epochs)}
@@ -172,25 +172,21 @@ class Trainer:
 
     # -- the loop
 
-    def to_device(self, batch: Batch) -> Batch:
-        """The one place a batch moves: pinned host memory, then an asynchronous copy."""
-        if self.device.type == "cuda":
-            return batch.pin_memory().to(self.device, non_blocking=True)
-        return batch.to(self.device)
-
-    def fit(self, read: Reader) -> TrainState:
-        """Train to ``optim.max_steps``, then export (rank 0) and write the final checkpoint.
+    def fit(self, read: Reader, final_checkpoint: bool = True) -> TrainState:
+        """Train to ``optim.max_steps``, then export (rank 0) and write the final checkpoint
+        (unless ``final_checkpoint`` is False: a throughput measurement keeps no weights).
         ``read(paths)`` streams the numpy batches of shards, in the given order."""
         max_steps = self.cfg.optim.max_steps
         self._first_step, self._t_fit = self.state.step, time.time()
         self._epoch_line_step = self.state.step
+        self.window.restart_clock()
         while self.state.step < max_steps:
             items = self.stream(read, self.state.epoch, skip=self._skip)
             self._skip = 0
             if not self._run_epoch(items):
                 break
             self._close_epoch()
-        self._finish()
+        self._finish(final_checkpoint)
         return self.state
 
     def _run_epoch(self, batches: Iterable[StreamedBatch]) -> bool:
@@ -198,11 +194,14 @@ class Trainer:
 
         Ranks step in lockstep: while any rank still has a batch, every rank takes part in the
         step; one whose share ran out steps on its last batch with weight 0 (its shard of the
-        gradient all-reduce is zero), so no row of a longer share is dropped."""
-        items = _timed(batches, self)
+        gradient all-reduce is zero), so no row of a longer share is dropped. The agreement is
+        one host collective of two flags per micro-step."""
+        items = _timed(batches, self.window)
         while True:
             item = next(items, None)
-            if not all_reduce(torch.tensor([float(item is not None)]), self.device, op="max").item():
+            batch = item.batch if item is not None else None  # None too when every row of it was bad
+            any_item, all_can = self.comm.any_every(item is not None, batch is not None or self._last_batch is not None)
+            if not any_item:
                 return True
             if self._checkpoint_due:  # taken before this batch, so a resume re-reads from here
                 self.save_checkpoint()
@@ -211,7 +210,9 @@ class Trainer:
                 self.ledger.add(item)
                 for report in item.skipped:
                     print(f"[train] rank {self.rank} skipped bad sample (data.on_bad=skip): {report}", flush=True)
-            stepped = self._train_step(item.batch if item is not None else None, idle=item is None)
+            if not all_can:  # some rank has nothing at all to step on yet (every row it read was bad)
+                continue
+            stepped = self._train_step(batch if batch is not None else self._last_batch, idle=batch is None)
             if stepped and self.state.step >= self.cfg.optim.max_steps:
                 return self._stream_ended(items)
 
@@ -219,40 +220,30 @@ class Trainer:
         """At ``max_steps``: did this epoch's last batch just train on every rank? Then the
         epoch is closed in the final checkpoint, and a resume starts the next epoch instead
         of reading this one again. Peeks one batch (not trained, not counted)."""
-        more = torch.tensor([float(next(items, None) is not None)])
-        return all_reduce(more, self.device, op="max").item() == 0
+        return not self.comm.any(next(items, None) is not None)
 
-    def _train_step(self, batch: Batch | None, idle: bool = False) -> bool:
-        """Forward, the cross-rank agreement, backward and (at a boundary) the optimiser step.
-        ``idle``: this rank's share ran out while another's did not: a weight-0 step on its last
-        batch. True when an optimiser step happened."""
+    def _train_step(self, host: HostBatch, idle: bool = False) -> bool:
+        """The host half (plan), the one copy to the device, forward, backward and (at a boundary)
+        the optimiser step. ``idle``: this rank's share ran out while another's did not: a
+        weight-0 step on its last batch. True when an optimiser step happened."""
         s = self.state
-        loss, stats, psi = None, {}, None
-        if batch is not None:
-            self._last_batch = batch
-            loss, stats = self.stepper(self.engine, self.to_device(batch), self.generator, dtype=self.dtype)
-            psi = stats.pop("psi", None)
-        elif idle and self._last_batch is not None:
-            loss, _ = self.stepper(self.engine, self.to_device(self._last_batch), self.generator, dtype=self.dtype)
+        if not idle:
+            self._last_batch = host
+        plan = self.stepper.plan(host, self.host_generator)
+        psi = (plan.host_stats or {}).pop("psi", None)
+        loss, stats = self.stepper(self.engine, host.to_device(self.device), self.generator, dtype=self.dtype,
+                                   plan=plan.to_device(self.device))
+        if idle:
             loss = loss * 0.0
-        has_batch, finite, finite_here = agree_to_step(loss, self.device)
-        if not finite:  # a non-finite loss on some rank: every rank skips and counts it
-            where = "" if finite_here else (f"non-finite loss {loss.item()} at step {s.step + 1} on rank {self.rank} "
-                                            f"(samples {batch.index.tolist()}; "
-                                            f"{ {k: float(v) for k, v in stats.items()} })")
-            nonfinite_policy(s, self.cfg.train, finite_here, where)
-            self.tracker.log(s.step, {"nonfinite_skipped": s.nonfinite})
-            return False
-        if not has_batch:  # some rank has nothing left to train on in this batch
-            return False
-        s.nonfinite_run = 0
-        if not self.engine.backward_step(loss):
+        else:
+            self.window.add_micro(loss, stats, len(host), host.index)
+            if self.psi is not None and psi is not None:
+                self.psi.add(psi)
+        outcome = self.engine.backward_step(loss)
+        if not outcome.boundary:
             return False
         s.step += 1
-        if self.psi is not None and psi is not None:
-            self.psi.add(psi)
-        if stats:  # an idle rank's weight-0 step has none: its window keeps the rows it trained
-            self._window.append((loss.detach(), stats))
+        self.window.close_step(s.step, outcome.skipped, outcome.overflow)
         if s.step % self.cfg.train.log_every == 0 or s.step == self.cfg.optim.max_steps:
             self._log_window()
         if self.validator.due(s.step):
@@ -263,31 +254,32 @@ class Trainer:
         return True
 
     def _log_window(self) -> None:
-        """Means over the window since the last log: the only place step stats reach the host."""
-        if not self._window:  # this rank only took weight-0 steps since the last log
+        """The window's means and throughput: the only place step statistics reach the host."""
+        s = self.state
+        first = s.step - len(self.window) + 1
+        r = self.window.read(self.comm)
+        nonfinite_policy(s, self.cfg.train, r.skipped_steps, list(range(first, s.step + 1)), r.bad_here)
+        self.samples_trained += r.samples
+        if not r.means:  # this rank only took weight-0 steps since the last log
             return
-        s, now = self.state, time.time()
-        dt = now - self._window_t0
-        keys = list(self._window[0][1])
-        values = torch.stack([torch.stack([loss.float().cpu(), *[torch.as_tensor(st[k], dtype=torch.float32).cpu()
-                                                                  for k in keys]])
-                              for loss, st in self._window]).mean(0).tolist()
-        mean = dict(zip(["loss", *keys], values))
-        samples_per_step = self.cfg.optim.batch_size * self.cfg.optim.grad_accum * self.world
-        mean.update(lr=self.engine.lr, samples_per_s=len(self._window) * samples_per_step / dt, epoch=s.epoch,
-                    data_wait_frac=self._window_wait / dt)
+        mean = dict(r.means)
+        mean.update(lr=self.engine.lr, samples_per_s=r.samples / max(r.seconds, 1e-9), epoch=s.epoch,
+                    data_wait_frac=r.data_wait_s / max(r.seconds, 1e-9), nonfinite_skipped=s.nonfinite,
+                    samples_trained=self.samples_trained)
         self.tracker.log(s.step, mean)
         if self.rank == 0:
-            total = self.cfg.optim.max_steps
+            total, elapsed = self.cfg.optim.max_steps, time.time() - self._t_fit
+            pog = mean.get("loss_pog", 0.0)
             print(f"[train] step {s.step}/{total} ({s.step / total:.0%}) loss {mean['loss']:.4f} "
-                  f"(denoise {mean['loss_denoise']:.4f}, pog {mean['loss_pog']:.4f}) "
-                  f"lr {self.engine.lr:.2e} {mean['samples_per_s']:.1f} samples/s, ETA {eta(s.step - self._first_step, total - s.step, now - self._t_fit)}", flush=True)
-        s.last, self._window, self._window_t0, self._window_wait = mean, [], now, 0.0
+                  f"(denoise {mean.get('loss_denoise', float('nan')):.4f}, pog {pog:.4f}) "
+                  f"lr {self.engine.lr:.2e} {mean['samples_per_s']:.1f} samples/s, "
+                  f"ETA {eta(s.step - self._first_step, total - s.step, elapsed)}", flush=True)
+        s.last = mean
 
     def _close_epoch(self) -> None:
         s, m = self.state, self.manifest
         self.ledger.planned = self.stream.planned
-        record = self.ledger.close(s.epoch, m.num_samples, self.device, len(m.identities))
+        record = self.ledger.close(s.epoch, m.num_samples, self.comm, len(m.identities))
         if record["epoch_samples"] == 0:
             raise ValueError(f"epoch {s.epoch} delivered no trainable sample ({m.num_samples} samples "
                              f"over {self.world} workers, {record['epoch_skipped_bad']:.0f} skipped as bad)")
@@ -316,66 +308,43 @@ class Trainer:
             self.save_checkpoint()
             self._checkpoint_due = False
 
-    def _finish(self) -> None:
+    def _finish(self, final_checkpoint: bool = True) -> None:
+        fit_s = time.time() - self._t_fit
         peaks = {"peak_rss_mib_max_worker": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024}
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # the allocator's counter: a host read, no device sync
             peaks["peak_gpu_mib_max_worker"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         names = sorted(peaks)
-        peak = all_reduce(torch.tensor([peaks[k] for k in names], dtype=torch.float64), self.device,
-                          op="max").tolist()
-        peaks = dict(zip(names, peak))
+        peaks = dict(zip(names, self.comm.all_reduce(np.array([peaks[k] for k in names]), op="max").tolist()))
+        # the run's own totals: samples counted in the log windows over the fit's wall time
+        peaks.update(fit_seconds_segment=fit_s, samples_trained=self.samples_trained,
+                     mean_samples_per_s=self.samples_trained / max(fit_s, 1e-9))
         if self.validator.seconds:
             peaks.update(val_seconds=self.validator.seconds,
                          val_fraction_of_run=self.validator.seconds / max(time.time() - self._t_start, 1e-9))
         self.tracker.log(self.state.step, {**peaks, "nonfinite_skipped": self.state.nonfinite})
         self.state.last.update(peaks)
         self.export()
-        self.save_checkpoint()
+        if final_checkpoint:
+            self.save_checkpoint()
 
     # -- export
 
     def export(self) -> Path | None:
-        """The diffusers pipeline in ``run_dir/model`` (a ``StableDiffusionPipeline`` for a model
-        fine-tuned from a Stable Diffusion layout, ``PoGDiffPipeline`` for a pixel-space one), with
-        LoRA also the adapter alone in diffusers' LoRA format in ``run_dir/lora`` (the pipeline then
-        holds the merged weights), and the sample grid in ``run_dir/samples.png``: made by rank 0
-        on its device. Every rank calls (ZeRO-3 gathers the weights)."""
-        state = self.engine.export_state_dict()
-        if state is None or self.run_dir is None:
+        """Rank 0 writes the model (:func:`~pogdiff_dist.train.export.export_run`) from the fp32
+        master weights (their EMA with ``train.ema``). Every rank calls (the weights are gathered)."""
+        masters = self.engine.master_state_dict()
+        if masters is None or self.run_dir is None:
             return None
-        m = self.manifest
-        unet = build_unet(self.cfg.model, self.spec)
-        if self.cfg.model.lora_rank:
-            add_lora(unet, self.cfg.model)
-        unet.load_state_dict(state)
-        if self.cfg.model.lora_rank:
-            from diffusers import StableDiffusionPipeline
-
-            lora_dir = self.run_dir / LORA_DIR
-            shutil.rmtree(lora_dir, ignore_errors=True)
-            StableDiffusionPipeline.save_lora_weights(str(lora_dir), unet_lora_layers=lora_state_dict(unet),
-                                                      safe_serialization=True)
-            unet.fuse_lora()  # the adapter folded into the base weights: a plain UNet for the pipeline
-            unet.unload_lora()
-        # a fresh fp32 copy of the frozen encoder: the trainer's runs in the compute dtype
-        text = TextEncoder(m.text_encoder_dir, m.tokenizer_dir, self.cfg.model.max_length)
-        vae = LatentCodec(m.vae_dir).vae if m.vae_dir else None
-        model_dir = self.run_dir / MODEL_DIR
-        shutil.rmtree(model_dir, ignore_errors=True)
-        export_pipeline(model_dir, unet, build_noise_scheduler(self.cfg.model), text, vae)
-        pipe = load_pipeline(model_dir, self.device)
-        sample_grid(pipe, m, self.cfg, self.run_dir / SAMPLES)
-        write_plots(self.run_dir / PLOTS_DIR, m, self.psi, self.cfg.loss, self.prepared)
-        for part in (MODEL_DIR, SAMPLES, PLOTS_DIR, *([LORA_DIR] if self.cfg.model.lora_rank else [])):
-            self.run_store.upload(part)
+        model_dir = export_run(self.cfg, self.manifest, self.spec, masters, self.run_store, self.device, self.psi,
+                               self.prepared)
         print(f"[train] rank {self.rank} exported the model to {model_dir} and the sample grid on {self.device}",
               flush=True)
         return model_dir
 
 
-
-def _timed(batches: Iterable[StreamedBatch], trainer: Trainer) -> Iterator[StreamedBatch]:
-    """The batches, with the time spent waiting for each added to the trainer's window."""
+@host_side
+def _timed(batches: Iterable[StreamedBatch], window: MetricsWindow) -> Iterator[StreamedBatch]:
+    """The batches (host arrays), with the time spent waiting for each added to the window."""
     it = iter(batches)
     while True:
         t0 = time.time()
@@ -383,7 +352,7 @@ def _timed(batches: Iterable[StreamedBatch], trainer: Trainer) -> Iterator[Strea
             item = next(it)
         except StopIteration:
             return
-        trainer._window_wait += time.time() - t0
+        window.data_wait += time.time() - t0
         yield item
 
 
