@@ -4,8 +4,9 @@ PoGDiff lets sample i borrow strength from its k nearest *other* samples in the 
 image-embedding space z. Here they are found once per dataset by exact inner-product
 search on L2-normalised embeddings, i.e. by cosine similarity, and turned into the
 sampling weights w_j used to draw one neighbour per training step. The search is FAISS
-``IndexFlatIP`` (on its GPUs with faiss-gpu), or, on a CUDA device that FAISS cannot use
-(faiss-cpu installed on a GPU node), the same exact search as chunked matmul + top-k in torch.
+``IndexFlatIP`` (on the GPUs this process was given, with faiss-gpu), or, on a CUDA device that
+FAISS cannot use (faiss-cpu on a GPU node) or without FAISS, the same exact search in torch:
+matmul + top-k streamed over database chunks with a running top-k (:func:`knn_plan` decides).
 
 At a million samples exact search is N^2 d work and the [N, d] table alone is 2 GiB, so
 :func:`build_knn_ivf` offers FAISS's inverted-file index instead (``prepare.knn_index=ivf``):
@@ -17,6 +18,7 @@ measures how much against exact search on a random sample of queries.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -38,31 +40,132 @@ def _normalised_copy(z: np.ndarray) -> np.ndarray:
     return _normalised_chunk(np.arange(len(z)), z)
 
 
-def _make_index(d: int, use_gpu: str | bool):
-    """Exact inner-product index, moved to all GPUs when asked for (or when ``"auto"`` finds one)."""
-    import faiss
+@dataclass(frozen=True)
+class KnnPlan:
+    """How an exact search runs: ``backend`` ``faiss`` on FAISS's GPUs ``faiss_gpus`` (device
+    numbers as FAISS sees them; empty: its CPU index), or ``torch`` (streamed matmul + top-k)
+    on ``device``."""
 
+    backend: str
+    faiss_gpus: tuple[int, ...] = ()
+    device: str = "cpu"
+
+    @property
+    def name(self) -> str:
+        if self.backend == "torch":
+            return f"torch on {self.device}"
+        return f"faiss on {len(self.faiss_gpus)} GPU(s)" if self.faiss_gpus else "faiss on CPU"
+
+
+def knn_plan(use_gpu: str | bool = "auto", faiss_visible: int | None = 0, task_gpus: float | None = None,
+             device: str | None = None, backend: str = "auto") -> KnnPlan:
+    """The search backend and the GPUs it may use, from what this process was given.
+
+    Args:
+        use_gpu: ``"auto"``, ``True`` (an error without a usable GPU) or ``False`` (CPU).
+        faiss_visible: ``faiss.get_num_gpus()`` here (``None``: FAISS is not installed).
+        task_gpus: the GPUs of the Ray task this runs in (``None``: not a Ray task). Ray sets
+            ``CUDA_VISIBLE_DEVICES`` only for a task that asked for GPUs, so a task given none
+            still sees every GPU of its node (others' GPUs) and must leave them alone; a task
+            given n sees exactly its own, as FAISS devices ``0..n-1`` (a fraction: one shared GPU).
+        device: the torch device this process computes on; outside a Ray task a ``cuda:i``
+            device is the one GPU to use, ``cpu`` none, and no device every GPU FAISS sees.
+        backend: ``auto``, ``faiss`` or ``torch``. ``auto``: FAISS, on its GPUs where allowed;
+            torch on a CUDA device FAISS cannot use (faiss-cpu on a GPU node) or without FAISS.
+    """
     if use_gpu not in ("auto", True, False):
         raise ValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+    visible = faiss_visible or 0
+    on_cuda = device is not None and str(device).startswith("cuda")
+    if task_gpus is not None:
+        allowed = list(range(max(1, int(task_gpus)))) if task_gpus > 0 else []
+    elif device is not None:
+        allowed = [int(str(device).partition(":")[2] or 0)] if on_cuda else []
+    else:
+        allowed = list(range(visible))
+    if use_gpu is False:
+        allowed = []
+    usable = [g for g in allowed if g < visible]
+    if use_gpu is True and not allowed and (task_gpus is not None or device is not None):
+        raise ValueError(f"use_gpu=True but this process was given no GPU (task_gpus={task_gpus}, device={device})")
+    if use_gpu is True and not usable and not (on_cuda and backend != "faiss"):
+        raise ValueError("use_gpu=True but FAISS sees no GPU (is faiss-gpu installed, rather than faiss-cpu?)")
+    torch_device = str(device) if device is not None else ("cuda" if allowed else "cpu")
+    if backend == "torch" or (backend == "auto" and (faiss_visible is None or (allowed and not usable))):
+        return KnnPlan("torch", device=torch_device)
+    if faiss_visible is None:
+        raise ImportError(NO_FAISS)
+    return KnnPlan("faiss", faiss_gpus=tuple(usable))
+
+
+NO_FAISS = ("FAISS is not installed: install pogdiff_dist[cpu] (faiss-cpu) or, on GPU nodes, pogdiff_dist[gpu] "
+            "(faiss-gpu-cu12); never both, they install the same faiss package")
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError(NO_FAISS) from e
+    return faiss
+
+
+def faiss_visible_gpus() -> int | None:
+    """``faiss.get_num_gpus()`` here (0 with faiss-cpu), or ``None`` when FAISS is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss.get_num_gpus()
+
+
+def _faiss_index(d: int, plan: KnnPlan):
+    """Exact inner-product index on the plan's FAISS GPUs (each holding the whole table), or its CPU."""
+    faiss = _import_faiss()
+
     index = faiss.IndexFlatIP(d)
-    n_gpus = faiss.get_num_gpus()
-    if use_gpu is True and n_gpus == 0:
-        raise ValueError("use_gpu=True but FAISS sees no GPU (is faiss-gpu installed?)")
-    if n_gpus > 0 and use_gpu in (True, "auto"):
-        logger.info("build_knn: exact IndexFlatIP on %d GPU(s)", n_gpus)
-        return faiss.index_cpu_to_all_gpus(index)
-    logger.info("build_knn: exact IndexFlatIP on CPU")
-    return index
+    logger.info("build_knn: exact IndexFlatIP, %s", plan.name)
+    return faiss.index_cpu_to_gpus_list(index, gpus=list(plan.faiss_gpus)) if plan.faiss_gpus else index
+
+
+# Score-matrix elements one torch search step holds: [query rows x database rows] float32,
+# 1 GiB (at the default query batch of 65,536 rows, database chunks of 4,096 rows).
+TORCH_BLOCK_ELEMENTS = 1 << 28
+
+
+def torch_topk_search(q, z, k: int, db_chunk: int):
+    """Exact top-``k`` inner products of queries ``q`` [m, d] against database ``z`` [N, d]
+    (torch tensors on one device): ``(scores, indices)`` [m, k], best first.
+
+    The database is streamed in chunks of ``db_chunk`` rows with a running top-k, so memory is
+    [m x db_chunk] scores, never the [m x N] matrix (80 GB at m = 65,536, N = 300k)."""
+    import torch
+
+    if not 1 <= k <= len(z):
+        raise ValueError(f"k must be in 1..{len(z)}, got {k}")
+    best_s = best_i = None
+    for start in range(0, len(z), db_chunk):
+        s, i = (q @ z[start:start + db_chunk].T).topk(min(k, len(z) - start, db_chunk), dim=1)
+        i += start
+        if best_s is not None:
+            s, i = torch.cat([best_s, s], dim=1), torch.cat([best_i, i], dim=1)
+            s, pick = s.topk(min(k, s.shape[1]), dim=1)
+            i = i.gather(1, pick)
+        best_s, best_i = s, i
+    return best_s, best_i
 
 
 class _TorchExactIndex:
-    """Exact inner-product search as matmul + top-k on a torch device (FAISS's IndexFlatIP
-    semantics: ``search`` returns (similarities, indices), best first)."""
+    """Exact inner-product search as streamed matmul + top-k on a torch device (FAISS's
+    IndexFlatIP semantics: ``search`` returns (similarities, indices), best first)."""
 
-    def __init__(self, device):
+    def __init__(self, device, block_elements: int | None = None):
         import torch
 
         self.torch, self.device, self.z = torch, torch.device(device), None
+        self.block = block_elements or TORCH_BLOCK_ELEMENTS
 
     def add(self, z: np.ndarray) -> None:
         self.z = self.torch.from_numpy(z).to(self.device)
@@ -73,28 +176,11 @@ class _TorchExactIndex:
         allow = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            s, i = (torch.from_numpy(q).to(self.device) @ self.z.T).topk(k, dim=1)
+            chunk = max(k, self.block // max(1, len(q)))
+            s, i = torch_topk_search(torch.from_numpy(q).to(self.device), self.z, k, chunk)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = allow
         return s.cpu().numpy(), i.cpu().numpy()
-
-
-def knn_backend(device: str | None = None, backend: str = "auto") -> str:
-    """Which exact search ``build_knn`` runs: ``faiss`` (its GPUs when faiss-gpu sees one) or
-    ``torch`` (matmul + top-k on ``device``). ``auto``: FAISS, except on a CUDA device that
-    FAISS cannot use (faiss-cpu installed on a GPU node, or no FAISS at all)."""
-    if backend not in ("auto", "faiss", "torch"):
-        raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
-    if backend != "auto":
-        return backend
-    on_cuda = device is not None and str(device).startswith("cuda")
-    try:
-        import faiss
-    except ImportError:
-        if on_cuda:
-            return "torch"
-        raise
-    return "torch" if on_cuda and faiss.get_num_gpus() == 0 else "faiss"
 
 
 def build_knn(
@@ -105,18 +191,21 @@ def build_knn(
     progress: bool = False,
     device: str | None = None,
     backend: str = "auto",
+    task_gpus: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k_max`` nearest other samples of every sample by cosine similarity (Eq. 8).
 
     Args:
         z: image embeddings [N, d]; need not be normalised (a normalised copy is searched).
         k_max: neighbours kept per sample; training may use any k <= k_max.
-        use_gpu: ``True`` (error without a GPU), ``False``, or ``"auto"`` (GPU if FAISS sees one).
+        use_gpu: ``True`` (error without a GPU), ``False``, or ``"auto"`` (the GPUs this process
+            may use, see :func:`knn_plan`).
         query_batch: rows queried at once, bounding the [query_batch, k_max + 1] result memory.
         progress: show a tqdm bar over the query batches.
         device: the torch device this process was given; a CUDA device searches there
             (with faiss-gpu, or with torch when FAISS has no GPU support).
-        backend: ``auto``, ``faiss`` or ``torch`` (see ``knn_backend``).
+        backend: ``auto``, ``faiss`` or ``torch`` (see :func:`knn_plan`).
+        task_gpus: the GPUs of the Ray task this runs in: FAISS uses those and no others.
 
     Returns:
         ``(idx, sims)``: int64 [N, k_max] neighbour indices and float32 [N, k_max] cosine
@@ -133,10 +222,8 @@ def build_knn(
             f"k_max={k_max} is larger than the dataset allows: N={n} samples leave only {n - 1} "
             "other samples to be neighbours"
         )
-    if knn_backend(device, backend) == "torch":
-        index = _TorchExactIndex(device or "cpu")
-    else:
-        index = _make_index(d, use_gpu)
+    plan = knn_plan(use_gpu, faiss_visible_gpus(), task_gpus, device, backend)
+    index = _TorchExactIndex(plan.device) if plan.backend == "torch" else _faiss_index(d, plan)
     index.add(z)
 
     idx = np.empty((n, k_max), dtype=np.int64)
@@ -202,6 +289,7 @@ def build_knn_ivf(
     seed: int = 0,
     use_gpu: str | bool = "auto",
     device: str | None = None,
+    task_gpus: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Approximate ``k_max`` nearest other samples by cosine similarity with ``IndexIVFFlat``.
 
@@ -213,14 +301,14 @@ def build_knn_ivf(
         nprobe: lists scanned per query; nprobe = nlist is exact search.
         train_rows: k-means training sample, drawn uniformly without replacement (0: 64 per list).
         seed: the training sample and k-means initialisation.
-        use_gpu, device: as :func:`build_knn`: the index runs on FAISS's GPUs when it has
-            some and the task was given a CUDA device (or ``use_gpu=True``).
+        use_gpu, device, task_gpus: as :func:`build_knn`: the index runs on the FAISS GPUs
+            :func:`knn_plan` allows this process (a Ray task: only its own).
 
     Returns:
         ``(idx, sims, info)`` as :func:`build_knn` (similarities are exact inner products of
         the neighbours found), and ``info`` with the index parameters used.
     """
-    import faiss
+    faiss = _import_faiss()
 
     n = source.n_rows
     if k_max < 1:
@@ -242,12 +330,11 @@ def build_knn_ivf(
     d = sample.shape[1]
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.niter, index.cp.seed = IVF_KMEANS_ITERS, seed
-    on_gpu = faiss.get_num_gpus() > 0 and (use_gpu is True or (
-        use_gpu == "auto" and device is not None and str(device).startswith("cuda")))
-    if use_gpu is True and faiss.get_num_gpus() == 0:
-        raise ValueError("use_gpu=True but FAISS sees no GPU (is faiss-gpu installed?)")
+    # no device and no task: the CPU unless asked (the flat search's "every GPU" does not apply)
+    plan = knn_plan(use_gpu, faiss.get_num_gpus(), task_gpus, device if device or use_gpu is True else "cpu", "faiss")
+    on_gpu = bool(plan.faiss_gpus)
     if on_gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
+        index = faiss.index_cpu_to_gpus_list(index, gpus=list(plan.faiss_gpus))
     logger.info("build_knn_ivf: IVF%d,Flat nprobe=%d on %s, trained on %d rows", nlist, nprobe,
                 "GPU" if on_gpu else "CPU", train_rows)
     index.train(sample)
@@ -278,7 +365,7 @@ def knn_recall(source, idx: np.ndarray, k: int, queries: int = 1000, seed: int =
     each query's k exact nearest other samples that ``idx[q, :k]`` holds, over ``queries``
     samples drawn at random. The exact answer streams ``source`` once, scoring the queries
     against each chunk of the database (FAISS flat search) and keeping a running top-k."""
-    import faiss
+    faiss = _import_faiss()
 
     n = source.n_rows
     if not 1 <= k <= idx.shape[1]:
