@@ -29,7 +29,7 @@ def test_matches_brute_force():
 
 def test_torch_backend_matches_faiss():
     """The exact search a CUDA device runs when FAISS has no GPU (matmul + top-k), here on CPU."""
-    from pogdiff_dist.data.neighbours import knn_plan
+    from pogdiff_dist.data.exact_search import knn_plan
 
     z = np.random.default_rng(3).normal(size=(300, 16)).astype(np.float32)
     idx, sims = build_knn(z, 7, query_batch=50, device="cpu", backend="torch")
@@ -46,7 +46,7 @@ def test_streamed_torch_search_matches_brute_force(db_chunk):
     """The running top-k over database chunks is exact: the same scores as the full [m, N] product."""
     import torch
 
-    from pogdiff_dist.data.neighbours import torch_topk_search
+    from pogdiff_dist.data.exact_search import torch_topk_search
 
     rng = np.random.default_rng(4)
     z, q = rng.normal(size=(500, 24)).astype(np.float32), rng.normal(size=(37, 24)).astype(np.float32)
@@ -62,11 +62,11 @@ def test_streamed_torch_search_matches_brute_force(db_chunk):
 def test_build_knn_torch_backend_never_holds_the_query_by_database_matrix(monkeypatch):
     """build_knn's torch search asks for score blocks of at most TORCH_BLOCK_ELEMENTS, and still
     matches brute force (the full [query_batch, N] block ran out of GPU memory near N = 250k)."""
-    from pogdiff_dist.data import neighbours
+    from pogdiff_dist.data import exact_search
 
-    blocks, search = [], neighbours.torch_topk_search
-    monkeypatch.setattr(neighbours, "TORCH_BLOCK_ELEMENTS", 40 * 9)
-    monkeypatch.setattr(neighbours, "torch_topk_search",
+    blocks, search = [], exact_search.torch_topk_search
+    monkeypatch.setattr(exact_search, "TORCH_BLOCK_ELEMENTS", 40 * 9)
+    monkeypatch.setattr(exact_search, "torch_topk_search",
                         lambda q, z, k, chunk: blocks.append(len(q) * min(chunk, len(z))) or search(q, z, k, chunk))
     z = np.random.default_rng(5).normal(size=(400, 16)).astype(np.float32)
     idx, sims = build_knn(z, 5, query_batch=40, device="cpu", backend="torch")
@@ -93,7 +93,7 @@ GPU_CASES = [
 
 @pytest.mark.parametrize("task_gpus,visible,device,backend,gpus,torch_device", GPU_CASES)
 def test_knn_plan_uses_only_the_gpus_its_task_was_given(task_gpus, visible, device, backend, gpus, torch_device):
-    from pogdiff_dist.data.neighbours import knn_plan
+    from pogdiff_dist.data.exact_search import knn_plan
 
     plan = knn_plan("auto", visible, task_gpus, device)
     assert (plan.backend, plan.faiss_gpus) == (backend, gpus)
@@ -102,7 +102,7 @@ def test_knn_plan_uses_only_the_gpus_its_task_was_given(task_gpus, visible, devi
 
 
 def test_knn_plan_errors_and_explicit_choices():
-    from pogdiff_dist.data.neighbours import knn_plan
+    from pogdiff_dist.data.exact_search import knn_plan
 
     assert knn_plan(False, 2, 1, "cuda").faiss_gpus == ()  # use_gpu=False: FAISS's CPU index
     assert knn_plan("auto", 2, 1, "cuda", backend="torch").device == "cuda"

@@ -161,7 +161,7 @@ def knn_task(encoded: str, out: str, p: PrepareConfig, seed: int, gpus: float) -
     ``knn_index=flat``: exact search over the whole table (faiss-gpu, or torch on a GPU FAISS
     cannot use). ``ivf``: :func:`build_knn_ivf` streams the column in chunks, and its recall@k
     against exact search on ``knn_recall_queries`` random samples is measured and returned."""
-    from pogdiff_dist.data.neighbours import faiss_visible_gpus, knn_plan
+    from pogdiff_dist.data.exact_search import faiss_visible_gpus, knn_plan
 
     device = task_device(gpus)
     if p.knn_index == "flat":
