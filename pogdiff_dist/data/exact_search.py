@@ -112,7 +112,7 @@ def torch_topk_search(q, z, k: int, db_chunk: int):
     (torch tensors on one device): ``(scores, indices)`` [m, k], best first.
 
     The database is streamed in chunks of ``db_chunk`` rows with a running top-k, so memory is
-    [m x db_chunk] scores, never the [m x N] matrix (80 GB at m = 65,536, N = 300k)."""
+    [m x db_chunk] scores, never the [m x N] matrix (79 GB at m = 65,536, N = 300k)."""
     import torch
 
     if not 1 <= k <= len(z):
