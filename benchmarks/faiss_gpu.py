@@ -6,7 +6,8 @@ Times ``pogdiff_dist.data.neighbours.build_knn(z, k, use_gpu=True)``: exact
 When torch sees a GPU, a torch matmul + topk pass over the same vectors on that GPU is
 timed as a lower bound.
 
-Needs faiss-gpu (``pip install faiss-gpu-cu12``) and a CUDA device; without them it exits
+Needs faiss-gpu (the ``gpu`` extra: ``FAISS_EXTRA=gpu bash scripts/install.sh``, which
+replaces faiss-cpu) and a CUDA device; without them it exits
 with a message. The CPU path of the same code runs with ``--device cpu`` (use a small N):
 
     .venv/bin/python benchmarks/faiss_gpu.py                          # GPU machine

@@ -40,6 +40,26 @@ def task_device(gpus: float) -> str:
     return "cuda" if gpus > 0 else "cpu"
 
 
+def auto_gpus(gpus_up: float, gpus_possible: float | None, declared: bool) -> float:
+    """GPUs per actor or task for a stage set to ``auto`` (``prepare.gpus_per_encoder``, the
+    evaluation's generators): 1 or 0, from three inputs, the most certain first.
+
+    - ``gpus_up``: GPUs in the Ray cluster now (``ray.cluster_resources()``). Any -> 1.
+    - ``gpus_possible``: GPUs the autoscaler's node types could add, when it reported them to
+      Ray (the cluster config Ray Train checks its worker group against); ``None`` when nothing
+      was reported. Known -> 1 if any node type has a GPU, else 0.
+    - ``declared``: what the run itself says (``train.use_gpu``), asked only when the cluster
+      has no GPU now and no autoscaler said what it can add: an autoscaling cluster starts with
+      no GPU node at all (``min_workers: 0``), and the run that will train on GPUs is the best
+      witness that GPU nodes will come. Without it the whole prepare ran on CPU, on the GPU nodes.
+    """
+    if gpus_up > 0:
+        return 1.0
+    if gpus_possible is not None:
+        return 1.0 if gpus_possible > 0 else 0.0
+    return 1.0 if declared else 0.0
+
+
 @dataclass(frozen=True)
 class Transfer:
     """How a host batch reaches the device: pinned host memory and an asynchronous copy on

@@ -40,6 +40,23 @@ def init_ray(ray_cfg) -> None:
         log.info("started a local Ray cluster at %s with %d logical CPUs", own, num_cpus)
 
 
+def cluster_gpus() -> tuple[float, float | None]:
+    """``(GPUs up now, GPUs the autoscaler could provide)`` of the joined cluster, the inputs of
+    :func:`pogdiff_dist.devices.auto_gpus`. The second is ``None`` unless an autoscaler reported
+    its node types to Ray (its cluster config, read through the same private accessor Ray Train
+    uses to reject a worker group no node type can hold); Ray 2.60's own ``ray up`` and KubeRay
+    autoscalers do not report it, so there the run's declaration decides."""
+    up = float(ray.cluster_resources().get("GPU", 0))
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except (ImportError, AttributeError, RuntimeError, ConnectionError) as e:  # a private API: never fatal
+        log.debug("no autoscaler cluster config (%s)", e)
+        most = None
+    return up, (None if most is None else float(most.get("GPU", 0)))
+
+
 @contextmanager
 def _own_address():
     """A free GCS port for the local cluster about to start, and its address in ``RAY_ADDRESS``

@@ -46,3 +46,39 @@ def test_the_text_encoders_4d_mask_equals_the_2d_mask_and_reads_nothing_on_the_h
         got, _ = te.encode_ids(ids, lens)
     assert [e.library for e in plain.events] == ["transformers"] and not ours.events
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+# (GPUs up now, GPUs the autoscaler reported it can add, the run's train.use_gpu) -> GPUs per actor/task
+AUTO_GPU_CASES = [
+    (0, None, True, 1.0),   # `ray up`, min_workers 0, first second: no GPU node yet, the run trains on GPUs
+    (0, None, False, 0.0),  # nothing up, nothing reported, a CPU run: CPU
+    (2, None, False, 1.0),  # GPU nodes are up: use them, whatever the run declares
+    (1, 8, True, 1.0),
+    (0, 8, False, 1.0),     # an autoscaler that reported GPU node types: they will come
+    (0, 0, True, 0.0),      # one that reported only CPU node types: no GPU can ever come
+]
+
+
+@pytest.mark.parametrize("up,possible,declared,want", AUTO_GPU_CASES)
+def test_auto_gpus_from_what_the_cluster_has_can_add_and_the_run_declares(up, possible, declared, want):
+    from pogdiff_dist.devices import auto_gpus
+
+    assert auto_gpus(up, possible, declared) == want
+
+
+def test_prepare_and_evaluation_auto_resolve_through_the_same_rule(monkeypatch, tmp_path):
+    """Both "auto" settings read the cluster once through runtime.cluster_gpus; here it answers
+    what an autoscaling GPU cluster answers in its first second (no GPU up, nothing reported)."""
+    import yaml
+
+    from pogdiff_dist import runtime
+    from pogdiff_dist.evaluation.generate import resolve_eval_gpus
+    from pogdiff_dist.prepare import pipeline
+
+    monkeypatch.setattr(runtime, "cluster_gpus", lambda: (0.0, None))
+    monkeypatch.setattr(pipeline, "cluster_gpus", runtime.cluster_gpus)
+    assert pipeline.resolve_gpus("auto", use_gpu=True) == 1.0 and pipeline.resolve_gpus("auto", use_gpu=False) == 0.0
+    assert pipeline.resolve_gpus(0.5, use_gpu=False) == 0.5  # a number is taken as given
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"use_gpu": True}}))
+    assert resolve_eval_gpus("auto", tmp_path) == 1.0 and resolve_eval_gpus("auto", None) == 0.0
+    assert resolve_eval_gpus(0, tmp_path) == 0.0

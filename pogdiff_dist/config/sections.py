@@ -120,7 +120,8 @@ class PrepareConfig:
     # per-image captions, whose ELBO measured a description's rarity; see README).
     density_text: str = "caption"
     # GPUs per encoder actor (fractional allowed) and per k-NN / density task: "auto" = 1 when
-    # the Ray cluster has GPUs (ray.cluster_resources()), else 0.
+    # the Ray cluster has GPUs now, or its autoscaler reported GPU node types, or (neither known)
+    # train.use_gpu is set, else 0 (pogdiff_dist.devices.auto_gpus).
     gpus_per_encoder: float | str = "auto"
     # The k-NN index (Eq. 8). "flat": exact search over the whole table in one process (the
     # default; N^2 d work). "ivf": FAISS IndexIVFFlat, approximate, for large N: knn_nlist

@@ -4,8 +4,9 @@ PoGDiff lets sample i borrow strength from its k nearest *other* samples in the 
 image-embedding space z. Here they are found once per dataset by exact inner-product
 search on L2-normalised embeddings, i.e. by cosine similarity, and turned into the
 sampling weights w_j used to draw one neighbour per training step. The search is FAISS
-``IndexFlatIP`` (on its GPUs with faiss-gpu), or, on a CUDA device that FAISS cannot use
-(faiss-cpu installed on a GPU node), the same exact search as chunked matmul + top-k in torch.
+``IndexFlatIP`` (on the GPUs this process was given, with faiss-gpu), or, on a CUDA device that
+FAISS cannot use (faiss-cpu on a GPU node) or without FAISS, the same exact search in torch:
+matmul + top-k streamed over database chunks with a running top-k (:func:`knn_plan` decides).
 
 At a million samples exact search is N^2 d work and the [N, d] table alone is 2 GiB, so
 :func:`build_knn_ivf` offers FAISS's inverted-file index instead (``prepare.knn_index=ivf``):
@@ -20,6 +21,8 @@ import logging
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from pogdiff_dist.data.exact_search import TorchExactIndex, faiss_index, faiss_visible_gpus, import_faiss, knn_plan
 
 logger = logging.getLogger(__name__)
 
@@ -38,65 +41,6 @@ def _normalised_copy(z: np.ndarray) -> np.ndarray:
     return _normalised_chunk(np.arange(len(z)), z)
 
 
-def _make_index(d: int, use_gpu: str | bool):
-    """Exact inner-product index, moved to all GPUs when asked for (or when ``"auto"`` finds one)."""
-    import faiss
-
-    if use_gpu not in ("auto", True, False):
-        raise ValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
-    index = faiss.IndexFlatIP(d)
-    n_gpus = faiss.get_num_gpus()
-    if use_gpu is True and n_gpus == 0:
-        raise ValueError("use_gpu=True but FAISS sees no GPU (is faiss-gpu installed?)")
-    if n_gpus > 0 and use_gpu in (True, "auto"):
-        logger.info("build_knn: exact IndexFlatIP on %d GPU(s)", n_gpus)
-        return faiss.index_cpu_to_all_gpus(index)
-    logger.info("build_knn: exact IndexFlatIP on CPU")
-    return index
-
-
-class _TorchExactIndex:
-    """Exact inner-product search as matmul + top-k on a torch device (FAISS's IndexFlatIP
-    semantics: ``search`` returns (similarities, indices), best first)."""
-
-    def __init__(self, device):
-        import torch
-
-        self.torch, self.device, self.z = torch, torch.device(device), None
-
-    def add(self, z: np.ndarray) -> None:
-        self.z = self.torch.from_numpy(z).to(self.device)
-
-    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        torch = self.torch
-        # full fp32 products: TF32 would reorder near-ties that exact search must keep
-        allow = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            s, i = (torch.from_numpy(q).to(self.device) @ self.z.T).topk(k, dim=1)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = allow
-        return s.cpu().numpy(), i.cpu().numpy()
-
-
-def knn_backend(device: str | None = None, backend: str = "auto") -> str:
-    """Which exact search ``build_knn`` runs: ``faiss`` (its GPUs when faiss-gpu sees one) or
-    ``torch`` (matmul + top-k on ``device``). ``auto``: FAISS, except on a CUDA device that
-    FAISS cannot use (faiss-cpu installed on a GPU node, or no FAISS at all)."""
-    if backend not in ("auto", "faiss", "torch"):
-        raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
-    if backend != "auto":
-        return backend
-    on_cuda = device is not None and str(device).startswith("cuda")
-    try:
-        import faiss
-    except ImportError:
-        if on_cuda:
-            return "torch"
-        raise
-    return "torch" if on_cuda and faiss.get_num_gpus() == 0 else "faiss"
-
-
 def build_knn(
     z: np.ndarray,
     k_max: int,
@@ -105,18 +49,21 @@ def build_knn(
     progress: bool = False,
     device: str | None = None,
     backend: str = "auto",
+    task_gpus: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k_max`` nearest other samples of every sample by cosine similarity (Eq. 8).
 
     Args:
         z: image embeddings [N, d]; need not be normalised (a normalised copy is searched).
         k_max: neighbours kept per sample; training may use any k <= k_max.
-        use_gpu: ``True`` (error without a GPU), ``False``, or ``"auto"`` (GPU if FAISS sees one).
+        use_gpu: ``True`` (error without a GPU), ``False``, or ``"auto"`` (the GPUs this process
+            may use, see :func:`knn_plan`).
         query_batch: rows queried at once, bounding the [query_batch, k_max + 1] result memory.
         progress: show a tqdm bar over the query batches.
         device: the torch device this process was given; a CUDA device searches there
             (with faiss-gpu, or with torch when FAISS has no GPU support).
-        backend: ``auto``, ``faiss`` or ``torch`` (see ``knn_backend``).
+        backend: ``auto``, ``faiss`` or ``torch`` (see :func:`knn_plan`).
+        task_gpus: the GPUs of the Ray task this runs in: FAISS uses those and no others.
 
     Returns:
         ``(idx, sims)``: int64 [N, k_max] neighbour indices and float32 [N, k_max] cosine
@@ -133,10 +80,8 @@ def build_knn(
             f"k_max={k_max} is larger than the dataset allows: N={n} samples leave only {n - 1} "
             "other samples to be neighbours"
         )
-    if knn_backend(device, backend) == "torch":
-        index = _TorchExactIndex(device or "cpu")
-    else:
-        index = _make_index(d, use_gpu)
+    plan = knn_plan(use_gpu, faiss_visible_gpus(), task_gpus, device, backend)
+    index = TorchExactIndex(plan.device) if plan.backend == "torch" else faiss_index(d, plan)
     index.add(z)
 
     idx = np.empty((n, k_max), dtype=np.int64)
@@ -202,6 +147,7 @@ def build_knn_ivf(
     seed: int = 0,
     use_gpu: str | bool = "auto",
     device: str | None = None,
+    task_gpus: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Approximate ``k_max`` nearest other samples by cosine similarity with ``IndexIVFFlat``.
 
@@ -213,14 +159,14 @@ def build_knn_ivf(
         nprobe: lists scanned per query; nprobe = nlist is exact search.
         train_rows: k-means training sample, drawn uniformly without replacement (0: 64 per list).
         seed: the training sample and k-means initialisation.
-        use_gpu, device: as :func:`build_knn`: the index runs on FAISS's GPUs when it has
-            some and the task was given a CUDA device (or ``use_gpu=True``).
+        use_gpu, device, task_gpus: as :func:`build_knn`: the index runs on the FAISS GPUs
+            :func:`knn_plan` allows this process (a Ray task: only its own).
 
     Returns:
         ``(idx, sims, info)`` as :func:`build_knn` (similarities are exact inner products of
         the neighbours found), and ``info`` with the index parameters used.
     """
-    import faiss
+    faiss = import_faiss()
 
     n = source.n_rows
     if k_max < 1:
@@ -242,12 +188,11 @@ def build_knn_ivf(
     d = sample.shape[1]
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.niter, index.cp.seed = IVF_KMEANS_ITERS, seed
-    on_gpu = faiss.get_num_gpus() > 0 and (use_gpu is True or (
-        use_gpu == "auto" and device is not None and str(device).startswith("cuda")))
-    if use_gpu is True and faiss.get_num_gpus() == 0:
-        raise ValueError("use_gpu=True but FAISS sees no GPU (is faiss-gpu installed?)")
+    # no device and no task: the CPU unless asked (the flat search's "every GPU" does not apply)
+    plan = knn_plan(use_gpu, faiss.get_num_gpus(), task_gpus, device if device or use_gpu is True else "cpu", "faiss")
+    on_gpu = bool(plan.faiss_gpus)
     if on_gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
+        index = faiss.index_cpu_to_gpus_list(index, gpus=list(plan.faiss_gpus))
     logger.info("build_knn_ivf: IVF%d,Flat nprobe=%d on %s, trained on %d rows", nlist, nprobe,
                 "GPU" if on_gpu else "CPU", train_rows)
     index.train(sample)
@@ -278,7 +223,7 @@ def knn_recall(source, idx: np.ndarray, k: int, queries: int = 1000, seed: int =
     each query's k exact nearest other samples that ``idx[q, :k]`` holds, over ``queries``
     samples drawn at random. The exact answer streams ``source`` once, scoring the queries
     against each chunk of the database (FAISS flat search) and keeping a running top-k."""
-    import faiss
+    faiss = import_faiss()
 
     n = source.n_rows
     if not 1 <= k <= idx.shape[1]:

@@ -62,15 +62,19 @@ class IdentityGenerator:
 
 
 def resolve_eval_gpus(setting: float | str, run_dir: Path | None) -> float:
-    """GPUs per generation actor: ``auto`` = 1 when the model's training run used GPUs
-    (``train.use_gpu`` in its config.yaml) or, without a run folder, when the cluster has GPUs."""
+    """GPUs per generation actor: a number as given; ``auto`` by :func:`pogdiff_dist.devices.auto_gpus`
+    from the cluster's GPUs now, the GPUs its autoscaler can add (when reported), and what the
+    model's training run declared (``train.use_gpu`` in its config.yaml; nothing without a run
+    folder), so a cluster whose GPU nodes are still starting does not generate on CPU."""
     if setting != "auto":
         return float(setting)
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        return 1.0 if yaml.safe_load((run_dir / "config.yaml").read_text())["train"].get("use_gpu") else 0.0
-    import ray
+    from pogdiff_dist.devices import auto_gpus
+    from pogdiff_dist.runtime import cluster_gpus
 
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    declared = False
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        declared = bool(yaml.safe_load((run_dir / "config.yaml").read_text())["train"].get("use_gpu"))
+    return auto_gpus(*cluster_gpus(), declared=declared)
 
 
 def generate_distributed(model_dir: str | Path, names: list[str], cfg: EvalConfig, num_workers: int = 2,

@@ -38,9 +38,10 @@ from pogdiff_dist.data.neighbours import build_knn, build_knn_ivf, knn_recall, w
 from pogdiff_dist.data.records import IDENTITY_PROMPT, DatasetRecords, read_dataset
 from pogdiff_dist.data.shard_files import scan_shard
 from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest
-from pogdiff_dist.devices import task_device
+from pogdiff_dist.devices import auto_gpus, task_device
 from pogdiff_dist.models import TextEncoder, check_pretrained_dir, resolve_text_encoder_dir
 from pogdiff_dist.prepare.join import write_shards
+from pogdiff_dist.runtime import cluster_gpus
 from pogdiff_dist.storage import Store, local_mirror
 
 log = logging.getLogger(__name__)
@@ -132,10 +133,18 @@ def read_encoded_columns(encoded: str | Path, columns: list[str]) -> dict[str, n
     return {c: v[order] for c, v in out.items()}
 
 
-def resolve_gpus(setting: float | str) -> float:
-    """``prepare.gpus_per_encoder``: ``auto`` is 1 when the Ray cluster has GPUs, else 0."""
+# CPUs each encoder actor and each k-NN / density task asks for (cluster plans count them:
+# pogdiff_dist/cluster_plan.py).
+ENCODER_CPUS = 1.0
+TASK_CPUS = 1.0
+
+
+def resolve_gpus(setting: float | str, use_gpu: bool) -> float:
+    """``prepare.gpus_per_encoder``: a number as given; ``auto`` by :func:`~pogdiff_dist.devices.auto_gpus`
+    from the cluster's GPUs now, the GPUs its autoscaler can add (when reported) and the run's
+    own ``train.use_gpu``, so an autoscaling cluster that has no GPU node yet still encodes on GPUs."""
     if setting == "auto":
-        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        return auto_gpus(*cluster_gpus(), declared=use_gpu)
     return float(setting)
 
 
@@ -152,18 +161,19 @@ def knn_task(encoded: str, out: str, p: PrepareConfig, seed: int, gpus: float) -
     ``knn_index=flat``: exact search over the whole table (faiss-gpu, or torch on a GPU FAISS
     cannot use). ``ivf``: :func:`build_knn_ivf` streams the column in chunks, and its recall@k
     against exact search on ``knn_recall_queries`` random samples is measured and returned."""
-    from pogdiff_dist.data.neighbours import knn_backend
+    from pogdiff_dist.data.exact_search import faiss_visible_gpus, knn_plan
 
     device = task_device(gpus)
     if p.knn_index == "flat":
         z = read_encoded_columns(encoded, ["z"])["z"].astype(np.float32)
-        idx, sims = build_knn(z, p.k_max, device=device)
+        idx, sims = build_knn(z, p.k_max, device=device, task_gpus=gpus)
         del z
-        info = {"index": "flat", "backend": knn_backend(device)}
+        plan = knn_plan("auto", faiss_visible_gpus(), gpus, device)
+        info = {"index": "flat", "backend": plan.backend, "faiss_gpus": len(plan.faiss_gpus)}
     else:
         source = ParquetColumn(encoded, "z")
         idx, sims, ivf = build_knn_ivf(source, p.k_max, nlist=p.knn_nlist, nprobe=p.knn_nprobe,
-                                       train_rows=p.knn_train_rows, seed=seed, device=device)
+                                       train_rows=p.knn_train_rows, seed=seed, device=device, task_gpus=gpus)
         recall = {str(k): knn_recall(source, idx, k, queries=p.knn_recall_queries, seed=seed)
                   for k in sorted({min(10, p.k_max), p.k_max})}
         info = {"index": "ivf", "backend": "faiss-ivf", **ivf, "recall": recall,
@@ -218,7 +228,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def _run_task(fn, gpus: float, *args) -> dict:
-    return ray.get(ray.remote(fn).options(num_cpus=1, num_gpus=gpus).remote(*args))
+    return ray.get(ray.remote(fn).options(num_cpus=TASK_CPUS, num_gpus=gpus).remote(*args))
 
 
 def run_prepare(cfg: Config) -> Manifest:
@@ -251,7 +261,7 @@ def run_prepare(cfg: Config) -> Manifest:
     # sampling keys act at training time only.
     data_fp = {k: v for k, v in cfg.to_dict()["data"].items() if k not in TRAINING_TIME_DATA_KEYS}
     fp_encode = _hash(records_fingerprint(records), data_fp, cfg.to_dict()["model"], str(text_dir))
-    gpus = resolve_gpus(cfg.prepare.gpus_per_encoder)
+    gpus = resolve_gpus(cfg.prepare.gpus_per_encoder, cfg.train.use_gpu)
     stage = _Stage(out, "encode", fp_encode)
     if not stage.done():
         out.delete_dir("encoded")
@@ -260,7 +270,7 @@ def run_prepare(cfg: Config) -> Manifest:
         t0 = time.time()
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.prepare.batch_size, 64)))
         ds = ds.map_batches(SampleEncoder, batch_size=cfg.prepare.batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=cfg.prepare.num_encoders), num_cpus=1,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.prepare.num_encoders), num_cpus=ENCODER_CPUS,
                             num_gpus=gpus,
                             fn_constructor_kwargs={"text_encoder_dir": str(text_dir), "tokenizer_dir": str(tok_dir),
                                                        "max_length": cfg.model.max_length,

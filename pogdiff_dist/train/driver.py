@@ -72,6 +72,20 @@ def _dataset_input(manifest, prepared: str) -> DatasetInfo:
                        fields={**{f.removesuffix(".npy"): "binary" for f in ARRAY_FIELDS}, "meta": "string"})
 
 
+def scaling_config(cfg: Config) -> ScalingConfig:
+    """The worker group: ``train.num_workers`` workers of ``train.cpus_per_worker`` CPUs, and one
+    GPU each with ``train.use_gpu``."""
+    return ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                         resources_per_worker={"CPU": cfg.train.cpus_per_worker})
+
+
+def worker_bundles(cfg: Config) -> tuple[list[dict[str, float]], str]:
+    """The placement group Ray Train reserves for the worker group (one bundle per worker) and its
+    strategy, as its WorkerGroup builds them from the ScalingConfig."""
+    sc = scaling_config(cfg)
+    return [dict(sc._resources_per_worker_not_none)] * sc.num_workers, sc.placement_strategy
+
+
 def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
               config_file: str | None = None) -> TrainOutcome:
     """``parent_run_id``: a new MLflow run is created as its child (a sweep trial);
@@ -117,8 +131,7 @@ def run_train(cfg: Config, resume: bool = False, parent_run_id: str | None = Non
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "prepared_dir": prepared, "run_id": run_id, "tracking_uri": uri,
                            "run_dir": run.uri()},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=cfg.train.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),

@@ -21,6 +21,16 @@ from pogdiff_dist.runtime import quiet_output
 from pogdiff_dist.tracking.runs import MlflowTracker, NullTracker
 from pogdiff_dist.train.trainer import Trainer
 
+# Each worker streams its shards with Ray Data read tasks of READ_TASK_CPUS CPUs (Ray Data's own
+# default, made explicit), at most READ_TASKS_PER_WORKER at once: one reading the shard being
+# consumed, one reading ahead into the next, so a shard boundary does not stall the step. A
+# read decodes .npy arrays out of a tar (latents and text states are precomputed), far below
+# one core at the tens of samples/s a GPU step takes. The tasks run outside the worker group's
+# placement group (Ray Data spreads them over free CPUs), so a cluster needs these CPUs free
+# beside every worker, or the stream waits forever: pogdiff_dist/cluster_plan.py checks it.
+READ_TASK_CPUS = 1.0
+READ_TASKS_PER_WORKER = 2
+
 
 def _report(metrics: dict, checkpoint_dir: Path) -> None:
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)))
@@ -45,7 +55,8 @@ def train_loop_per_worker(config: dict) -> None:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
 
     def read(paths: list[str]):
-        ds = ray.data.read_webdataset(paths, decoder=decode_sample, override_num_blocks=len(paths))
+        ds = ray.data.read_webdataset(paths, decoder=decode_sample, override_num_blocks=len(paths),
+                                      num_cpus=READ_TASK_CPUS, concurrency=READ_TASKS_PER_WORKER)
         return ds.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy", prefetch_batches=2)
 
     try:
