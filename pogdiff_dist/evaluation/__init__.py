@@ -6,7 +6,8 @@ accuracy, each averaged over all and over few-shot identities. Settings: ``Confi
 
 Modules, in data-flow order:
 
-- ``generate``: per-identity generation, in this process or on Ray actors (GPUs when given)
+- ``generate``: per-identity generation, in this process or on Ray actors (GPUs when given, in
+  the training run's compute dtype)
 - ``features``: image encoders and the real (training, held-out) images
 - ``judges``: the identity classifiers (the datasets' CNNs, nearest centroid)
 - ``metrics``: the pure metric math (FID, DINO score, gRecall, accuracy, averaging)

@@ -18,10 +18,15 @@ from pogdiff_dist.config import EvalConfig, RayConfig
 from pogdiff_dist.data.shards import MANIFEST, Manifest
 from pogdiff_dist.evaluation.features import load_real_images
 from pogdiff_dist.evaluation.generate import (
+    RunPrecision,
     generate_distributed,
     generate_identity,
+    generation_dtype,
+    generation_tf32,
     load_pipeline,
     resolve_eval_gpus,
+    run_precision,
+    tf32_mode,
 )
 from pogdiff_dist.evaluation.report import write_outputs
 from pogdiff_dist.evaluation.scoring import compute_metrics, evaluated_identities
@@ -118,19 +123,23 @@ def _lora_base(lora_dir: Path, model: str | None) -> str:
 
 
 def evaluate_model(model_dir: str | Path, prepared_dir: str | Path, cfg: EvalConfig | None = None,
-                   out_dir: str | Path | None = None, device: str = "cpu") -> dict:
+                   out_dir: str | Path | None = None, device: str = "cpu",
+                   precision: RunPrecision | None = None) -> dict:
     """Generate every identity in this process, then :func:`compute_metrics`.
 
     For a Ray Tune trial's small fixed-seed evaluation: e.g.
     ``evaluate_model(d, prepared, EvalConfig(num_images=4, steps=20))["summary"]["accuracy_few"]``.
-    With ``out_dir`` the images, grids, plot and metrics.json are written there too.
+    With ``out_dir`` the images, grids, plot and metrics.json are written there too. ``precision``
+    (default: the run folder around ``model_dir``, if any) matters on a GPU only.
     """
     cfg = cfg or EvalConfig()
     manifest = Manifest.load(prepared_dir)
     names = evaluated_identities(manifest, cfg)
+    run = precision or run_precision(Path(model_dir).parent)
     t0 = time.time()
-    pipe = load_pipeline(model_dir, device)
-    generated = {n: generate_identity(pipe, n, cfg) for n in names}
+    pipe = load_pipeline(model_dir, device, dtype=generation_dtype(device, run.precision))
+    with tf32_mode(generation_tf32(device, run.allow_tf32)):
+        generated = {n: generate_identity(pipe, n, cfg) for n in names}
     gen_s = time.time() - t0
     h, c = generated[names[0]].shape[1], generated[names[0]].shape[3]
     real = load_real_images(prepared_dir, manifest, h, c)  # every identity: see compute_metrics
@@ -154,11 +163,14 @@ def run_evaluate(source: EvalSource, out_dir: str | Path, cfg: EvalConfig, *, nu
     manifest = Manifest.load(source.prepared_dir)
     names = evaluated_identities(manifest, cfg)
     gpus = resolve_eval_gpus(gpus_per_worker, source.run_dir)
+    # a LoRA's own run folder says how it trained when the base model has none
+    run = run_precision(source.run_dir or (source.lora_dir.parent if source.lora_dir else None))
     lora = f" + LoRA {source.lora_dir}" if source.lora_dir else ""
     print(f"[evaluate] model {source.model_dir}{lora}\n[evaluate] {len(names)} identities x {cfg.num_images} images, "
-          f"DDIM {cfg.steps} steps, seed {cfg.seed}, {num_workers} worker(s) with {gpus:g} GPU(s) each", flush=True)
+          f"DDIM {cfg.steps} steps, seed {cfg.seed}, {num_workers} worker(s) with {gpus:g} GPU(s) each"
+          + (f" ({run.precision}, TF32 {'on' if run.allow_tf32 else 'off'})" if gpus > 0 else ""), flush=True)
     generated = generate_distributed(source.model_dir, names, cfg, num_workers, cpus_per_worker,
-                                     gpus_per_worker=gpus, lora_dir=source.lora_dir)
+                                     gpus_per_worker=gpus, lora_dir=source.lora_dir, precision=run)
     gen_s = time.time() - t0
     some = generated[names[0]]
     real = load_real_images(source.prepared_dir, manifest, some.shape[1], some.shape[3])
