@@ -1,4 +1,5 @@
-"""Generation: an exported model's images per identity, with fixed per-identity seeds.
+"""Generation: an exported model's images per identity, with fixed per-identity seeds; and
+the Ray actor that scores them (this is the evaluation's one Ray module).
 
 :func:`generate_identity` makes one identity's images in this process; :func:`generate_distributed`
 spreads identities over Ray actors (``num_workers`` actors each load the exported pipeline
@@ -7,6 +8,7 @@ not hold up the others). Every identity has its own seeded generator (:func:`ide
 so the images do not depend on the number of workers or the order in which identities finish.
 On a GPU a pipeline samples in its training run's compute dtype, with TF32 as the run allowed
 it (:func:`generation_dtype`, :func:`generation_tf32`); on the CPU in fp32.
+:func:`score_distributed` then computes every metric on one more actor, on a GPU when given one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import yaml
 
 from pogdiff_dist.config import EvalConfig, TrainConfig
 from pogdiff_dist.data.records import IDENTITY_PROMPT
+from pogdiff_dist.data.shards import Manifest
 from pogdiff_dist.devices import compute_dtype, task_device
+from pogdiff_dist.evaluation.scoring import Scorer
 from pogdiff_dist.output import quiet_libraries
 from pogdiff_dist.pipeline import load_pipeline
 
@@ -152,3 +156,31 @@ def generate_distributed(model_dir: str | Path, names: list[str], cfg: EvalConfi
             ray.kill(a)
     return {n: out[n] for n in names}
 
+
+class ScoringActor(Scorer):
+    """Ray actor: a :class:`Scorer` on the device of the actor (the GPU Ray gave it, else the CPU)."""
+
+    def __init__(self, manifest: Manifest, cfg: dict, size: int, channels: int, threads: int, gpus: float,
+                 cache_dir: str | None):
+        quiet_libraries()
+        torch.set_num_threads(max(1, threads))
+        super().__init__(manifest, EvalConfig(**cfg), size, channels, device=task_device(gpus), cache_dir=cache_dir)
+
+
+def score_distributed(prepared_dir: str | Path, manifest: Manifest, generated: dict[str, np.ndarray], cfg: EvalConfig,
+                      cache_dir: str | Path | None, cpus: float = 1.0, gpus: float = 0.0) -> tuple[dict, dict]:
+    """Every metric of ``generated`` against ``prepared_dir``'s references, on one Ray actor with
+    ``gpus`` GPUs: the VAE decode of the training latents and the image encoder run there,
+    streamed (:meth:`Scorer.load_references`). What comes back to the driver is
+    :meth:`Scorer.score`'s: the metrics and at most ``cfg.num_images`` training images per identity
+    for the grids (``uint8 [<= num_images, H, W, C]``), never the decoded references or their features."""
+    import ray
+
+    some = next(iter(generated.values()))
+    actor = ray.remote(num_cpus=cpus, num_gpus=gpus)(ScoringActor).remote(
+        manifest, cfg.to_dict(), int(some.shape[1]), int(some.shape[3]), int(max(1, cpus)), gpus,
+        str(cache_dir) if cache_dir is not None else None)
+    try:
+        return ray.get(actor.score.remote(str(Path(prepared_dir).absolute()), generated))
+    finally:
+        ray.kill(actor)
