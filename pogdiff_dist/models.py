@@ -246,7 +246,7 @@ class LatentCodec:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.scale).sample
+        return self.vae.decode(latents.to(self.device) / self.scale).sample
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,11 @@ class PoGDiffPipeline(DiffusionPipeline):
                  num_images_per_prompt: int = 1, generator: torch.Generator | None = None) -> np.ndarray:
         """uint8 images [len(prompts) * num_images_per_prompt, H, W, C] (prompt-major).
 
-        Runs on the UNet's device (``pipe.to("cuda")``). The initial noise is drawn with
-        ``generator`` (a CPU generator keeps a seed's images the same on every device)."""
+        Runs on the UNet's device, the networks in their dtype (``load_pipeline(d, "cuda",
+        dtype=torch.bfloat16)``). The initial noise is drawn in fp32 with ``generator`` (a CPU
+        generator keeps a seed's images the same on every device and dtype), and the sampler's
+        state ``x`` and the guided noise prediction stay fp32 whatever the networks' dtype, so
+        the DDIM updates are not rounded to bf16 step after step."""
         text = self._text()
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         cond, _ = text.encode(prompts)
@@ -49,11 +52,11 @@ class PoGDiffPipeline(DiffusionPipeline):
         dtype, device = self.unet.dtype, self.unet.device
         size = self.unet.config.sample_size
         x = randn_tensor((len(prompts), self.unet.config.in_channels, size, size), generator=generator,
-                         device=device, dtype=dtype)
+                         device=device, dtype=torch.float32)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         context = torch.cat([uncond, cond]).to(dtype)
         for t in self.progress_bar(self.scheduler.timesteps):
-            eps = self.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
+            eps = self.unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context).sample.float()
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
             x = self.scheduler.step(eps, t, x, generator=generator).prev_sample
@@ -81,26 +84,27 @@ def export_pipeline(out_dir: str | Path, unet, train_scheduler, text_encoder: Te
     return Path(out_dir)
 
 
-def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", lora_dir: str | Path | None = None):
+def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", lora_dir: str | Path | None = None,
+                  dtype: torch.dtype = torch.float32):
     """What :func:`export_pipeline` wrote (or a stock Stable Diffusion directory), as a
-    ``PoGDiffPipeline`` on ``device``; ``lora_dir``: a LoRA adapter in diffusers' format
-    (``runs/<name>/lora``) loaded onto its UNet."""
+    ``PoGDiffPipeline`` on ``device`` with its weights in ``dtype`` (whatever the files hold);
+    ``lora_dir``: a LoRA adapter in diffusers' format (``runs/<name>/lora``) loaded onto its UNet."""
     model_dir = Path(model_dir)
     index = model_dir / "model_index.json"
     if not index.is_file():
         raise ValueError(f"{model_dir} is not an exported model (no model_index.json); jobs/train.py writes "
                          f"one to runs/<name>/model")
     if json.loads(index.read_text()).get("_class_name") == PoGDiffPipeline.__name__:
-        pipe = PoGDiffPipeline.from_pretrained(str(model_dir))
+        pipe = PoGDiffPipeline.from_pretrained(str(model_dir), torch_dtype=dtype)
     else:
-        sd = DiffusionPipeline.from_pretrained(str(model_dir))
+        sd = DiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=dtype)
         pipe = PoGDiffPipeline(unet=sd.unet, scheduler=sd.scheduler, text_encoder=sd.text_encoder,
                                tokenizer=sd.tokenizer, vae=getattr(sd, "vae", None),
                                max_length=min(sd.tokenizer.model_max_length, 512))  # some tokenizers say 1e30
     if lora_dir is not None:
         pipe.unet.load_lora_adapter(str(lora_dir), prefix="unet", weight_name=LORA_WEIGHTS)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device)  # dtype at loading: diffusers warns about casting a loaded model with to()
 
 
 def image_grid(images: np.ndarray, rows: int, labels: list[str] | None = None, scale: int = 3) -> Image.Image:

@@ -72,13 +72,15 @@ def _check_complete(results):
         assert s[f"{m}_few"] == pytest.approx(np.mean([results["per_identity"][n][m] for n in few]))
 
 
-def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_model, cache_dir, tmp_path, capsys):
+def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_model, cache_dir, tmp_path, capsys,
+                                         monkeypatch):
     import importlib.util
 
     from mlflow.tracking import MlflowClient
 
     from pogdiff_dist.config import EvalConfig
     from pogdiff_dist.data.bundled.digits import judge_spec
+    from pogdiff_dist.evaluation import features
     from pogdiff_dist.evaluation.features import ImageEncoder, load_real_images
     from pogdiff_dist.evaluation.generate import generate_identity, load_pipeline
     from pogdiff_dist.evaluation.judges import CNNJudge
@@ -94,11 +96,16 @@ def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_mod
     run_id = client.create_run(client.create_experiment("eval-test")).info.run_id
     out = tmp_path / "eval"
     prepared_dir = Path(tiny_cfg.prepare.out_dir)
+    decoded_here = []  # training images decoded in this process, the job's driver
+    pixels = features.TrainingImages._pixels
+    monkeypatch.setattr(features.TrainingImages, "_pixels", lambda self, *a: decoded_here.append(1) or pixels(self, *a))
     assert job.main(["--model", str(tiny_model), "--prepared", str(prepared_dir), "--mlflow-run", run_id,
                      "--tracking-uri", uri, "--set", "eval.steps=2", "--set", "eval.num_images=3",
                      "--out", str(out), "--set", f"eval.cache_dir={cache_dir}"]) == 0
     printed = capsys.readouterr().out
     assert "generated 2/2" in printed and str(out / "metrics.json") in printed
+    assert not decoded_here  # the references were decoded and encoded on the scoring actor
+    monkeypatch.setattr(features.TrainingImages, "_pixels", pixels)
 
     results = json.loads((out / "metrics.json").read_text())
     _check_complete(results)

@@ -6,11 +6,13 @@ accuracy, each averaged over all and over few-shot identities. Settings: ``Confi
 
 Modules, in data-flow order:
 
-- ``generate``: per-identity generation, in this process or on Ray actors (GPUs when given)
-- ``features``: image encoders and the real (training, held-out) images
+- ``generate``: per-identity generation, in this process or on Ray actors (GPUs when given, in
+  the training run's compute dtype), and the Ray actor that scores (``score_distributed``)
+- ``features``: image encoders and the real (training, held-out) images, streamed
 - ``judges``: the identity classifiers (the datasets' CNNs, nearest centroid)
 - ``metrics``: the pure metric math (FID, DINO score, gRecall, accuracy, averaging)
-- ``scoring``: generated + real images -> every metric, per identity and averaged
+- ``scoring``: generated + real images -> every metric, per identity and averaged (``Scorer``:
+  references decoded and encoded batch by batch on one device; the driver gets numbers back)
 - ``report``: metrics.json, images, grids, the metric-vs-frequency plot
 - ``evaluate``: what to evaluate (``resolve_source``), :func:`evaluate_model` (one process),
   :func:`run_evaluate` (Ray)

@@ -16,15 +16,20 @@ from pathlib import Path
 
 from pogdiff_dist.config import EvalConfig, RayConfig
 from pogdiff_dist.data.shards import MANIFEST, Manifest
-from pogdiff_dist.evaluation.features import load_real_images
 from pogdiff_dist.evaluation.generate import (
+    RunPrecision,
     generate_distributed,
     generate_identity,
+    generation_dtype,
+    generation_tf32,
     load_pipeline,
     resolve_eval_gpus,
+    run_precision,
+    score_distributed,
+    tf32_mode,
 )
 from pogdiff_dist.evaluation.report import write_outputs
-from pogdiff_dist.evaluation.scoring import compute_metrics, evaluated_identities
+from pogdiff_dist.evaluation.scoring import Scorer, evaluated_identities
 from pogdiff_dist.pipeline import LORA_WEIGHTS
 from pogdiff_dist.storage import fetch
 from pogdiff_dist.tracking.runs import log_eval, read_run_state, resolve_tracking_uri, run_folders
@@ -118,35 +123,46 @@ def _lora_base(lora_dir: Path, model: str | None) -> str:
 
 
 def evaluate_model(model_dir: str | Path, prepared_dir: str | Path, cfg: EvalConfig | None = None,
-                   out_dir: str | Path | None = None, device: str = "cpu") -> dict:
-    """Generate every identity in this process, then :func:`compute_metrics`.
+                   out_dir: str | Path | None = None, device: str = "cpu",
+                   precision: RunPrecision | None = None) -> dict:
+    """Generate every identity in this process, then score them (:class:`Scorer`), both on ``device``.
 
     For a Ray Tune trial's small fixed-seed evaluation: e.g.
     ``evaluate_model(d, prepared, EvalConfig(num_images=4, steps=20))["summary"]["accuracy_few"]``.
-    With ``out_dir`` the images, grids, plot and metrics.json are written there too.
+    With ``out_dir`` the images, grids, plot and metrics.json are written there too. ``precision``
+    (default: the run folder around ``model_dir``, if any) matters on a GPU only.
     """
     cfg = cfg or EvalConfig()
     manifest = Manifest.load(prepared_dir)
     names = evaluated_identities(manifest, cfg)
+    run = precision or run_precision(Path(model_dir).parent)
     t0 = time.time()
-    pipe = load_pipeline(model_dir, device)
-    generated = {n: generate_identity(pipe, n, cfg) for n in names}
+    pipe = load_pipeline(model_dir, device, dtype=generation_dtype(device, run.precision))
+    with tf32_mode(generation_tf32(device, run.allow_tf32)):
+        generated = {n: generate_identity(pipe, n, cfg) for n in names}
+    del pipe  # its memory (a GPU's) goes to the scorer
     gen_s = time.time() - t0
-    h, c = generated[names[0]].shape[1], generated[names[0]].shape[3]
-    real = load_real_images(prepared_dir, manifest, h, c)  # every identity: see compute_metrics
-    results = compute_metrics(generated, real, manifest, cfg,
-                              cache_dir=cfg.cache_dir or Path(prepared_dir) / "eval_cache")
+    some = generated[names[0]]
+    scorer = Scorer(manifest, cfg, some.shape[1], some.shape[3], device=device,
+                    cache_dir=cfg.cache_dir or Path(prepared_dir) / "eval_cache")
+    results, previews = scorer.score(prepared_dir, generated)  # every identity's references: see compute_metrics
     results.update(model_dir=str(Path(model_dir).absolute()), prepared_dir=str(Path(prepared_dir).absolute()),
                    generation_seconds=gen_s)
     if out_dir is not None:
-        results["outputs"] = {k: str(v) for k, v in write_outputs(out_dir, results, generated, real).items()}
+        results["outputs"] = {k: str(v) for k, v in write_outputs(out_dir, results, generated, previews).items()}
     return results
 
 
 def run_evaluate(source: EvalSource, out_dir: str | Path, cfg: EvalConfig, *, num_workers: int = 2,
                  cpus_per_worker: float = 1.0, ray_cfg: RayConfig | None = None,
                  gpus_per_worker: float | str = "auto") -> EvalOutcome:
-    """Generate on Ray, compute every metric, write the outputs, log to MLflow if a run is set."""
+    """Generate on Ray, compute every metric, write the outputs, log to MLflow if a run is set.
+
+    Generation actors and then one scoring actor (:func:`score_distributed`: the references'
+    VAE decode and the image encoder) get ``gpus_per_worker`` GPUs each. This driver holds the
+    generated images (``uint8 [num_images, H, W, C]`` per identity, for the PNGs), the metrics and
+    up to ``num_images`` training images per identity for the grids; never the decoded
+    references or any encoder features."""
     from pogdiff_dist.runtime import init_ray
 
     t0 = time.time()
@@ -154,21 +170,24 @@ def run_evaluate(source: EvalSource, out_dir: str | Path, cfg: EvalConfig, *, nu
     manifest = Manifest.load(source.prepared_dir)
     names = evaluated_identities(manifest, cfg)
     gpus = resolve_eval_gpus(gpus_per_worker, source.run_dir)
+    # a LoRA's own run folder says how it trained when the base model has none
+    run = run_precision(source.run_dir or (source.lora_dir.parent if source.lora_dir else None))
     lora = f" + LoRA {source.lora_dir}" if source.lora_dir else ""
     print(f"[evaluate] model {source.model_dir}{lora}\n[evaluate] {len(names)} identities x {cfg.num_images} images, "
-          f"DDIM {cfg.steps} steps, seed {cfg.seed}, {num_workers} worker(s) with {gpus:g} GPU(s) each", flush=True)
+          f"DDIM {cfg.steps} steps, seed {cfg.seed}, {num_workers} worker(s) with {gpus:g} GPU(s) each"
+          + (f" ({run.precision}, TF32 {'on' if run.allow_tf32 else 'off'})" if gpus > 0 else ""), flush=True)
     generated = generate_distributed(source.model_dir, names, cfg, num_workers, cpus_per_worker,
-                                     gpus_per_worker=gpus, lora_dir=source.lora_dir)
+                                     gpus_per_worker=gpus, lora_dir=source.lora_dir, precision=run)
     gen_s = time.time() - t0
-    some = generated[names[0]]
-    real = load_real_images(source.prepared_dir, manifest, some.shape[1], some.shape[3])
-    print(f"[evaluate] metrics (encoder {cfg.encoder!r}, classifier {cfg.classifier!r})", flush=True)
+    print(f"[evaluate] metrics (encoder {cfg.encoder!r}, classifier {cfg.classifier!r}) on an actor with "
+          f"{gpus:g} GPU(s)", flush=True)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else source.prepared_dir / "eval_cache"
-    results = compute_metrics(generated, real, manifest, cfg, cache_dir=cache)
+    results, previews = score_distributed(source.prepared_dir, manifest, generated, cfg, cache,
+                                          cpus=cpus_per_worker, gpus=gpus)
     results.update(model_dir=str(source.model_dir), prepared_dir=str(source.prepared_dir),
                    lora_dir=str(source.lora_dir) if source.lora_dir else None, mlflow_run=source.run_id, generation_seconds=gen_s, total_seconds=time.time() - t0)
     out_dir = Path(out_dir).absolute()
-    paths = write_outputs(out_dir, results, generated, real)
+    paths = write_outputs(out_dir, results, generated, previews)
     keys = log_eval(source.tracking_uri, source.run_id, results["summary"], [paths["metrics"], paths["plot"]],
                     folders={"grids": paths["grids"]}) if source.run_id else []
 

@@ -30,7 +30,7 @@ from pogdiff_dist.data.shards import Manifest
 class ImageEncoder:
     """``uint8 [N, H, W, C]`` -> L2-normalised ``float32 [N, d]`` features, in batches."""
 
-    def __init__(self, spec: str = "pixels", batch_size: int = 64):
+    def __init__(self, spec: str = "pixels", batch_size: int = 64, device: str = "cpu"):
         from pogdiff_dist.models import load_image_embedder
 
         if spec != "pixels" and not Path(spec).is_dir():
@@ -38,18 +38,23 @@ class ImageEncoder:
                              f"{spec!r} is neither (no downloads: save the model with save_pretrained first)")
         self.spec = spec
         self.batch_size = batch_size
-        self._embed = load_image_embedder(spec)
+        self.device = device
+        self._embed = load_image_embedder(spec, device)  # a vision model runs on device, pixels on the CPU
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
         if len(images) == 0:
             return np.zeros((0, 0), dtype=np.float32)
-        x = images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
-        return np.concatenate([self._embed(x[i:i + self.batch_size])
-                               for i in range(0, len(x), self.batch_size)]).astype(np.float32)
+        return np.concatenate([self._embed(_signed(images[i:i + self.batch_size]))
+                               for i in range(0, len(images), self.batch_size)]).astype(np.float32)
 
     def describe(self) -> str:
         return self.spec
+
+
+def _signed(images: np.ndarray) -> np.ndarray:
+    """``uint8 [b, H, W, C]`` -> ``float32 [b, C, H, W]`` in [-1, 1], what the embedders take."""
+    return images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -97,50 +102,81 @@ def _tensor_column(table, name: str) -> np.ndarray:
     return values.reshape(len(col), *shape) if shape else values.reshape(len(col), -1)
 
 
-def training_images(prepared_dir: str | Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """Every training sample as the model saw it: float ``[N, C, H, W]`` in [-1, 1] and
-    identity ids ``[N]``, from the prepared ``encoded/`` table. Pixel models store the
-    pixels themselves; latent models store VAE latents, decoded here with the same VAE
-    (so their "real" images are VAE reconstructions, like everything the model makes)."""
-    import pyarrow.parquet as pq
+class TrainingImages:
+    """The training samples of a prepared ``encoded/`` table as the model saw them, streamed.
 
-    encoded = Path(prepared_dir) / "encoded"
-    if not encoded.is_dir():
-        raise ValueError(f"{encoded} not found: the prepared dir is incomplete; re-run jobs/prepare.py")
-    table = pq.read_table(str(encoded), columns=["index", "identity_id", "latent"])
-    order = np.argsort(table.column("index").to_numpy())
-    latents = _tensor_column(table, "latent").astype(np.float32)
-    if latents.ndim == 2:
-        latents = latents.reshape(len(latents), *manifest.latent_shape)
-    latents = latents[order]
-    ids = table.column("identity_id").to_numpy()[order]
-    if manifest.vae_dir is None:
-        return latents, ids
-    import torch
+    The identity of every sample (``ids``: ``int [N]``, in sample-index order) is read up front;
+    :meth:`batches` then reads the ``latent`` column ``batch_size`` rows at a time and decodes
+    each batch with the dataset's VAE on ``device`` (a pixel model's rows are the pixels
+    themselves), so one batch of decoded images is alive at a time, never the dataset. A latent
+    model's "real" images are VAE reconstructions, like everything the model makes.
+    """
 
-    from pogdiff_dist.models import LatentCodec
+    def __init__(self, prepared_dir: str | Path, manifest: Manifest):
+        import pyarrow.parquet as pq
 
-    codec = LatentCodec(manifest.vae_dir)
-    images = [codec.decode(torch.from_numpy(latents[i:i + 16])).clamp(-1, 1).numpy()
-              for i in range(0, len(latents), 16)]
-    return np.concatenate(images), ids
+        self.path = Path(prepared_dir) / "encoded"
+        if not self.path.is_dir():
+            raise ValueError(f"{self.path} not found: the prepared dir is incomplete; re-run jobs/prepare.py")
+        self.manifest = manifest
+        table = pq.read_table(str(self.path), columns=["index", "identity_id"])
+        index = table.column("index").to_numpy()
+        order = np.argsort(index)
+        self.ids = table.column("identity_id").to_numpy()[order]
+        self._sorted_index = index[order]
+        assert len(np.unique(index)) == len(index), "encoded/ holds a sample index twice"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batches(self, size: int, channels: int, batch_size: int = 16, device: str = "cpu"):
+        """Yield ``(rows, images)``: ``rows`` ``int64 [b]`` (positions in sample-index order, as
+        ``ids``), ``images`` ``uint8 [b, size, size, channels]`` (``b <= batch_size``), batches in
+        file order."""
+        import pyarrow as pa
+        import pyarrow.dataset as pads
+
+        from pogdiff_dist.models import LatentCodec
+
+        codec = LatentCodec(self.manifest.vae_dir, device) if self.manifest.vae_dir else None
+        scan = pads.dataset(str(self.path), format="parquet").to_batches(columns=["index", "latent"],
+                                                                         batch_size=batch_size)
+        for batch in scan:
+            if batch.num_rows:
+                table = pa.Table.from_batches([batch])
+                rows = np.searchsorted(self._sorted_index, table.column("index").to_numpy())
+                # no local name for the images: once the consumer drops a batch, nothing here holds it
+                yield rows, self._pixels(table, codec, size, channels)
+
+    def _pixels(self, table, codec, size: int, channels: int) -> np.ndarray:
+        latents = _tensor_column(table, "latent").astype(np.float32)
+        if latents.ndim == 2:
+            latents = latents.reshape(len(latents), *self.manifest.latent_shape)
+        if codec is not None:
+            import torch
+
+            latents = codec.decode(torch.from_numpy(latents)).clamp(-1, 1).float().cpu().numpy()
+        return resize_images(to_uint8(latents), size, channels)
+
+
+def heldout_images(manifest: Manifest, name: str, size: int, channels: int) -> np.ndarray:
+    """One identity's held-out images (``manifest.heldout``), ``uint8 [n, size, size, channels]``."""
+    paths = [Path(h["image"]) for h in manifest.heldout if h["identity"] == name]
+    if not paths:
+        return np.zeros((0, size, size, channels), np.uint8)
+    return to_uint8(np.stack([load_image(p, size, channels) for p in paths]))
 
 
 def load_real_images(prepared_dir: str | Path, manifest: Manifest, size: int, channels: int,
                      identities: list[str] | None = None) -> RealImages:
     """Training images (``encoded/``) and held-out images (``manifest.heldout``) per
-    identity, at the generated images' ``size`` and ``channels``."""
+    identity, at the generated images' ``size`` and ``channels``, all in memory: for tests and
+    a look at the data. The evaluation streams them instead
+    (:meth:`pogdiff_dist.evaluation.scoring.Scorer.load_references`)."""
     names = list(identities) if identities is not None else list(manifest.identities)
-    pixels, ids = training_images(prepared_dir, manifest)
-    all_train = resize_images(to_uint8(pixels), size, channels)
-    empty = np.zeros((0, size, size, channels), np.uint8)
-    train = {}
-    for name in names:
-        i = manifest.identities.index(name)
-        train[name] = all_train[ids == i] if (ids == i).any() else empty
-    heldout = {}
-    for name in names:
-        paths = [Path(h["image"]) for h in manifest.heldout if h["identity"] == name]
-        heldout[name] = (to_uint8(np.stack([load_image(p, size, channels) for p in paths]))
-                         if paths else empty)
-    return RealImages(train, heldout)
+    source = TrainingImages(prepared_dir, manifest)
+    all_train = np.zeros((len(source), size, size, channels), np.uint8)
+    for rows, images in source.batches(size, channels):
+        all_train[rows] = images
+    train = {name: all_train[source.ids == manifest.identities.index(name)] for name in names}
+    return RealImages(train, {name: heldout_images(manifest, name, size, channels) for name in names})

@@ -117,15 +117,18 @@ def plot_vs_frequency(evals: dict[str, dict], path: Path, title: str | None = No
     return path
 
 
-def write_outputs(out_dir: str | Path, results: dict, generated: dict[str, np.ndarray], real) -> dict[str, Path]:
-    """Write everything under ``out_dir``; returns the paths by kind."""
+def write_outputs(out_dir: str | Path, results: dict, generated: dict[str, np.ndarray],
+                  train_previews: dict[str, np.ndarray]) -> dict[str, Path]:
+    """Write everything under ``out_dir``; returns the paths by kind. ``train_previews``: each
+    identity's first training images, ``uint8 [k, H, W, C]`` (the grids show up to as many as
+    were generated: :meth:`pogdiff_dist.evaluation.scoring.Scorer.previews`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = save_images(out, generated)
     grids = out / "grids"
     grids.mkdir(exist_ok=True)
     for name in results["identities"]:
-        identity_grid(name, generated[name], real.train.get(name, generated[name][:0]),
+        identity_grid(name, generated[name], train_previews.get(name, generated[name][:0]),
                       results["per_identity"][name]).save(grids / f"{slugify(name)}.png")
     plot = plot_vs_frequency({"this model": results}, out / "metrics_vs_frequency.png")
     paths = {"metrics": out / "metrics.json", "plot": plot, "grids": grids, "images": images}
