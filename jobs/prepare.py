@@ -2,6 +2,13 @@
 
     python jobs/prepare.py                              # bundled Digits-IT2I M
     python jobs/prepare.py --set data.dataset=/data/my_faces --set data.channels=3
+    python jobs/prepare.py --set data.dataset=/data/my_faces/metadata.csv --set data.channels=3
+
+data.dataset is a bundled dataset, a folder or its metadata.csv. Folder layouts: metadata.csv
+(image,identity[,caption][,split]); or a folder per identity, <root>/<identity>/ or kohya-style
+<root>/<repeats>_<identity>/ (15_Leila: identity Leila, each image seen 15 times per epoch with
+data.sampling=uniform), captions in <identity>/captions.csv or <image stem>.txt next to each
+image (default "An image of <identity>."). Files left unused are listed in the warnings.
 Stages that are up to date (same inputs and config) are skipped.
 """
 

@@ -56,6 +56,7 @@ def test_folder_layout_with_and_without_captions(tmp_path):
     assert caps["b.png"] == "Ann smiling"
     assert caps["a.jpg"] == "An image of Ann Lee." and caps["x.bmp"] == "An image of Bob."
     assert {r.split for r in ds.records} == {"train"} and ds.counts() == {"Ann Lee": 3, "Bob": 2}
+    assert ds.unused == [("Bob/notes.txt", "caption file without an image of the same name")]
 
 
 def test_keys_unique_and_webdataset_safe(tmp_path):
@@ -120,9 +121,12 @@ def test_bad_listing_is_capped(tmp_path):
 
 
 def test_missing_column_named(tmp_path):
-    _table(tmp_path, ["a.png,A"], header="image,identity")
-    with pytest.raises(ValueError, match="caption"):
+    _table(tmp_path, ["a.png,cap"], header="image,caption")
+    with pytest.raises(ValueError, match="missing column.*identity"):
         read_dataset(tmp_path)
+    _png(tmp_path / "a.png")
+    _table(tmp_path, ["a.png,A"], header="image,identity")  # no caption column: the default caption
+    assert read_dataset(tmp_path).records[0].caption == "An image of A."
 
 
 def test_single_image_identity_warns_but_is_kept(tmp_path):

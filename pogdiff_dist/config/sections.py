@@ -35,7 +35,14 @@ KNN_INDEXES = ("flat", "ivf")
 class DataConfig:
     """Where the raw dataset comes from and how images are read."""
 
-    dataset: str = "digits-it2i:M"  # "<digits-it2i|faces-it2i>:<S|M|L|base|val>" or a local dataset folder
+    # "<digits-it2i|faces-it2i>:<S|M|L|base|val>", or a local dataset: a folder or its metadata.csv.
+    # Layouts (data/layouts.py): metadata.csv (image,identity[,caption][,split]); or a folder per
+    # identity, root/<identity>/*.png|jpg|jpeg|bmp|webp, where a kohya-style "<repeats>_<name>"
+    # folder (15_Leila) is identity <name> seen <repeats> times per epoch (see sampling below).
+    # Captions: a metadata.csv cell, root/<identity>/captions.csv (image,caption), or a caption
+    # file <image stem>.txt next to the image; otherwise "An image of <identity>.". Files left
+    # unused are listed in prepare's warnings.
+    dataset: str = "digits-it2i:M"
     resolution: int = 32
     channels: int = 1  # pixel channels read from images (3 for RGB / Stable Diffusion)
     heldout_per_identity: int = 20  # bundled dataset only: images kept out of training
@@ -43,17 +50,21 @@ class DataConfig:
     seed: int = 0
     # How often each identity is seen per epoch (training time; the prepared data is the same):
     # "uniform" every sample once; "balanced" every identity equally often; "power" an identity's
-    # share proportional to n_id ** sampling_alpha (0 = balanced, 1 = uniform). See data/sampling.py.
+    # share proportional to n_id ** sampling_alpha (0 = balanced, 1 = uniform). Folder repeats
+    # (<repeats>_<name>) count each image <repeats> times in n_id: uniform shows it <repeats> times
+    # per epoch, balanced is unchanged by them. See data/sampling.py.
     sampling: str = "uniform"
     sampling_alpha: float = 0.5
 
     def __post_init__(self):
+        _check(isinstance(self.dataset, str) and self.dataset.strip() != "",
+               f"data.dataset must name a bundled dataset, a dataset folder or its metadata.csv, got {self.dataset!r}")
         _check(self.resolution >= 8, f"data.resolution must be >= 8, got {self.resolution}")
         _one_of("data.sampling", self.sampling, SAMPLING_MODES)
         _check(self.sampling_alpha >= 0, f"data.sampling_alpha must be >= 0, got {self.sampling_alpha}")
         _one_of("data.channels", self.channels, (1, 3))
         _one_of("data.on_bad", self.on_bad, ("raise", "skip"))
-        _check(self.heldout_per_identity >= 0, "data.heldout_per_identity must be >= 0")
+        _check(self.heldout_per_identity >= 0, f"data.heldout_per_identity must be >= 0, got {self.heldout_per_identity}")
         bundled = self.bundled
         if bundled is not None:
             _one_of(f"data.dataset preset of {bundled[0]}", bundled[1], BUNDLED_DATASETS[bundled[0]])

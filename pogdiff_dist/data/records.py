@@ -5,20 +5,13 @@ downstream trusts these records, so every problem is found here, once, with a me
 that names the file (and, for a metadata table, the row and field) so the user can fix
 the data rather than debug a crash deep in sharding or training.
 
-Two layouts are accepted under ``root``:
-
-1. ``root/metadata.csv`` with columns ``image,caption,identity`` and an optional
-   ``split`` column (``train``/``heldout``, default ``train``). ``image`` is relative to
-   ``root`` (absolute paths are allowed).
-2. Otherwise one folder per identity, ``root/<identity>/*.{png,jpg,jpeg,bmp,webp}``,
-   with optional captions in ``root/<identity>/captions.csv`` (columns ``image,caption``).
-   Images without a caption get ``"An image of {identity}."``, the evaluation prompt.
+The layouts (a ``metadata.csv`` table, a folder per identity, kohya-ss ``<repeats>_<name>``
+folders, ``<image stem>.txt`` caption files) and the report of unused files are in
+:mod:`pogdiff_dist.data.layouts`; this module turns what they read into keyed records.
 """
 
 from __future__ import annotations
 
-import csv
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +19,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pogdiff_dist.data.layouts import (
+    MAX_LISTED,
+    METADATA,
+    Row,
+    Scan,
+    locate_dataset,
+    read_folders,
+    read_table,
+    unused_warnings,
+)
+
 IDENTITY_PROMPT = "An image of {name}."  # the evaluation prompt (PoGDiff Sec. 4.1)
-METADATA = "metadata.csv"
-CAPTIONS = "captions.csv"
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
-SPLITS = ("train", "heldout")
 ON_BAD = ("raise", "skip")
-_MAX_LISTED = 20
+__all__ = ["IDENTITY_PROMPT", "METADATA", "DatasetRecords", "Record", "load_image", "read_dataset", "slugify"]
 
 
 @dataclass(frozen=True)
@@ -55,15 +55,27 @@ class DatasetRecords:
     records: list[Record]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # identity -> repeat count, for identities read from "<repeats>_<name>" folders (others: 1)
+    repeats: dict[str, int] = field(default_factory=dict)
+    unused: list[tuple[str, str]] = field(default_factory=list)  # (path relative to root, why not used)
 
     def identities(self) -> list[str]:
         return sorted({r.identity for r in self.records})
+
+    def repeat(self, identity: str) -> int:
+        return self.repeats.get(identity, 1)
 
     def train(self) -> list[Record]:
         return [r for r in self.records if r.split == "train"]
 
     def heldout(self) -> list[Record]:
         return [r for r in self.records if r.split == "heldout"]
+
+    def identity_table(self) -> tuple[list[str], list[int], list[int]]:
+        """The manifest's identities (sorted: identity_id is the position), their training
+        images and their repeat counts."""
+        identities, counts = self.identities(), self.counts("train")
+        return identities, [counts.get(i, 0) for i in identities], [self.repeat(i) for i in identities]
 
     def counts(self, split: str = "train") -> dict[str, int]:
         """Images per identity in ``split`` (identities absent from it are omitted)."""
@@ -78,19 +90,6 @@ def slugify(text: str) -> str:
     """Lower-case ``text`` and map every run of unsafe characters to one '_'."""
     slug = re.sub(r"[^a-z0-9_-]+", "_", text.strip().lower()).strip("_")
     return slug or "x"
-
-
-def check_image(path: Path) -> str | None:
-    """Return why ``path`` is not a usable image, or None. ``load()`` forces a full
-    decode: ``Image.open`` alone reads only the header and misses truncated files."""
-    if not path.is_file():
-        return f"image file not found: {path}"
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... on bad data
-        return f"cannot decode image {path}: {type(e).__name__}: {e}"
-    return None
 
 
 def load_image(path: Path, resolution: int, channels: int) -> np.ndarray:
@@ -114,110 +113,40 @@ def load_image(path: Path, resolution: int, channels: int) -> np.ndarray:
 
 
 def read_dataset(root: str | Path, on_bad: str = "raise") -> DatasetRecords:
-    """Read and validate the dataset under ``root`` (layout chosen by ``metadata.csv``).
+    """Read and validate the dataset at ``root``: a folder (layout chosen by ``metadata.csv``)
+    or a ``.csv`` table.
 
     ``on_bad="raise"`` raises one ``ValueError`` listing every bad item, so a user fixes
     the data in one pass; ``on_bad="skip"`` drops them into ``skipped`` and raises only
-    if nothing valid is left.
+    if nothing valid is left. Problems with the layout itself (a missing column, a folder
+    name that does not parse, two folders of one identity) raise either way.
     """
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
-    root = Path(os.path.abspath(Path(root).expanduser()))
-    if not root.is_dir():
-        raise ValueError(f"dataset root {root} is not a directory")
-    table = root / METADATA
-    rows, bad = _read_table(table) if table.is_file() else _read_folders(root)
-    if bad and on_bad == "raise":
-        raise ValueError(_format_bad(root, bad))
-    if not rows:
-        why = f"; all {len(bad)} items were bad:\n{_format_bad(root, bad)}" if bad else ""
-        raise ValueError(f"dataset at {root} has no valid images{why}")
-    records = _with_keys(rows)
-    return DatasetRecords(root, records, bad, _warnings(records))
+    try:
+        root, table = locate_dataset(root)
+    except ValueError as e:
+        raise ValueError(f"dataset {e}") from None
+    scan = Scan(root)
+    if table is not None:
+        read_table(table, scan)
+    else:
+        read_folders(scan)
+    if scan.bad and on_bad == "raise":
+        raise ValueError(_format_bad(root, scan.bad))
+    unused = unused_warnings(scan.unused)
+    if not scan.rows:
+        why = f"; all {len(scan.bad)} items were bad:\n{_format_bad(root, scan.bad)}" if scan.bad else ""
+        seen = "".join(f"\n  {w}" for w in unused)
+        raise ValueError(f"dataset at {root} has no valid images{why}{seen}")
+    records = _with_keys(scan.rows)
+    return DatasetRecords(root, records, scan.bad, _warnings(records) + unused, scan.repeats, scan.unused)
 
 
-# A row before it gets its key: (image, caption, identity, split).
-_Row = tuple[Path, str, str, str]
-_Bad = list[tuple[str, str]]
-
-
-def _read_table(table: Path) -> tuple[list[_Row], _Bad]:
-    """Layout 1. Rows are numbered from 1 after the header line."""
-    rows: list[_Row] = []
-    bad: _Bad = []
-    with open(table, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("image", "caption", "identity") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{table}: missing column(s) {', '.join(missing)}; "
-                             f"found {reader.fieldnames or []}, expected image,caption,identity[,split]")
-        for n, row in enumerate(reader, start=1):
-            ref = f"{table.name} row {n}"
-            problems = []
-            for col in ("image", "caption", "identity"):
-                if not (row.get(col) or "").strip():
-                    problems.append(f"field '{col}' is empty")
-            split = (row.get("split") or "").strip() or "train"
-            if split not in SPLITS:
-                problems.append(f"field 'split' is {split!r}, expected one of {SPLITS}")
-            image = (row.get("image") or "").strip()
-            path = Path(os.path.abspath(table.parent / image)) if image else None
-            if path is not None:
-                why = check_image(path)
-                if why:
-                    problems.append(f"field 'image': {why}")
-            if problems:
-                bad.append((ref, "; ".join(problems)))
-            else:
-                rows.append((path, row["caption"].strip(), row["identity"].strip(), split))
-    return rows, bad
-
-
-def _read_folders(root: Path) -> tuple[list[_Row], _Bad]:
-    """Layout 2: sorted identity folders, sorted files, all in the train split."""
-    rows: list[_Row] = []
-    bad: _Bad = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        identity = folder.name
-        captions = _read_captions(folder / CAPTIONS, bad)
-        images = sorted(p for p in folder.iterdir()
-                        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-        names = {p.name for p in images}
-        for name in sorted(set(captions) - names):
-            bad.append((f"{folder.name}/{CAPTIONS}", f"caption for {name!r} but no such image in {folder}"))
-        for path in images:
-            why = check_image(path)
-            if why:
-                bad.append((f"{folder.name}/{path.name}", why))
-            else:
-                caption = captions.get(path.name) or IDENTITY_PROMPT.format(name=identity)
-                rows.append((path, caption, identity, "train"))
-    return rows, bad
-
-
-def _read_captions(path: Path, bad: _Bad) -> dict[str, str]:
-    """Optional per-folder captions; bad rows go to ``bad`` and fall back to the default."""
-    if not path.is_file():
-        return {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("image", "caption") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected image,caption")
-        out = {}
-        for n, row in enumerate(reader, start=1):
-            image, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
-            if not image or not caption:
-                field_ = "image" if not image else "caption"
-                bad.append((f"{path.parent.name}/{CAPTIONS} row {n}", f"field '{field_}' is empty"))
-            else:
-                out[image] = caption
-    return out
-
-
-def _with_keys(rows: list[_Row]) -> list[Record]:
+def _with_keys(rows: list[Row]) -> list[Record]:
     """Key = ``{identity_slug}-{stem_slug}`` (stem kept as is if already prefixed),
-    made unique with ``_2``, ``_3``... in row order, so keys are stable across reads."""
+    made unique with ``_2``, ``_3``... in row order, so keys are stable across reads.
+    A row without a caption gets the identity prompt."""
     seen: set[str] = set()
     records = []
     for path, caption, identity, split in rows:
@@ -228,7 +157,7 @@ def _with_keys(rows: list[_Row]) -> list[Record]:
             i += 1
             key = f"{base}_{i}"
         seen.add(key)
-        records.append(Record(key, path, caption, identity, split))
+        records.append(Record(key, path, caption or IDENTITY_PROMPT.format(name=identity), identity, split))
     return records
 
 
@@ -247,9 +176,11 @@ def _warnings(records: list[Record]) -> list[str]:
     return out
 
 
-def _format_bad(root: Path, bad: _Bad) -> str:
+def _format_bad(root: Path, bad: list[tuple[str, str]]) -> str:
     lines = [f"{len(bad)} bad item(s) in dataset {root}:"]
-    lines += [f"  {ref}: {why}" for ref, why in bad[:_MAX_LISTED]]
-    if len(bad) > _MAX_LISTED:
-        lines.append(f"  ... and {len(bad) - _MAX_LISTED} more")
+    lines += [f"  {ref}: {why}" for ref, why in bad[:MAX_LISTED]]
+    if len(bad) > MAX_LISTED:
+        lines.append(f"  ... and {len(bad) - MAX_LISTED} more")
     return "\n".join(lines)
+
+

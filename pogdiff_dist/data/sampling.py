@@ -10,6 +10,16 @@ share
     power:     n_c ** alpha / sum_d n_d ** alpha   (alpha = 0 is balanced, 1 uniform)
 
 so a sample of identity ``c`` is expected ``lambda_c = N * share_c / n_c`` times per epoch.
+
+Repeat counts (kohya-ss ``<repeats>_<name>`` folders, :mod:`pogdiff_dist.data.layouts`;
+the manifest's ``train_repeats``) describe the dataset the user means: identity ``c``'s
+``n_c`` images each stand for ``r_c`` copies. The plan replaces ``n_c`` by ``r_c n_c`` above
+(the epoch is ``N = sum_c r_c n_c`` rows, the shares are taken over ``r_c n_c``), so:
+uniform shows every image of ``c`` exactly ``r_c`` times per epoch (kohya's meaning);
+balanced still gives every identity the same share (it ignores counts, repeated or not);
+power gives ``c`` a share proportional to ``(r_c n_c) ** alpha``. With every ``r_c = 1``
+nothing changes. The prepared data is the same whatever the repeats; they act here only
+(the loss's identity weights and psi_den count real images).
 Each sample's count in epoch ``e`` is lambda rounded stochastically (floor, plus one with
 probability frac(lambda)), drawn from a counter-based generator keyed by (seed, epoch,
 sample index): a pure function of the sample, so it is the same on every rank that
@@ -45,11 +55,17 @@ def identity_shares(counts: list[int] | np.ndarray, mode: str, alpha: float = 0.
     return w / w.sum()
 
 
-def expected_repeats(counts: list[int] | np.ndarray, mode: str, alpha: float = 0.5) -> np.ndarray:
-    """lambda_c [C]: how many times each sample of identity c is expected per epoch."""
+def expected_repeats(counts: list[int] | np.ndarray, mode: str, alpha: float = 0.5,
+                     repeats: list[int] | np.ndarray | None = None) -> np.ndarray:
+    """lambda_c [C]: how many times each sample of identity c is expected per epoch, with
+    ``repeats`` [C] (default 1) multiplying each identity's count (module docstring)."""
     n = np.asarray(counts, dtype=np.float64)
-    shares = identity_shares(n, mode, alpha)
-    return np.where(n > 0, n.sum() * shares / np.maximum(n, 1), 0.0)
+    r = np.ones_like(n) if repeats is None else np.asarray(repeats, dtype=np.float64)
+    assert r.shape == n.shape and (r >= 1).all(), f"repeats {r} must be >= 1, one per identity {n}"
+    shares = identity_shares(n * r, mode, alpha)
+    if mode == "uniform":  # sum(r n) * (r_c n_c / sum(r n)) / n_c, exactly
+        return np.where(n > 0, r, 0.0)
+    return np.where(n > 0, (n * r).sum() * shares / np.maximum(n, 1), 0.0)
 
 
 def _uniform(seed: int, epoch: int, index: np.ndarray) -> np.ndarray:
@@ -73,13 +89,18 @@ def epoch_counts(index: np.ndarray, identity: np.ndarray, lam: np.ndarray, seed:
 class SamplingPlan:
     """The per-epoch counts of a dataset under ``data.sampling`` (``lam`` per identity)."""
 
-    def __init__(self, counts: list[int], mode: str, alpha: float, seed: int):
+    def __init__(self, counts: list[int], mode: str, alpha: float, seed: int, repeats: list[int] | None = None):
         self.mode, self.seed = mode, seed
-        self.lam = expected_repeats(counts, mode, alpha)
+        self.repeated = repeats is not None and any(r != 1 for r in repeats)
+        self.lam = expected_repeats(counts, mode, alpha, repeats)
 
     @property
     def active(self) -> bool:
-        return self.mode != "uniform"
+        return self.mode != "uniform" or self.repeated
+
+    @property
+    def label(self) -> str:
+        return f"data.sampling={self.mode}" + (" with folder repeats" if self.repeated else "")
 
     def counts(self, index: np.ndarray, identity: np.ndarray, epoch: int) -> np.ndarray:
         return epoch_counts(index, identity, self.lam, self.seed, epoch)

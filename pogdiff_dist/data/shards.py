@@ -115,12 +115,18 @@ class Manifest:
     shard_sha256: dict[str, str] = field(default_factory=dict)  # shard name -> checksum
     dataset: str | None = None  # data.dataset it was prepared from: "<bundled>:<preset>" or a folder
     shard_rows: dict[str, int] = field(default_factory=dict)  # shard name -> samples in it
+    # repeat count per identity from "<repeats>_<name>" folders (data/layouts.py), used by
+    # data.sampling (data/sampling.py); empty (a manifest without any) means 1 each
+    train_repeats: list[int] = field(default_factory=list)
 
     def minority(self, threshold: int | None = None) -> list[str]:
         """Few-shot identities: at most ``threshold`` training images (default: below a
         fifth of the largest identity)."""
         t = threshold if threshold is not None else max(self.train_counts) / 5
         return [n for n, c in zip(self.identities, self.train_counts) if c <= t]
+
+    def repeats(self) -> list[int]:
+        return list(self.train_repeats) or [1] * len(self.identities)
 
     def majority(self) -> list[str]:
         few = set(self.minority())

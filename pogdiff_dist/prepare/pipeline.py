@@ -23,7 +23,7 @@ import ray.data
 import torch
 
 from pogdiff_dist.config import Config
-from pogdiff_dist.config.sections import TRAINING_TIME_DATA_KEYS, PrepareConfig
+from pogdiff_dist.config.sections import BUNDLED_DATASETS, TRAINING_TIME_DATA_KEYS, PrepareConfig
 from pogdiff_dist.data.bundled import bundled
 from pogdiff_dist.data.columns import LookupRows, ParquetColumn
 from pogdiff_dist.data.density import (
@@ -34,6 +34,7 @@ from pogdiff_dist.data.density import (
     save_density_vae,
 )
 from pogdiff_dist.data.encode import SampleEncoder
+from pogdiff_dist.data.layouts import locate_dataset
 from pogdiff_dist.data.neighbours import build_knn, build_knn_ivf, knn_recall, write_neighbours
 from pogdiff_dist.data.records import IDENTITY_PROMPT, DatasetRecords, read_dataset
 from pogdiff_dist.data.shard_files import scan_shard
@@ -70,10 +71,31 @@ def load_records(cfg: Config) -> DatasetRecords:
         build(root, preset=preset, resolution=cfg.data.resolution, seed=cfg.data.seed,
               heldout_per_identity=cfg.data.heldout_per_identity)
     else:
-        root = Path(cfg.data.dataset)
-        if not root.is_dir():
-            raise ValueError(f"data.dataset: {root} is not a directory (nor a bundled '<name>:<preset>')")
+        root = Path(cfg.data.dataset)  # a folder or its metadata.csv
+        try:
+            locate_dataset(root)
+        except ValueError as e:
+            raise ValueError(f"data.dataset: {e} (expected a dataset folder, its metadata.csv, or a bundled "
+                             f"'<name>:<preset>' of {', '.join(BUNDLED_DATASETS)})") from None
     return read_dataset(root, on_bad=cfg.data.on_bad)
+
+
+def report_records(records: DatasetRecords) -> None:
+    """What prepare prints about the raw dataset: warnings (unused files included), skipped
+    items, and the repeat counts read from folder names."""
+    for w in records.warnings:
+        print(f"[prepare] warning: {w}", flush=True)
+    if records.skipped:
+        print(f"[prepare] skipped {len(records.skipped)} bad item(s) (data.on_bad=skip):", flush=True)
+        for ref, why in records.skipped:
+            print(f"    {ref}: {why}", flush=True)
+    identities, counts, repeats = records.identity_table()
+    if records.repeats:
+        each = [f"{i} x{r} ({n} image(s))" for i, n, r in zip(identities, counts, repeats)]
+        more = f", ... and {len(each) - 20} more" if len(each) > 20 else ""
+        print(f"[prepare] repeats from '<repeats>_<name>' folders: {', '.join(each[:20])}{more}; with "
+              f"data.sampling=uniform an epoch is {sum(n * r for n, r in zip(counts, repeats))} rows "
+              f"({sum(counts)} images), each image seen its identity's repeats times", flush=True)
 
 
 def records_fingerprint(records: DatasetRecords) -> str:
@@ -237,14 +259,9 @@ def run_prepare(cfg: Config) -> Manifest:
     out = Store(cfg.prepare.out_dir)  # a local folder or an object-storage prefix
     out.check_writable("prepare.out_dir")
     records = load_records(cfg)
-    for w in records.warnings:
-        print(f"[prepare] warning: {w}", flush=True)
-    if records.skipped:
-        print(f"[prepare] skipped {len(records.skipped)} bad item(s) (data.on_bad=skip):", flush=True)
-        for ref, why in records.skipped:
-            print(f"    {ref}: {why}", flush=True)
+    report_records(records)
     train = records.train()
-    identities = records.identities()
+    identities, train_counts, train_repeats = records.identity_table()
     ident_id = {n: i for i, n in enumerate(identities)}
     n = len(train)
     if cfg.prepare.k_max >= n:
@@ -331,11 +348,10 @@ def run_prepare(cfg: Config) -> Manifest:
 
     shard_info = stage.info()
     sample = ray.data.read_parquet(encoded).select_columns(["latent", "y"]).take(1)[0]
-    counts = records.counts("train")
     manifest = Manifest(
         fingerprint=fp_shards, num_samples=n, k_max=cfg.prepare.k_max,
         latent_shape=list(np.asarray(sample["latent"]).shape), text_shape=list(np.asarray(sample["y"]).shape),
-        identities=identities, train_counts=[counts.get(i, 0) for i in identities],
+        identities=identities, train_counts=train_counts, train_repeats=train_repeats,
         shards=out.list_files("shards", suffix=".tar"),
         text_encoder_dir=str(text_dir), tokenizer_dir=str(tok_dir), vae_dir=vae_dir,
         skipped=[list(s) for s in records.skipped], warnings=records.warnings,

@@ -129,7 +129,7 @@ class Trainer:
         # t and eps on the device; the plan's draws (dropout, neighbours, CBDM partners) on the host
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + rank)
         self.host_generator = torch.Generator().manual_seed(t.seed * 1000 + rank + 10**6)
-        self.sampling = SamplingPlan(m.train_counts, cfg.data.sampling, cfg.data.sampling_alpha, t.seed)
+        self.sampling = SamplingPlan(m.train_counts, cfg.data.sampling, cfg.data.sampling_alpha, t.seed, m.repeats())
         self.stream = EpochStream(cfg, m, self.prepared, rank, world, self.sampling)
         self.state = TrainState()
         self.ledger = EpochLedger()
@@ -295,7 +295,7 @@ class Trainer:
             self._epoch_line_step = s.step
             head = f"[train] epoch {s.epoch}: trained on {record['epoch_samples']:.0f} rows"
             if self.sampling.active:  # drawn with replacement: repeats and undrawn samples are the plan
-                print(f"{head} (data.sampling={self.cfg.data.sampling}: {record['epoch_unique_samples']:.0f} distinct "
+                print(f"{head} ({self.sampling.label}: {record['epoch_unique_samples']:.0f} distinct "
                       f"of {m.num_samples} samples, {record['epoch_repeats']:.0f} repeated rows, "
                       f"{record['epoch_not_delivered']:.0f} not drawn this epoch, "
                       f"{record['epoch_skipped_bad']:.0f} skipped as bad; rows per identity "

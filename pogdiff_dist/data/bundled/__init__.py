@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pogdiff_dist.data.records import METADATA
+from pogdiff_dist.data.layouts import BUILD_STAMPS, METADATA
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def write_build(root: str | Path, stamp_name: str, params: dict, preset_info: di
     stamp = root / stamp_name
     if (root / METADATA).is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("params") == params:
         return root
-    stamps = list(root.glob("*_it2i.json")) if root.is_dir() else []
+    stamps = list(root.glob(BUILD_STAMPS)) if root.is_dir() else []
     if stamps:
         shutil.rmtree(root / "images", ignore_errors=True)  # a bundled build (stamped): drop stale images
         for s in stamps:
