@@ -10,6 +10,7 @@ from pathlib import Path
 
 import ray
 
+from pogdiff_dist.config.sections import BUNDLED_TEXT_ENCODER, resolve_tracking_uri
 from pogdiff_dist.output import PRINT_PATCH_ENV, VERBOSE_ENV, quiet_libraries, resolve_verbose
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,6 @@ def absolute_paths(cfg, cwd: Path | None = None):
     ``model.init_unet=assets/digits-base/unet`` would name nothing. A relative input that does
     not exist here is an error naming the setting, before any work; URIs and absolute paths
     are kept as they are (a missing absolute input is reported where it is loaded)."""
-    from pogdiff_dist.config import BUNDLED_TEXT_ENCODER
-    from pogdiff_dist.tracking.runs import resolve_tracking_uri
-
     cwd = Path.cwd() if cwd is None else Path(cwd)
 
     def local(p: str | None) -> bool:

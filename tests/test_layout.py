@@ -67,3 +67,52 @@ def test_no_folder_named_like_build_output():
     """Tools skip dist/, build/ and the like by default (ruff, black, the Python .gitignore)."""
     skipped = {"dist", "build", "out", "site-packages", "node_modules", "venv"}
     assert not [p for p in PACKAGE.rglob("*") if p.is_dir() and p.name in skipped]
+
+
+def _package_edges() -> dict[str, set[str]]:
+    """module -> the package modules it imports, at module level or inside a function."""
+    modules = {name for name, _ in _modules()}
+    edges: dict[str, set[str]] = {}
+    for name, path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+                targets = [t for t in targets if t.removeprefix("pogdiff_dist.") in modules] or [node.module]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for t in targets:
+                if t.startswith("pogdiff_dist.") and t.removeprefix("pogdiff_dist.") in modules:
+                    edges.setdefault(name, set()).add(t.removeprefix("pogdiff_dist."))
+    return edges
+
+
+def test_the_module_graph_has_no_cycle_even_through_function_level_imports():
+    """A function-level import can hide a cycle that a top-level one would show at import
+    time; both count here."""
+    edges = _package_edges()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(edges.get(m, ())):
+            if state.get(n) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(n):] + [n]))
+            if n not in state:
+                visit(n)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m)
+
+
+def test_the_unet_preset_names_in_the_config_are_the_models():
+    from pogdiff_dist.config.sections import UNET_PRESET_NAMES
+    from pogdiff_dist.models import UNET_PRESETS
+
+    assert set(UNET_PRESET_NAMES) == set(UNET_PRESETS)

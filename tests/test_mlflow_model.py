@@ -24,7 +24,7 @@ def test_logged_model_generates_the_exports_images_and_registers(tmp_path):
     from pogdiff_dist.models import bundled_text_encoder_dir
     from pogdiff_dist.pipeline import load_pipeline
     from pogdiff_dist.tracking.model import log_pipeline_model
-    from pogdiff_dist.tracking.runs import DatasetInfo, MlflowTracker, start_run
+    from pogdiff_dist.tracking.runs import DatasetInfo, start_run
     from pogdiff_dist.train.local import train_local
 
     d = bundled_text_encoder_dir()
@@ -36,8 +36,9 @@ def test_logged_model_generates_the_exports_images_and_registers(tmp_path):
         "train.num_workers": 1, "loss.k": 2, "prepare.k_max": 2, "optim.max_steps": 3,
         "tracking.tracking_uri": uri, "tracking.experiment": "model-test"})
     dataset = DatasetInfo("digits-it2i:M", str(tmp_path / "prep"), manifest.fingerprint, {"latent": "binary"})
-    run_id = start_run(cfg, run_name="m", dataset=dataset)
-    tracker = MlflowTracker(uri, run_id, system_metrics=True, interval_s=0.2)
+    ref = start_run(cfg, uri, run_name="m", dataset=dataset)
+    run_id = ref.run_id
+    tracker = ref.open(system_metrics=True, interval_s=0.2)
     train_local(cfg, tmp_path / "prep", tmp_path / "run", tracker=tracker)
     time.sleep(1.0)
     tracker.close()

@@ -65,7 +65,7 @@ def s3(tmp_path_factory):
 def test_store_and_shard_checks_on_a_bucket(s3, tmp_path):
     """A prepared folder copied into the bucket reads back the same through Store and
     Manifest, passes verify_shards, and a truncated shard object is named by its URI."""
-    from pogdiff_dist.data.shard_files import verify_shards
+    from pogdiff_dist.data.shard_files import shard_row_counts, verify_shards
     from pogdiff_dist.data.shards import Manifest
     from pogdiff_dist.data.synthetic import build_synthetic_prepared
     from pogdiff_dist.models import bundled_text_encoder_dir
@@ -82,7 +82,7 @@ def test_store_and_shard_checks_on_a_bucket(s3, tmp_path):
     verify_shards("s3://pogdiff/prep/shards", m)
     # rows counted from the tar stream in the bucket, as for a manifest without shard_rows
     m_old = Manifest(**{**m.__dict__, "shard_rows": {}})
-    assert m_old.shard_row_counts("s3://pogdiff/prep") == [3, 3, 2]
+    assert shard_row_counts(m_old, "s3://pogdiff/prep") == [3, 3, 2]
 
     first = m.shards[0]
     data = store.read_bytes("shards", first)

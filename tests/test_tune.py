@@ -291,9 +291,9 @@ def test_failed_trials_are_reported_in_the_table_and_the_parent_run(tmp_path):
     best = rows[0]
     table = format_table(rows, spec, best)
     assert "t_00000 *" in table and "trial t_00002 failed: FloatingPointError: non-finite loss at step 3" in table
-    finish_parent(uri, parent, spec, rows, best, [], wall=12.5)
+    finish_parent(parent, spec, rows, best, [], wall=12.5)
 
-    run = MlflowClient(uri).get_run(parent)
+    run = MlflowClient(uri).get_run(parent.run_id)
     assert run.info.status == "FINISHED"  # some trials succeeded
     assert run.data.metrics["sweep/num_failed"] == 1 and run.data.metrics["sweep/num_completed"] == 1
     assert run.data.metrics["best/eval/accuracy_few"] == 0.5 and run.data.metrics["sweep/wall_seconds"] == 12.5
@@ -304,8 +304,8 @@ def test_failed_trials_are_reported_in_the_table_and_the_parent_run(tmp_path):
 
     all_failed = [r for r in rows if r.status == "error"]
     parent2 = create_parent(uri, base, spec, "psi-2")
-    finish_parent(uri, parent2, spec, all_failed, None, [], wall=1.0)
-    assert MlflowClient(uri).get_run(parent2).info.status == "FAILED"
+    finish_parent(parent2, spec, all_failed, None, [], wall=1.0)
+    assert MlflowClient(uri).get_run(parent2.run_id).info.status == "FAILED"
 
 
 def test_loss_options_are_searchable(tmp_path):

@@ -12,7 +12,7 @@ def test_validation_images_and_accuracy_reach_mlflow_at_their_steps(tmp_path):
     from pogdiff_dist.data.bundled.digits import NAMES
     from pogdiff_dist.data.synthetic import build_synthetic_prepared
     from pogdiff_dist.models import bundled_text_encoder_dir
-    from pogdiff_dist.tracking.runs import MlflowTracker, start_run
+    from pogdiff_dist.tracking.runs import start_run
     from pogdiff_dist.train.local import train_local
 
     d = bundled_text_encoder_dir()
@@ -23,9 +23,10 @@ def test_validation_images_and_accuracy_reach_mlflow_at_their_steps(tmp_path):
         "train.num_workers": 1, "loss.k": 2, "prepare.k_max": 2, "optim.max_steps": 6, "train.validate_every": 2,
         "train.validate_images": 3, "train.validate_steps": 2,
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment": "val-test"})
-    run_id = start_run(cfg, run_name="val")
     uri = cfg.tracking.tracking_uri
-    train_local(cfg, tmp_path / "prep", tmp_path / "run", tracker=MlflowTracker(uri, run_id))
+    ref = start_run(cfg, uri, run_name="val")
+    run_id = ref.run_id
+    train_local(cfg, tmp_path / "prep", tmp_path / "run", tracker=ref.open())
 
     client = MlflowClient(uri)
     images = [a.path for a in client.list_artifacts(run_id, "images")]

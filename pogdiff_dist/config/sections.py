@@ -26,6 +26,7 @@ BUNDLED_DATASETS = {
 
 
 SAMPLING_MODES = ("uniform", "balanced", "power")
+UNET_PRESET_NAMES = ("tiny", "small")  # pogdiff_dist.models.UNET_PRESETS (tests/test_config.py checks they agree)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TRAINING_TIME_DATA_KEYS = ("sampling", "sampling_alpha", "on_bad")  # data.* keys that do not change prepare
 KNN_INDEXES = ("flat", "ivf")
@@ -100,9 +101,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.pretrained is None:
-            from pogdiff_dist.models import UNET_PRESETS  # local import: models imports torch
-
-            _one_of("model.unet", self.unet, tuple(UNET_PRESETS))
+            _one_of("model.unet", self.unet, UNET_PRESET_NAMES)
         _check(self.max_length >= 4, f"model.max_length must be >= 4, got {self.max_length}")
         _check(self.num_train_timesteps >= 2, "model.num_train_timesteps must be >= 2")
         _check(self.lora_rank >= 0, f"model.lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
@@ -313,6 +312,16 @@ class TrainConfig:
         _check(self.text_cache_mib >= 0, f"train.text_cache_mib must be >= 0, got {self.text_cache_mib}")
         _check(self.validate_every >= 0 and self.validate_images >= 1 and self.validate_steps >= 1,
                "train.validate_every must be >= 0 (0: off), validate_images and validate_steps >= 1")
+
+
+def resolve_tracking_uri(uri: str, cwd: Path | None = None) -> str:
+    """Make a relative ``sqlite:///file.db`` absolute (against ``cwd``, default this process's),
+    so Ray workers (other cwd) hit the same store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((Path.cwd() if cwd is None else Path(cwd)) / uri[len(prefix):])
+    return uri
+
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ import logging
 import numpy as np
 from tqdm.auto import tqdm
 
+from pogdiff_dist.data.columns import list_values
 from pogdiff_dist.data.exact_search import TorchExactIndex, faiss_index, faiss_visible_gpus, import_faiss, knn_plan
+from pogdiff_dist.storage import Store
 
 logger = logging.getLogger(__name__)
 
@@ -274,9 +276,6 @@ def read_neighbours(prepared_dir) -> tuple[np.ndarray, np.ndarray]:
     import io
 
     import pyarrow.parquet as pq
-
-    from pogdiff_dist.data.columns import list_values
-    from pogdiff_dist.storage import Store
 
     store = Store(prepared_dir)  # a local folder or a URI
     if not store.is_file("neighbours.parquet"):

@@ -10,13 +10,10 @@ import os
 import posixpath
 import tarfile
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple
 
-from pogdiff_dist.data.shards import META_FIELD
+from pogdiff_dist.data.shards import META_FIELD, Manifest
 from pogdiff_dist.storage import Store, join
-
-if TYPE_CHECKING:
-    from pogdiff_dist.data.shards import Manifest
 
 
 def _opened(source: str | Path | BinaryIO):
@@ -72,6 +69,15 @@ def scan_shard(source: str | Path | BinaryIO) -> ShardScan:
 def count_shard_rows(source: str | Path | BinaryIO) -> int:
     """Samples in a shard (a path or a stream, read front to back): its ``.meta.json`` members."""
     return scan_shard(source).rows
+
+
+def shard_row_counts(manifest: Manifest, prepared_dir: str | Path) -> list[int]:
+    """Samples per shard, in ``manifest.shards`` order (counted from the tar headers for a
+    manifest written before prepare recorded them)."""
+    if all(s in manifest.shard_rows for s in manifest.shards):
+        return [int(manifest.shard_rows[s]) for s in manifest.shards]
+    store = Store(prepared_dir)
+    return [count_shard_rows(store.open_input("shards", s)) for s in manifest.shards]
 
 
 def file_digest(source: str | Path | BinaryIO) -> str:

@@ -132,16 +132,6 @@ class Manifest:
         few = set(self.minority())
         return [n for n in self.identities if n not in few]
 
-    def shard_row_counts(self, prepared_dir: str | Path) -> list[int]:
-        """Samples per shard, in ``shards`` order (counted from the tar headers for a manifest
-        written before prepare recorded them)."""
-        if all(s in self.shard_rows for s in self.shards):
-            return [int(self.shard_rows[s]) for s in self.shards]
-        from pogdiff_dist.data.shard_files import count_shard_rows
-
-        store = Store(prepared_dir)
-        return [count_shard_rows(store.open_input("shards", s)) for s in self.shards]
-
     def save(self, prepared_dir: str | Path) -> None:
         Store(prepared_dir).write_text(json.dumps(asdict(self), indent=1), MANIFEST)
 

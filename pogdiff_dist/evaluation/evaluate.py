@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pogdiff_dist.config import EvalConfig, RayConfig
+from pogdiff_dist.config import EvalConfig, RayConfig, load_config
+from pogdiff_dist.config.sections import resolve_tracking_uri
 from pogdiff_dist.data.shards import MANIFEST, Manifest
 from pogdiff_dist.evaluation.generate import (
     RunPrecision,
@@ -31,8 +32,9 @@ from pogdiff_dist.evaluation.generate import (
 from pogdiff_dist.evaluation.report import write_outputs
 from pogdiff_dist.evaluation.scoring import Scorer, evaluated_identities
 from pogdiff_dist.pipeline import LORA_WEIGHTS
+from pogdiff_dist.runtime import init_ray
 from pogdiff_dist.storage import fetch
-from pogdiff_dist.tracking.runs import log_eval, read_run_state, resolve_tracking_uri, run_folders
+from pogdiff_dist.tracking.runs import TrackingRef, read_run_state
 
 
 @dataclass
@@ -85,7 +87,7 @@ def resolve_source(model: str | None = None, prepared: str | None = None, mlflow
     if mlflow_run is not None:
         uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                                    or (state or {}).get("tracking_uri") or "sqlite:///mlflow.db")
-        folders = run_folders(uri, mlflow_run)
+        folders = TrackingRef(uri, mlflow_run).open().folders()
         if model_dir is None:
             if "model_dir" not in folders:
                 raise ValueError(f"MLflow run {mlflow_run} records no model folder (tag pogdiff.model_dir; "
@@ -107,8 +109,6 @@ def resolve_source(model: str | None = None, prepared: str | None = None, mlflow
 
 def _lora_base(lora_dir: Path, model: str | None) -> str:
     """The pipeline a LoRA adapter goes onto: ``model``, else its run's ``model.pretrained``."""
-    from pogdiff_dist.config import load_config
-
     if not (lora_dir / LORA_WEIGHTS).is_file():
         raise ValueError(f"{lora_dir} is not a LoRA export (no {LORA_WEIGHTS}; "
                          f"a model.lora_rank > 0 run writes runs/<name>/lora)")
@@ -163,8 +163,6 @@ def run_evaluate(source: EvalSource, out_dir: str | Path, cfg: EvalConfig, *, nu
     generated images (``uint8 [num_images, H, W, C]`` per identity, for the PNGs), the metrics and
     up to ``num_images`` training images per identity for the grids; never the decoded
     references or any encoder features."""
-    from pogdiff_dist.runtime import init_ray
-
     t0 = time.time()
     init_ray(ray_cfg or RayConfig())
     manifest = Manifest.load(source.prepared_dir)
@@ -188,8 +186,8 @@ def run_evaluate(source: EvalSource, out_dir: str | Path, cfg: EvalConfig, *, nu
                    lora_dir=str(source.lora_dir) if source.lora_dir else None, mlflow_run=source.run_id, generation_seconds=gen_s, total_seconds=time.time() - t0)
     out_dir = Path(out_dir).absolute()
     paths = write_outputs(out_dir, results, generated, previews)
-    keys = log_eval(source.tracking_uri, source.run_id, results["summary"], [paths["metrics"], paths["plot"]],
-                    folders={"grids": paths["grids"]}) if source.run_id else []
+    keys = TrackingRef(source.tracking_uri, source.run_id).open().log_eval(
+        results["summary"], [paths["metrics"], paths["plot"]], folders={"grids": paths["grids"]}) if source.run_id else []
 
     s = results["summary"]
     table = "\n".join(f"    {m:<9} all {_fmt(s[f'{m}_all'])}   majority {_fmt(s.get(f'{m}_majority'))}   "

@@ -26,10 +26,11 @@ import yaml
 from pogdiff_dist.config import EvalConfig, TrainConfig
 from pogdiff_dist.data.records import IDENTITY_PROMPT
 from pogdiff_dist.data.shards import Manifest
-from pogdiff_dist.devices import compute_dtype, task_device
+from pogdiff_dist.devices import auto_gpus, compute_dtype, task_device
 from pogdiff_dist.evaluation.scoring import Scorer
 from pogdiff_dist.output import quiet_libraries
 from pogdiff_dist.pipeline import load_pipeline
+from pogdiff_dist.runtime import cluster_gpus
 
 PROMPT = IDENTITY_PROMPT  # PoGDiff Sec. 4.1
 
@@ -124,9 +125,6 @@ def resolve_eval_gpus(setting: float | str, run_dir: Path | None) -> float:
     folder), so a cluster whose GPU nodes are still starting does not generate on CPU."""
     if setting != "auto":
         return float(setting)
-    from pogdiff_dist.devices import auto_gpus
-    from pogdiff_dist.runtime import cluster_gpus
-
     declared = False
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         declared = bool(yaml.safe_load((run_dir / "config.yaml").read_text())["train"].get("use_gpu"))

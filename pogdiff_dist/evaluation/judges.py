@@ -2,7 +2,7 @@
 paper's human and GPT-4o judgements).
 
 - :class:`CNNJudge`: a small CNN trained for a bundled dataset from the
-  :class:`~pogdiff_dist.data.bundled.JudgeSpec` the dataset gives it: for Digits-IT2I the
+  :class:`~pogdiff_dist.data.bundled.base.JudgeSpec` the dataset gives it: for Digits-IT2I the
   ten digit classes of scikit-learn's balanced ``load_digits()`` rendered as the dataset
   renders them (every identity is a digit under a name, so the digit read names the
   identity; an image of a digit no evaluated identity has is wrong for every prompt); for
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from pogdiff_dist.data.bundled import JudgeSpec
+from pogdiff_dist.data.bundled.base import JudgeSpec
 from pogdiff_dist.evaluation.metrics import l2_normalize
 
 

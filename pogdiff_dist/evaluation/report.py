@@ -1,5 +1,5 @@
 """Evaluation outputs: metrics.json, the generated images, per-identity grids and a plot of
-each metric against training-set frequency (MLflow logging: :func:`pogdiff_dist.tracking.runs.log_eval`).
+each metric against training-set frequency (MLflow logging: :meth:`pogdiff_dist.tracking.runs.TrackedRun.log_eval`).
 
 Layout of ``out_dir``::
 

@@ -34,6 +34,7 @@ from pogdiff_dist.data.density import (
     save_density_vae,
 )
 from pogdiff_dist.data.encode import SampleEncoder
+from pogdiff_dist.data.exact_search import faiss_visible_gpus, knn_plan
 from pogdiff_dist.data.layouts import locate_dataset
 from pogdiff_dist.data.neighbours import build_knn, build_knn_ivf, knn_recall, write_neighbours
 from pogdiff_dist.data.records import IDENTITY_PROMPT, DatasetRecords, read_dataset
@@ -183,8 +184,6 @@ def knn_task(encoded: str, out: str, p: PrepareConfig, seed: int, gpus: float) -
     ``knn_index=flat``: exact search over the whole table (faiss-gpu, or torch on a GPU FAISS
     cannot use). ``ivf``: :func:`build_knn_ivf` streams the column in chunks, and its recall@k
     against exact search on ``knn_recall_queries`` random samples is measured and returned."""
-    from pogdiff_dist.data.exact_search import faiss_visible_gpus, knn_plan
-
     device = task_device(gpus)
     if p.knn_index == "flat":
         z = read_encoded_columns(encoded, ["z"])["z"].astype(np.float32)

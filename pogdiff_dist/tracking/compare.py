@@ -20,7 +20,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from pogdiff_dist.config import TrackingConfig
-from pogdiff_dist.tracking.runs import resolve_tracking_uri
+from pogdiff_dist.config.sections import resolve_tracking_uri
+from pogdiff_dist.evaluation.report import plot_vs_frequency
 
 EVAL_METRICS = ("accuracy", "dino", "grecall", "fid")
 LOWER_IS_BETTER = ("fid", "loss")
@@ -315,8 +316,6 @@ def compare(tracking_uri: str | None = None, experiment: str | None = None, pare
         if e is not None:
             step = r.metrics.get("final_step")
             evals[f"{r.name} ({r.run_id[:8]}{'' if step is None else f', step {step:.0f}'})"] = e
-    from pogdiff_dist.evaluation.report import plot_vs_frequency
-
     p = plot_vs_frequency(evals, out / "identity_frequency.png",
                           title="per-identity metrics vs training frequency (best runs; line = mean)")
     if p is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pogdiff_dist.config import Config
+from pogdiff_dist.data.shards import iter_shard_batches
 from pogdiff_dist.train.engine import init_single_process
 from pogdiff_dist.train.stream import Reader
 from pogdiff_dist.train.trainer import Trainer
@@ -43,8 +44,6 @@ class LocalCheckpoints:
 def read_local(batch_size: int = 64) -> Reader:
     """``read(paths)`` for one plain process: the shards in the given order with ``webdataset``
     (the trainer's stream assigns, resamples and shuffles)."""
-    from pogdiff_dist.data.shards import iter_shard_batches
-
     return lambda paths: iter_shard_batches(paths, batch_size, 0)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pogdiff_dist.data.assignment import epoch_order, keep_ranges, rank_ranges
 from pogdiff_dist.data.sampling import SamplingPlan, expand, shuffled
+from pogdiff_dist.data.shard_files import shard_row_counts
 from pogdiff_dist.data.shards import Manifest, StreamedBatch, batched, collate_stream
 from pogdiff_dist.storage import join
 
@@ -28,7 +29,7 @@ class EpochStream:
                  sampling: SamplingPlan):
         self.cfg, self.manifest, self.rank, self.world, self.sampling = cfg, manifest, rank, world, sampling
         self.shard_dir = join(prepared_dir, "shards")  # a local folder or a URI
-        self.shard_rows = manifest.shard_row_counts(prepared_dir)
+        self.shard_rows = shard_row_counts(manifest, prepared_dir)
         self.planned = 0  # rows the last epoch's stream held for this rank (skipped ones included)
 
     def ranges(self, epoch: int) -> list[tuple[str, int, int]]:

@@ -37,6 +37,7 @@ from pogdiff_dist.devices import resolve_device
 from pogdiff_dist.models import STATE_DTYPE, ModelSpec, TextEncoder, add_lora, build_noise_scheduler, build_unet
 from pogdiff_dist.storage import Store
 from pogdiff_dist.syncs import host_side
+from pogdiff_dist.tracking.null import NullRun
 from pogdiff_dist.train.diagnostics import PsiRecord, eta
 from pogdiff_dist.train.engine import Engine
 from pogdiff_dist.train.export import LORA_DIR, MODEL_DIR, SAMPLES, export_run
@@ -90,7 +91,7 @@ class Trainer:
         self.report = report
         self.run_store = Store(run_dir) if run_dir is not None else None
         self.run_dir = self.run_store.local if self.run_store is not None else None
-        self.tracker = tracker if tracker is not None else _NullTracker()
+        self.tracker = tracker if tracker is not None else NullRun()
         self.prepared = str(prepared_dir)
         self.manifest = Manifest.load(self.prepared)
         check_manifest(cfg, self.manifest)
@@ -354,11 +355,3 @@ def _timed(batches: Iterable[StreamedBatch], window: MetricsWindow) -> Iterator[
             return
         window.data_wait += time.time() - t0
         yield item
-
-
-class _NullTracker:
-    def log(self, step: int, metrics: dict) -> None:
-        pass
-
-    def log_image(self, step: int, key: str, image) -> None:
-        pass

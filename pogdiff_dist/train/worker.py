@@ -18,7 +18,6 @@ import ray.train.torch
 from pogdiff_dist.config import from_dict
 from pogdiff_dist.data.shards import decode_sample
 from pogdiff_dist.runtime import quiet_output
-from pogdiff_dist.tracking.runs import MlflowTracker, NullTracker
 from pogdiff_dist.train.trainer import Trainer
 
 # Each worker streams its shards with Ray Data read tasks of READ_TASK_CPUS CPUs (Ray Data's own
@@ -41,9 +40,7 @@ def train_loop_per_worker(config: dict) -> None:
     quiet_output(cfg.ray.verbose)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tracking = cfg.tracking
-    tracker = (MlflowTracker(config["tracking_uri"], config["run_id"], tracking.system_metrics,
-                             tracking.system_metrics_interval_s) if rank == 0 else NullTracker())
+    tracker = config["tracking"].open(rank, cfg.tracking.system_metrics, cfg.tracking.system_metrics_interval_s)
     trainer = Trainer(cfg, config["prepared_dir"], ray.train.torch.get_device(), rank, world, report=_report,
                       tracker=tracker, run_dir=config["run_dir"])
     checkpoint = ray.train.get_checkpoint()

@@ -30,17 +30,12 @@ import yaml
 from ray import tune
 
 from pogdiff_dist.config import Config, from_dict, save_config
+from pogdiff_dist.data.shard_files import verify_shards
+from pogdiff_dist.prepare.pipeline import run_prepare
+from pogdiff_dist.runtime import absolute_paths, check_output_paths, init_ray
+from pogdiff_dist.storage import is_uri, join
 from pogdiff_dist.tracking.compare import _fmt, text_table
-from pogdiff_dist.tracking.runs import (
-    create_sweep_parent,
-    log_artifacts,
-    log_metrics,
-    read_run_state,
-    redact,
-    safe_params,
-    set_status,
-    set_tags,
-)
+from pogdiff_dist.tracking.runs import TrackingRef, create_sweep_parent, read_run_state, redact, safe_params
 from pogdiff_dist.tuning.spec import REPORTED, Param, SweepSpec, _check, check_space, spec_from_dict
 from pogdiff_dist.tuning.trial import (
     TrialSetup,
@@ -159,7 +154,7 @@ def _sweep_name(base: Config, name: str, resume: bool) -> str:
     return name
 
 
-def create_parent(uri: str, base: Config, spec: SweepSpec, name: str) -> str:
+def create_parent(uri: str, base: Config, spec: SweepSpec, name: str) -> TrackingRef:
     """The sweep's MLflow parent run: the spec as params, the base config less the searched keys."""
     params = {f"sweep.{k}": json.dumps(v) if isinstance(v, (dict, list)) else str(v)
               for k, v in spec.to_dict().items() if k not in ("space", "scheduler")}
@@ -230,12 +225,12 @@ def format_table(rows: list[TrialRow], spec: SweepSpec, best: TrialRow | None) -
     return "\n".join([table, *[f"  trial {r.trial_id} failed: {r.error}" for r in rows if r.error]])
 
 
-def finish_parent(uri: str, parent: str, spec: SweepSpec, rows: list[TrialRow], best: TrialRow | None,
+def finish_parent(parent: TrackingRef, spec: SweepSpec, rows: list[TrialRow], best: TrialRow | None,
                   files: list[Path], wall: float) -> None:
     counts = {s: sum(r.status == s for r in rows) for s in ("completed", "stopped_early", "error")}
     for r in rows:
         if r.run_id:
-            set_tags(uri, r.run_id, {"sweep.status": r.status})
+            TrackingRef(parent.uri, r.run_id).open().set_tags({"sweep.status": r.status})
     metrics = {"sweep/num_trials": len(rows), "sweep/wall_seconds": wall,
                **{f"sweep/num_{'failed' if s == 'error' else s}": n for s, n in counts.items()}}
     failed = [r for r in rows if r.status == "error"]
@@ -244,18 +239,15 @@ def finish_parent(uri: str, parent: str, spec: SweepSpec, rows: list[TrialRow], 
         metrics[f"best/{spec.metric}"] = best.value
         tags.update({"sweep.best_trial": best.trial_id, "sweep.best_run_id": best.run_id or "",
                      "sweep.best_params": json.dumps(best.params)})
-    log_metrics(uri, parent, metrics)
-    set_tags(uri, parent, tags)
-    log_artifacts(uri, parent, [f for f in files if f.exists()])
-    set_status(uri, parent, "FINISHED" if len(failed) < len(rows) else "FAILED")
+    run = parent.open()
+    run.log(0, metrics)
+    run.set_tags(tags)
+    run.log_artifacts([f for f in files if f.exists()])
+    run.set_status("FINISHED" if len(failed) < len(rows) else "FAILED")
 
 
 def run_sweep(spec: SweepSpec, base: Config, resume: bool = False, retry_failed: bool = False) -> SweepOutcome:
     """Prepare once, run the sweep (or restore it, ``resume``), write the best config."""
-    from pogdiff_dist.prepare.pipeline import run_prepare
-    from pogdiff_dist.runtime import absolute_paths, check_output_paths, init_ray
-    from pogdiff_dist.storage import is_uri
-
     check_output_paths(base)
     if is_uri(base.train.storage_path):
         raise ValueError(f"train.storage_path={base.train.storage_path!r}: a sweep keeps its trials, state and "
@@ -272,21 +264,22 @@ def run_sweep(spec: SweepSpec, base: Config, resume: bool = False, retry_failed:
     uri = run_cfg.tracking.tracking_uri
     init_ray(run_cfg.ray)
     manifest = run_prepare(run_cfg)  # once, here: every trial then finds it up to date
+    verify_shards(join(run_cfg.prepare.out_dir, "shards"), manifest, checksum=run_cfg.train.verify_shards)
     check_space(spec, base, k_max=manifest.k_max)
     prepared = str(Path(run_cfg.prepare.out_dir))
     trials_dir = sweep_dir / "trials"
 
     if resume:
-        parent = state["parent_run_id"]
-        set_status(uri, parent, "RUNNING")
+        parent = TrackingRef(uri, state["parent_run_id"])
+        parent.open().set_status("RUNNING")
     else:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         parent = create_parent(uri, base, spec, name)
         (sweep_dir / SWEEP_STATE).write_text(json.dumps({
-            "parent_run_id": parent, "tracking_uri": redact(uri), "spec": spec.to_dict(),
+            "parent_run_id": parent.run_id, "tracking_uri": redact(uri), "spec": spec.to_dict(),
             "base_config": base.to_dict()}, indent=1, default=list))
         (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    setup = TrialSetup(run_cfg.to_dict(), spec.to_dict(), prepared, str(trials_dir), parent, uri,
+    setup = TrialSetup(run_cfg.to_dict(), spec.to_dict(), prepared, str(trials_dir), parent.run_id, uri,
                        spec_file=str(sweep_dir / "sweep.yaml"))
     resources = trial_resources(run_cfg, spec)
     concurrency = fit_concurrency(run_cfg, spec, ray.cluster_resources())
@@ -295,7 +288,7 @@ def run_sweep(spec: SweepSpec, base: Config, resume: bool = False, retry_failed:
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources={"CPU": spec.trial_cpus})
     print(f"[tune] sweep {name!r}: {spec.num_samples} sample(s) over {spec.keys}, {spec.search_alg} search, "
           f"{spec.scheduler.type} scheduler, rungs {list(spec.rungs)} steps, objective {spec.metric} ({spec.mode}); "
-          f"{concurrency} concurrent trial(s) of {resources}; MLflow parent run {parent}", flush=True)
+          f"{concurrency} concurrent trial(s) of {resources}; MLflow parent run {parent.run_id}", flush=True)
 
     tune_path = sweep_dir / TUNE_DIR
     if resume and tune.Tuner.can_restore(str(tune_path)):
@@ -316,7 +309,7 @@ def run_sweep(spec: SweepSpec, base: Config, resume: bool = False, retry_failed:
     try:
         results = tuner.fit()
     except BaseException:
-        set_status(uri, parent, "KILLED")  # --resume sets it running again
+        parent.open().set_status("KILLED")  # --resume sets it running again
         raise
 
     rows = sorted((_row(r, spec, trials_dir) for r in results), key=lambda row: row.trial_id)
@@ -331,7 +324,7 @@ def run_sweep(spec: SweepSpec, base: Config, resume: bool = False, retry_failed:
     trials = trials_dataframe(results, rows)
     trials.to_csv(sweep_dir / "trials.csv", index=False)
     wall = time.time() - t0
-    finish_parent(uri, parent, spec, rows, best, [sweep_dir / "trials.csv", sweep_dir / "sweep.yaml",
+    finish_parent(parent, spec, rows, best, [sweep_dir / "trials.csv", sweep_dir / "sweep.yaml",
                                                   *([best_path] if best_path else [])], wall)
     n_err = sum(r.status == "error" for r in rows)
     print(f"\n[tune] sweep {name!r} done in {wall:.0f}s: {len(rows)} trial(s), "
@@ -346,6 +339,6 @@ def run_sweep(spec: SweepSpec, base: Config, resume: bool = False, retry_failed:
     if n_err:
         print(f"[tune] {n_err} trial(s) failed (see above; errors in {sweep_dir / TUNE_DIR}). "
               f"`--resume --retry-failed` runs them again.", flush=True)
-    print(f"  MLflow parent run {parent} in experiment {base.tracking.experiment!r}; compare the trials with\n"
+    print(f"  MLflow parent run {parent.run_id} in experiment {base.tracking.experiment!r}; compare the trials with\n"
           f"  python jobs/compare.py --sweep {sweep_dir}", flush=True)
-    return SweepOutcome(name, sweep_dir, parent, uri, rows, best, best_path, wall, table, trials)
+    return SweepOutcome(name, sweep_dir, parent.run_id, uri, rows, best, best_path, wall, table, trials)

@@ -18,13 +18,9 @@ from pathlib import Path
 from ray import tune
 
 from pogdiff_dist.config import Config, from_dict
-from pogdiff_dist.tracking.runs import (
-    RUN_STATE,
-    log_eval,
-    read_run_state,
-    set_status,
-    set_tags,
-)
+from pogdiff_dist.evaluation.evaluate import evaluate_model
+from pogdiff_dist.tracking.runs import RUN_STATE, TrackingRef, read_run_state
+from pogdiff_dist.train.driver import RunContext
 from pogdiff_dist.tuning.spec import SweepSpec
 
 
@@ -60,9 +56,6 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     per seed (``<trial>-s<seed>``) and reports the mean over seeds, so one lucky image is not
     the difference. Resumable: a restored trial continues at the rung after its last report,
     and a run interrupted mid-rung resumes from its checkpoint."""
-    from pogdiff_dist.evaluation.evaluate import evaluate_model
-    from pogdiff_dist.train.driver import run_train
-
     spec = setup.spec
     trial_id = tune.get_context().get_trial_id()
     seeds = spec.get("seeds") or [None]
@@ -80,6 +73,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
          "tracking.log_model": False, "tracking.register_model": None})
     ev = dataclasses.replace(base.eval, cache_dir=base.eval.cache_dir or str(Path(setup.prepared_dir) / "eval_cache"))
     uri = setup.tracking_uri
+    context = RunContext.attach(base, config_file=setup.spec_file)  # once per trial: every rung and seed trains in it
     run_ids: list[str] = []
     try:
         for rung in range(rungs_done, len(spec["rungs"])):
@@ -87,20 +81,20 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
             summaries, losses, run_ids = [], [], []
             for seed in seeds:
                 name = names[str(seed)]
-                cfg = base.with_overrides({"train.name": name, "optim.max_steps": steps,
-                                           **({} if seed is None else {"train.seed": seed})})
                 resume = (Path(setup.trials_dir) / name / RUN_STATE).is_file()  # a later rung, or a restart
-                out = run_train(cfg, resume=resume, parent_run_id=setup.parent_run_id,
-                                config_file=setup.spec_file)
-                names[str(seed)] = out.run_dir.name  # a fresh run given another name: later rungs resume it
+                out = context.train({"train.name": name, "optim.max_steps": steps,
+                                     **({} if seed is None else {"train.seed": seed})},
+                                    resume=resume, parent_run_id=setup.parent_run_id)
+                names[str(seed)] = out.config.train.name  # a fresh run given another name: later rungs resume it
                 run_ids.append(out.run_id)
                 results = evaluate_model(out.model_dir, setup.prepared_dir, ev,
                                          out_dir=out.run_dir / f"eval-step{steps}")
+                mlflow_run = TrackingRef(uri, out.run_id).open()
                 # the latest rung's metrics.json and plot: compare.py reads eval/metrics.json
-                log_eval(uri, out.run_id, results["summary"],
-                         [Path(results["outputs"][k]) for k in ("metrics", "plot")], step=steps)
-                set_tags(uri, out.run_id, {"sweep.trial_id": trial_id, "sweep.rungs_done": rung + 1,
-                                           **({} if seed is None else {"sweep.seed": seed})})
+                mlflow_run.log_eval(results["summary"], [Path(results["outputs"][k]) for k in ("metrics", "plot")],
+                                    step=steps)
+                mlflow_run.set_tags({"sweep.trial_id": trial_id, "sweep.rungs_done": rung + 1,
+                                     **({} if seed is None else {"sweep.seed": seed})})
                 summaries.append(results["summary"])
                 losses.append(out.metrics)
             report = {"step": steps, "rung": rung + 1, "mlflow_run_id": run_ids[0], "seeds": len(seeds),
@@ -113,8 +107,9 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
         for name in names.values():
             run_id = (read_run_state(Path(setup.trials_dir) / name) or {}).get("run_id")
             if run_id is not None:
-                set_tags(uri, run_id, {"sweep.error": f"{type(e).__name__}: {e}"})
-                set_status(uri, run_id, "FAILED")
+                failed = TrackingRef(uri, run_id).open()
+                failed.set_tags({"sweep.error": f"{type(e).__name__}: {e}"})
+                failed.set_status("FAILED")
         raise
 
 

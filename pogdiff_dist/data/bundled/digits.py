@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pogdiff_dist.data.bundled import Bundled, JudgeSpec, build_params, write_build
+from pogdiff_dist.data.bundled.base import Bundled, JudgeSpec, build_params, write_build
 from pogdiff_dist.data.records import slugify
 
 STAMP = "digits_it2i.json"
@@ -181,7 +181,7 @@ def build_digits_it2i(root: str | Path, preset: str = "M", resolution: int = 32,
     """Write ``root/images/<slug>/<slug>-<source index>.png`` and ``root/metadata.csv``.
 
     Deterministic for a given ``seed``; idempotent (a ``digits_it2i.json`` stamp, see
-    :func:`pogdiff_dist.data.bundled.write_build`).
+    :func:`pogdiff_dist.data.bundled.base.write_build`).
     """
     params = build_params(PRESETS, preset, resolution, seed, heldout_per_identity)
 

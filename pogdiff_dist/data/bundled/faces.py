@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pogdiff_dist.data.bundled import Bundled, JudgeSpec, build_params, write_build
+from pogdiff_dist.data.bundled.base import Bundled, JudgeSpec, build_params, write_build
 from pogdiff_dist.data.bundled.faces_render import (
     BASE_NAMES,
     RENDER_VERSION,
@@ -106,7 +106,7 @@ def build_faces_it2i(root: str | Path, preset: str = "M", resolution: int = 32, 
     """Write ``root/images/<slug>/<slug>-<split>-<j>.png`` and ``root/metadata.csv``.
 
     Deterministic for a given ``seed``; idempotent (a ``faces_it2i.json`` stamp, see
-    :func:`pogdiff_dist.data.bundled.write_build`).
+    :func:`pogdiff_dist.data.bundled.base.write_build`).
     """
     params = build_params(PRESETS, preset, resolution, seed, heldout_per_identity, render_version=RENDER_VERSION)
 
