@@ -17,6 +17,7 @@ from pogdiff_dist.families import (
     model_timestep,
     sdxl_time_ids,
 )
+from pogdiff_dist.families.denoiser import model_config
 from pogdiff_dist.families.latents import (
     from_latents,
     latent_image_ids,
@@ -85,6 +86,15 @@ def test_objectives_and_timestep_input():
     s = torch.tensor([0.25, 0.5])
     torch.testing.assert_close(model_timestep(FAMILIES["sd3"], s), s * 1000)  # SD3's transformer takes 1000 s
     torch.testing.assert_close(model_timestep(FAMILIES["flux"], s), s)  # Flux's multiplies by 1000 itself
+
+
+def test_model_config_looks_through_a_wrapper():
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config={"guidance_embeds": True})
+    engine = SimpleNamespace(config={"train_batch_size": 8}, module=model)  # DeepSpeed's: a config of its own
+    assert model_config(model) == {"guidance_embeds": True}
+    assert model_config(engine) == {"guidance_embeds": True}
 
 
 # ----------------------------------------------------------------------------- latents

@@ -244,3 +244,12 @@ def test_packed_prediction_layout_matches_latents(parts):
         out = predict(family, model, x, torch.tensor([0.3, 0.7]), encoder.encode(CAPTIONS[:2]))
     assert out.shape == x.shape
     assert pack_latents(out).shape == (2, 16, 64)
+
+
+def test_tiny_cli_writes_a_detectable_directory(tmp_path, capsys):
+    from pogdiff_dist.families.tiny import main
+
+    main(["--family", "sd3", "--out", str(tmp_path / "sd3")])
+    out = capsys.readouterr().out
+    assert out.startswith("sd3: ") and out.rstrip().endswith("MiB)")
+    assert detect_family(tmp_path / "sd3").name == "sd3"

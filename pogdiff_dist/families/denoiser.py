@@ -21,8 +21,9 @@ from pogdiff_dist.families.text import Conditioning
 
 
 def model_config(model):
-    """The diffusers config of a bare model or of a wrapper holding it as ``.module`` (DeepSpeed)."""
-    return model.config if hasattr(model, "config") else model.module.config
+    """The diffusers config of a bare model or of a wrapper holding it as ``.module``. The wrapped
+    model's comes first: a DeepSpeed engine has a ``config`` of its own (DeepSpeed's)."""
+    return getattr(model, "module", model).config
 
 
 def sdxl_time_ids(batch_size: int, original_size: tuple[int, int], crop_top_left: tuple[int, int] = (0, 0),

@@ -46,8 +46,9 @@ class Family:
     (SD3 takes s * 1000; Flux takes s and multiplies by 1000 itself). ``guidance``: the embedded
     guidance a guidance-distilled transformer is trained with (Flux-dev; diffusers' default 3.5),
     passed only when its config has ``guidance_embeds``. ``uncond``: what the pipeline feeds as
-    the unconditional input at inference: ``"empty"`` (the empty caption's states) or ``"zeros"``
-    (SDXL's ``force_zeros_for_empty_prompt``: zero hidden and pooled states).
+    the unconditional input at inference: ``"empty"`` (the empty caption's states), ``"zeros"``
+    (SDXL's ``force_zeros_for_empty_prompt``: zero hidden and pooled states) or ``"none"`` (Flux:
+    no classifier-free guidance by default, the guidance is embedded).
     """
 
     name: str
@@ -121,7 +122,7 @@ FAMILIES: dict[str, Family] = {
                   EncoderSpec("tokenizer_2", "text_encoder_2", "T5EncoderModel", 512, "last", None)),
         objective="flow", train_scheduler_class="FlowMatchEulerDiscreteScheduler",
         sample_scheduler_class="FlowMatchEulerDiscreteScheduler", latent_channels=16, packed=True,
-        lora_targets=_FLUX, pooled=True, timestep_scale=1.0, guidance=3.5),
+        lora_targets=_FLUX, pooled=True, timestep_scale=1.0, guidance=3.5, uncond="none"),
 }
 _BY_PIPELINE = {f.pipeline_class: f for f in FAMILIES.values()}
 

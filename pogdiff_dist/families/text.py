@@ -103,7 +103,7 @@ class CaptionEncoder:
         for e in family.encoders:
             tokenizers[e.encoder] = transformers.AutoTokenizer.from_pretrained(str(root / e.tokenizer))
             model_cls = getattr(transformers, e.model_class)
-            models[e.encoder] = model_cls.from_pretrained(str(root / e.encoder), torch_dtype=dtype).to(device)
+            models[e.encoder] = model_cls.from_pretrained(str(root / e.encoder), dtype=dtype).to(device)
         return cls(family, tokenizers, models)
 
     @classmethod
