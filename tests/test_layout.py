@@ -18,8 +18,8 @@ ALLOWED = {
     "mlflow": {"tracking.runs", "tracking.compare", "tracking.model", "tracking.model_code"},
 }
 # model, loss and data code: none of the above, not even through a lazy import
-PURE = ("models", "losses", "pipeline", "train.step", "data.", "config", "evaluation.metrics",
-        "evaluation.features", "evaluation.scoring", "evaluation.report", "evaluation.judges")
+PURE = ("models", "losses", "losses_flow", "timesteps", "families", "pipeline", "train.step", "data.", "config",
+        "evaluation.metrics", "evaluation.features", "evaluation.scoring", "evaluation.report", "evaluation.judges")
 
 
 def _modules():
