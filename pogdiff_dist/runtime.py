@@ -105,7 +105,7 @@ def absolute_paths(cfg, cwd: Path | None = None):
                                                   ("train.storage_path", cfg.train.storage_path)) if local(value)}
     o["tracking.tracking_uri"] = resolve_tracking_uri(cfg.tracking.resolved_uri(), cwd)
     inputs = [("model.pretrained", None), ("model.init_unet", None), ("model.image_encoder", "pixels"),
-              ("model.text_encoder", BUNDLED_TEXT_ENCODER)]
+              ("model.text_encoder", BUNDLED_TEXT_ENCODER), ("eval.encoder", "pixels")]
     if cfg.data.bundled is None:
         inputs.append(("data.dataset", None))
     flat = cfg.flat()

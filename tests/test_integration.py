@@ -21,7 +21,7 @@ def test_shards_round_trip(ray_local, tiny_cfg, prepared):
     ds = ray_local.data.read_webdataset([str(out / "shards" / s) for s in prepared.shards])
     batch = collate(next(iter(ds.iter_batches(batch_size=10_000, batch_format="numpy"))))
     n = prepared.num_samples
-    assert n == 32 and sorted(batch.index.tolist()) == list(range(n))  # every sample exactly once
+    assert n == 32 and sorted(batch.index.tolist()) == list(range(n))  # every sample exactly once (host arrays)
     # one shard per samples_per_shard rows, so workers can read disjoint files in parallel
     def samples_in(shard):
         with tarfile.open(shard) as tar:
@@ -30,10 +30,10 @@ def test_shards_round_trip(ray_local, tiny_cfg, prepared):
     per_shard = [samples_in(out / "shards" / s) for s in prepared.shards]
     assert per_shard == [tiny_cfg.prepare.samples_per_shard] * 2, per_shard
 
-    order = torch.argsort(batch.index)
+    order = np.argsort(batch.index)
     train = load_records(tiny_cfg).train()
     pixels = np.stack([load_image(r.image, 16, 1) for r in train])
-    np.testing.assert_allclose(batch.x0[order].numpy(), pixels, atol=1e-6)
+    np.testing.assert_allclose(batch.x0[order], pixels, atol=1e-6)
 
     from pogdiff_dist.data.neighbours import read_neighbours
 
@@ -54,6 +54,21 @@ def test_shards_round_trip(ray_local, tiny_cfg, prepared):
     elbo = np.load(out / "elbo.npy")
     assert np.isfinite(elbo).all()
     np.testing.assert_allclose([rows[i]["meta.json"]["elbo"] for i in range(n)], elbo, rtol=1e-6)
+
+
+def test_a_train_time_change_prepares_nothing_again(ray_local, tiny_cfg, prepared, capsys):
+    """LoRA, the prediction type, the objective, the sampling plan, the optimiser: training
+    keys only. Prepare with them changed finds every stage up to date and rewrites no marker."""
+    from pogdiff_dist.prepare.pipeline import run_prepare
+
+    markers = sorted((Path(tiny_cfg.prepare.out_dir) / "stages").glob("*.json"))
+    before = {m.name: m.stat().st_mtime_ns for m in markers}
+    capsys.readouterr()
+    run_prepare(tiny_cfg.with_overrides({"model.lora_rank": 4, "model.prediction_type": "v_prediction",
+                                         "loss.method": "vanilla", "data.sampling": "balanced", "optim.lr": 1e-3}))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "up to date" in ln]
+    assert len(lines) == 4 and len(before) == 4, lines
+    assert {m.name: m.stat().st_mtime_ns for m in markers} == before
 
 
 def _tokens(rows, j):

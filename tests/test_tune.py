@@ -44,6 +44,7 @@ def test_bundled_sweep_file_loads():
 @pytest.mark.parametrize("change, message", [
     ({"space.loss.alpha": {"type": "uniform", "low": 0, "high": 1}}, "space key 'loss.alpha' is not a config key"),
     ({"space.data.resolution": {"type": "choice", "values": [16, 32]}}, "changes the prepared data"),
+    ({"space.model.max_length": {"type": "choice", "values": [16, 32]}}, "changes the prepared data"),
     ({"space.optim.max_steps": {"type": "randint", "low": 1, "high": 9}}, "set per rung"),
     ({"space.loss.k": {"type": "randint", "low": 1, "high": 21}}, "loss.k=21 is larger than prepare.k_max=20"),
     ({"space.loss.neighbor_grad": {"type": "choice", "values": ["full", "half"]}},
@@ -64,6 +65,15 @@ def test_sweep_file_errors_name_the_key(tmp_path, change, message):
     with pytest.raises(ValueError) as e:
         load_sweep(_sweep_file(tmp_path, **change))
     assert message in str(e.value)
+
+
+def test_train_time_model_keys_can_be_searched(tmp_path):
+    """model.lora_rank, model.init_unet... are read by training only: a sweep may vary them."""
+    spec, base = load_sweep(_sweep_file(tmp_path, **{"space.model.lora_rank": {"type": "choice", "values": [0, 4]},
+                                                     "space.data.sampling": {"type": "choice",
+                                                                             "values": ["uniform", "balanced"]}}))
+    assert {"model.lora_rank", "data.sampling"} <= set(spec.keys)
+    check_space(spec, base, k_max=20)
 
 
 def test_k_range_checked_against_the_prepared_k_max():

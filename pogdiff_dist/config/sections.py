@@ -28,7 +28,6 @@ BUNDLED_DATASETS = {
 SAMPLING_MODES = ("uniform", "balanced", "power")
 UNET_PRESET_NAMES = ("tiny", "small")  # pogdiff_dist.models.UNET_PRESETS (tests/test_config.py checks they agree)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-TRAINING_TIME_DATA_KEYS = ("sampling", "sampling_alpha", "on_bad")  # data.* keys that do not change prepare
 KNN_INDEXES = ("flat", "ivf")
 
 
@@ -389,8 +388,9 @@ class EvalConfig:
         _check(self.fid_eps > 0, f"eval.fid_eps must be > 0, got {self.fid_eps}")
         _check(-1 <= self.grecall_threshold <= 1, "eval.grecall_threshold must be a cosine in [-1, 1]")
         _check(self.few_threshold is None or self.few_threshold >= 0, "eval.few_threshold must be >= 0 or null")
-        _check(self.encoder == "pixels" or Path(self.encoder).is_dir(),
-               f"eval.encoder must be 'pixels' or a local transformers vision model directory, got {self.encoder!r}")
+        # whether a model directory exists is checked where the run starts (runtime.absolute_paths), not here:
+        # validating a config never touches the disk (a worker may validate it on another machine)
+        _check(bool(self.encoder), "eval.encoder must be 'pixels' or a local transformers vision model directory")
         if self.identities is not None:
             object.__setattr__(self, "identities", tuple(self.identities))
 

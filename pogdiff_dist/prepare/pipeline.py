@@ -23,7 +23,8 @@ import ray.data
 import torch
 
 from pogdiff_dist.config import Config
-from pogdiff_dist.config.sections import BUNDLED_DATASETS, TRAINING_TIME_DATA_KEYS, PrepareConfig
+from pogdiff_dist.config.sections import BUNDLED_DATASETS, PrepareConfig
+from pogdiff_dist.config.stages import UPSTREAM, stage_reads
 from pogdiff_dist.data.bundled import bundled
 from pogdiff_dist.data.columns import LookupRows, ParquetColumn
 from pogdiff_dist.data.density import (
@@ -97,6 +98,18 @@ def report_records(records: DatasetRecords) -> None:
         print(f"[prepare] repeats from '<repeats>_<name>' folders: {', '.join(each[:20])}{more}; with "
               f"data.sampling=uniform an epoch is {sum(n * r for n, r in zip(counts, repeats))} rows "
               f"({sum(counts)} images), each image seen its identity's repeats times", flush=True)
+
+
+def stage_fingerprints(cfg: Config, records_fp: str, encoder_dirs: tuple) -> dict[str, str]:
+    """Each prepare stage's fingerprint: exactly the config values it reads
+    (:func:`pogdiff_dist.config.stages.stage_reads`), the fingerprints of the stages it reads
+    from, and for encode the records and the resolved encoder folders; for shards the format."""
+    reads = stage_reads(cfg)
+    out: dict[str, str] = {}
+    for stage in ("encode", "neighbours", "density", "shards"):
+        own = {"encode": [records_fp, [str(d) for d in encoder_dirs]], "shards": [SHARD_FORMAT]}.get(stage, [])
+        out[stage] = _hash(stage, reads[stage], [out[u] for u in UPSTREAM[stage]], *own)
+    return out
 
 
 def records_fingerprint(records: DatasetRecords) -> str:
@@ -272,11 +285,10 @@ def run_prepare(cfg: Config) -> Manifest:
     channels = 3 if vae_dir else cfg.data.channels
 
     encoded = out.uri("encoded")
-    # data.on_bad is left out: records are re-read on every run, and the skipped ones change
-    # records_fingerprint; a dataset that read cleanly reads the same under either policy. The
-    # sampling keys act at training time only.
-    data_fp = {k: v for k, v in cfg.to_dict()["data"].items() if k not in TRAINING_TIME_DATA_KEYS}
-    fp_encode = _hash(records_fingerprint(records), data_fp, cfg.to_dict()["model"], str(text_dir))
+    # data.on_bad is in no fingerprint: records are re-read on every run, and the skipped ones change
+    # records_fingerprint; a dataset that read cleanly reads the same under either policy.
+    fps = stage_fingerprints(cfg, records_fingerprint(records), (text_dir, tok_dir, vae_dir))
+    fp_encode = fps["encode"]
     gpus = resolve_gpus(cfg.prepare.gpus_per_encoder, cfg.train.use_gpu)
     stage = _Stage(out, "encode", fp_encode)
     if not stage.done():
@@ -302,11 +314,7 @@ def run_prepare(cfg: Config) -> Manifest:
                      ran_on=[dict(zip(("host", "pid", "device"), w.split(":", 2))) for w in ran_on])
 
     p = cfg.prepare
-    knn_fp = [p.k_max, "neighbours.parquet"]
-    if p.knn_index == "ivf":
-        knn_fp += [p.knn_index, p.knn_nlist, p.knn_nprobe, p.knn_train_rows, cfg.data.seed]
-    fp_knn = _hash(fp_encode, *knn_fp)
-    stage = _Stage(out, "neighbours", fp_knn)
+    stage = _Stage(out, "neighbours", fps["neighbours"])
     if not stage.done():
         t0 = time.time()
         ran_on = _run_task(knn_task, gpus, encoded, out.uri(), p, cfg.data.seed, gpus)
@@ -321,8 +329,7 @@ def run_prepare(cfg: Config) -> Manifest:
 
     dcfg = DensityVAEConfig(latent_dim=p.density_latent_dim, hidden_dim=p.density_hidden_dim,
                             epochs=p.density_epochs, lr=p.density_lr, seed=cfg.data.seed)
-    fp_den = _hash(fp_encode, dcfg.__dict__, p.density_text, p.density_buffer_rows)
-    stage = _Stage(out, "density", fp_den)
+    stage = _Stage(out, "density", fps["density"])
     if not stage.done():
         t0 = time.time()
         ran_on = _run_task(density_task, gpus, encoded, out.uri(), dcfg, p.density_text,
@@ -333,7 +340,7 @@ def run_prepare(cfg: Config) -> Manifest:
         stage.finish(elbo_spread=hi - lo, ran_on=ran_on)
 
     shard_dir = out.uri("shards")
-    fp_shards = _hash(fp_knn, fp_den, cfg.prepare.samples_per_shard, SHARD_FORMAT)
+    fp_shards = fps["shards"]
     stage = _Stage(out, "shards", fp_shards)
     if not stage.done():
         t0 = time.time()

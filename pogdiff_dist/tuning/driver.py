@@ -6,8 +6,9 @@ own :class:`~ray.tune.ResultGrid`: ``get_best_result`` picks the best trial (sco
 ``last``: its value at the last rung it reached; among equal values, the trial that
 trained longer), ``get_dataframe`` is the trials table (``trials.csv``).
 
-All trials share one prepared dataset, prepared once here before the sweep: keys that
-would change it (``data.*``, ``model.*``, ``prepare.*``) cannot be searched, and
+All trials share one prepared dataset, prepared once here before the sweep: keys a prepare
+stage reads (:data:`pogdiff_dist.config.stages.PREPARE_KEYS`) cannot be searched, every
+train-time key can (``model.lora_rank``, ``data.sampling``, ``loss.*``...), and
 ``loss.k`` may go up to the ``k_max`` stored at prepare time.
 
 MLflow: the sweep is a parent run (tag ``pogdiff.kind=sweep``), each trial a child run

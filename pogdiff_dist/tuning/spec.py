@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from pogdiff_dist.config import EVAL_METRICS, Config, load_config, parse_override
+from pogdiff_dist.config.stages import PREPARE_KEYS
 
 # What a trial reports at each rung, i.e. what ``metric`` may name.
 EVAL_KEYS = tuple(f"eval/{m}_{s}" for m in EVAL_METRICS for s in ("all", "few", "majority"))
@@ -26,12 +27,12 @@ SPACE_TYPES = ("uniform", "loguniform", "randint", "choice", "grid")
 SEARCH_ALGS = ("random", "optuna")
 SCHEDULERS = ("asha", "fifo")
 
-# Sections and keys a trial may not vary, and why.
-_SHARED_DATA = "changes the prepared data that all trials share; run one sweep per prepared dataset instead"
-FROZEN_SECTIONS = {"data": _SHARED_DATA, "model": _SHARED_DATA, "prepare": _SHARED_DATA,
-                   "tracking": "is set for the whole sweep", "ray": "is set for the whole sweep",
+# Sections and keys a trial may not vary, and why. Keys a prepare stage reads
+# (pogdiff_dist.config.stages.PREPARE_KEYS) would change the prepared data all trials share;
+# every other key, model.* train-time keys included (model.lora_rank, model.init_unet...), may be searched.
+SHARED_DATA = "changes the prepared data that all trials share; run one sweep per prepared dataset instead"
+FROZEN_SECTIONS = {"tracking": "is set for the whole sweep", "ray": "is set for the whole sweep",
                    "eval": "is how every trial is measured; set it for the whole sweep (overrides: eval.*)"}
-SEARCHABLE_EXCEPTIONS = ("data.sampling", "data.sampling_alpha")  # training-time data keys: the shards are the same
 FROZEN_KEYS = {
     "train.name": "is set per trial by the sweep",
     "train.storage_path": "is set for the whole sweep",
@@ -216,8 +217,9 @@ def check_space(spec: SweepSpec, base: Config, k_max: int | None = None) -> None
         if p.key not in flat:
             valid = sorted(k for k in flat if k.startswith(section + ".")) or sorted({k.split(".")[0] for k in flat})
             raise ValueError(f"space key {p.key!r} is not a config key; valid keys: {valid}")
-        _check(section not in FROZEN_SECTIONS or p.key in SEARCHABLE_EXCEPTIONS,
+        _check(section not in FROZEN_SECTIONS,
                f"space key {p.key!r} cannot be searched: {section}.* {FROZEN_SECTIONS.get(section)}")
+        _check(p.key not in PREPARE_KEYS, f"space key {p.key!r} cannot be searched: it {SHARED_DATA}")
         _check(p.key not in FROZEN_KEYS, f"space key {p.key!r} cannot be searched: it {FROZEN_KEYS.get(p.key)}")
         for value in p.extremes():
             try:
