@@ -112,7 +112,7 @@ def memory_loop(config: dict) -> None:
     unet = UNet2DConditionModel(**config["unet"])
     params = sum(p.numel() for p in unet.parameters())
     built_rss = rss()
-    engine = Engine(unet, cfg, world)
+    engine = Engine(unet, cfg.optim, cfg.train, world)
     del unet
     init_rss = rss()
     g = torch.Generator().manual_seed(rank)

@@ -281,21 +281,3 @@ def diffrop_overlap(
     mean_recip = recip.sum(1) / n_partners.clamp(min=1)
     tau_t = tau * torch.exp(-decay * t.float() / num_train_timesteps)
     return tau_t * mean_recip
-
-
-def diffrop_loss(
-    eps_pred: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, identity: torch.Tensor,
-    alphas_cumprod: torch.Tensor, num_train_timesteps: int, tau: float, decay: float,
-    valid: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DiffROP per-sample loss |eps_theta - eps|^2 + overlap_i, returning (total, denoise, overlap) each [B].
-
-    mu_theta comes from ``ddpm_posterior_mean`` of the same predictions (Eq. 9-10 of DiffROP);
-    see ``diffrop_overlap`` for the pair term and its open decisions. Each sample keeps its
-    own (t_i, eps_i), as in Algorithm 1's per-sample draw, so a pair may compare means at
-    different timesteps; Eq. 12's shared t and eps would need extra UNet passes per pair.
-    """
-    denoise = per_sample_mse(eps_pred, eps)
-    mu = ddpm_posterior_mean(x_t, eps_pred, t, alphas_cumprod)
-    overlap = diffrop_overlap(mu, identity, t, num_train_timesteps, tau, decay, valid)
-    return denoise + overlap, denoise, overlap

@@ -18,7 +18,8 @@ from pogdiff_dist.families.latents import pack_latents, unpack_latents, vae_fact
 from pogdiff_dist.families.tiny import VAE_FACTORS, build_tiny
 from pogdiff_dist.losses import (
     cbdm_loss,
-    diffrop_loss,
+    ddpm_posterior_mean,
+    diffrop_overlap,
     pogdiff_loss,
     t2h_loss,
     t2h_targets,
@@ -219,8 +220,8 @@ def one_step_loss(family, model, encoder, scheduler, method, seed=0):
         return t2h_loss(pred, target, calibrated)[0]
     if flow:
         return flow_diffrop_loss(pred, target, x_t, t, identity, 1.0, 1.0, denoise_weight=weight)[0]
-    return diffrop_loss(pred, eps, x_t, t, identity, scheduler.alphas_cumprod, scheduler.config.num_train_timesteps,
-                        1.0, 1.0)[0]
+    mu = ddpm_posterior_mean(x_t, pred, t, scheduler.alphas_cumprod)
+    return vanilla_loss(pred, eps) + diffrop_overlap(mu, identity, t, scheduler.config.num_train_timesteps, 1.0, 1.0)
 
 
 @pytest.mark.parametrize("method", METHODS)

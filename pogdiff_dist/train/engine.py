@@ -214,11 +214,12 @@ class Engine:
     DeepSpeed's ZeRO optimisers additionally refuse a step whose gradient norm is not finite.
     """
 
-    def __init__(self, unet: torch.nn.Module, cfg, world_size: int, device: torch.device | str = "cpu"):
+    def __init__(self, unet: torch.nn.Module, optim_cfg, train_cfg, world_size: int,
+                 device: torch.device | str = "cpu"):
         device = torch.device(device)
-        t = cfg.train
+        t = train_cfg
         assert not (t.precision == "bf16" and t.zero_stage == 0), "TrainConfig refuses bf16 without ZeRO"
-        self.config = deepspeed_config(cfg.optim, t, world_size, device.type)
+        self.config = deepspeed_config(optim_cfg, t, world_size, device.type)
         trainable = [p for p in unet.parameters() if p.requires_grad]
         if device.type == "cpu":
             check_op_build_lock()  # deepspeed.initialize builds the op on a CPU worker

@@ -25,28 +25,28 @@ Reader = Callable[[list[str]], Iterable[dict]]  # shard paths, in order -> their
 
 
 class EpochStream:
-    def __init__(self, cfg, manifest: Manifest, prepared_dir: str | Path, rank: int, world: int,
-                 sampling: SamplingPlan):
-        self.cfg, self.manifest, self.rank, self.world, self.sampling = cfg, manifest, rank, world, sampling
+    def __init__(self, manifest: Manifest, prepared_dir: str | Path, rank: int, world: int, sampling: SamplingPlan,
+                 seed: int, shuffle_buffer: int, batch_size: int, on_bad: str = "raise"):
+        self.manifest, self.rank, self.world, self.sampling = manifest, rank, world, sampling
+        self.seed, self.shuffle_buffer, self.batch_size, self.on_bad = seed, shuffle_buffer, batch_size, on_bad
         self.shard_dir = join(prepared_dir, "shards")  # a local folder or a URI
         self.shard_rows = shard_row_counts(manifest, prepared_dir)
         self.planned = 0  # rows the last epoch's stream held for this rank (skipped ones included)
 
     def ranges(self, epoch: int) -> list[tuple[str, int, int]]:
         """(shard name, first row, end row) of this rank in ``epoch``, in reading order."""
-        order = epoch_order(len(self.manifest.shards), self.cfg.train.seed, epoch)
+        order = epoch_order(len(self.manifest.shards), self.seed, epoch)
         return [(self.manifest.shards[s], lo, hi)
                 for s, lo, hi in rank_ranges(self.shard_rows, order, self.world, self.rank)]
 
     def __call__(self, read: Reader, epoch: int, skip: int = 0) -> Iterator[StreamedBatch]:
-        t = self.cfg.train
         ranges = self.ranges(epoch)
         rows = keep_ranges(read([join(self.shard_dir, name) for name, _, _ in ranges]), ranges)
         if self.sampling.active:
             rows = expand(rows, self.sampling, epoch)
-        rows = self._count(shuffled(rows, t.shuffle_buffer, seed=t.seed * 7919 + epoch * 31 + self.rank))
-        batches = batched(islice(rows, skip, None), self.cfg.optim.batch_size)
-        return collate_stream(batches, self.manifest, self.cfg.data.on_bad)
+        rows = self._count(shuffled(rows, self.shuffle_buffer, seed=self.seed * 7919 + epoch * 31 + self.rank))
+        batches = batched(islice(rows, skip, None), self.batch_size)
+        return collate_stream(batches, self.manifest, self.on_bad)
 
     def _count(self, rows: Iterable[dict]) -> Iterator[dict]:
         self.planned = 0

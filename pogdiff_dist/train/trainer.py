@@ -18,9 +18,7 @@ applied once per log window.
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import resource
 import tempfile
 import time
@@ -31,20 +29,26 @@ import numpy as np
 import torch
 
 from pogdiff_dist.config import Config
-from pogdiff_dist.data.sampling import SamplingPlan
 from pogdiff_dist.data.shards import HostBatch, Manifest, StreamedBatch
-from pogdiff_dist.devices import resolve_device
-from pogdiff_dist.models import STATE_DTYPE, ModelSpec, TextEncoder, add_lora, build_noise_scheduler, build_unet
+from pogdiff_dist.devices import compute_dtype, resolve_device
 from pogdiff_dist.storage import Store
 from pogdiff_dist.syncs import host_side
 from pogdiff_dist.tracking.null import NullRun
+from pogdiff_dist.train.build import (
+    build_denoiser,
+    build_engine,
+    build_step,
+    build_stream,
+    build_text_encoder,
+    generators,
+    model_spec,
+    setup_device,
+)
 from pogdiff_dist.train.diagnostics import PsiRecord, eta
-from pogdiff_dist.train.engine import Engine
 from pogdiff_dist.train.export import LORA_DIR, MODEL_DIR, SAMPLES, export_run
 from pogdiff_dist.train.metrics import MetricsWindow
 from pogdiff_dist.train.state import EpochLedger, HostComm, TrainState, nonfinite_policy
-from pogdiff_dist.train.step import DualConditionStep
-from pogdiff_dist.train.stream import EpochStream, Reader
+from pogdiff_dist.train.stream import Reader
 from pogdiff_dist.train.validate import Validator
 
 STATE_FILE = "train_state_rank{rank}.safetensors"  # TrainState of each rank, next to DeepSpeed's files
@@ -93,56 +97,32 @@ class Trainer:
         self.run_dir = self.run_store.local if self.run_store is not None else None
         self.tracker = tracker if tracker is not None else NullRun()
         self.prepared = str(prepared_dir)
-        self.manifest = Manifest.load(self.prepared)
-        check_manifest(cfg, self.manifest)
-        t = cfg.train
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, min(int(t.cpus_per_worker), os.cpu_count() or 1)))  # never oversubscribe
-        else:
-            torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
-            torch.backends.cudnn.allow_tf32 = t.allow_tf32
-        self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+        self.manifest = m = Manifest.load(self.prepared)
+        check_manifest(cfg, m)
+        setup_device(self.device, cfg.train)
+        self.dtype = compute_dtype(cfg.train.precision)
         self.comm = HostComm()
-
-        # Frozen text encoder for y': built here, never handed to DeepSpeed, so ZeRO-3 does not partition it.
-        # It runs in fp32, as prepare did for y, and its states are kept at the shards' precision
-        # (the empty caption's too): identical captions give identical conditions.
-        m = self.manifest
-        self.text = TextEncoder(m.text_encoder_dir, m.tokenizer_dir, cfg.model.max_length).to(self.device)
-        uncond = self.text.encode([""])[0][0].to(STATE_DTYPE).float()
-        elbo = torch.from_numpy(np.load(io.BytesIO(Store(self.prepared).read_bytes(m.elbo_file))))
-        self.stepper = DualConditionStep(cfg.loss, build_noise_scheduler(cfg.model), self.text, uncond, elbo,
-                                         t.caption_dropout, t.text_cache_mib, device=self.device,
-                                         identity_counts=torch.tensor(m.train_counts))
-
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.spec = ModelSpec(m.latent_shape[0], m.latent_shape[1], m.text_shape[1])
-        unet = build_unet(cfg.model, self.spec)
-        if cfg.model.lora_rank:
-            add_lora(unet, cfg.model)
-        if t.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        self.attention = sorted({type(p).__name__ for p in unet.attn_processors.values()})
-        self.engine = Engine(unet, cfg, world, self.device)
-        if t.compile:
-            self.engine.ds.compile()
-        # t and eps on the device; the plan's draws (dropout, neighbours, CBDM partners) on the host
-        self.generator = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + rank)
-        self.host_generator = torch.Generator().manual_seed(t.seed * 1000 + rank + 10**6)
-        self.sampling = SamplingPlan(m.train_counts, cfg.data.sampling, cfg.data.sampling_alpha, t.seed, m.repeats())
-        self.stream = EpochStream(cfg, m, self.prepared, rank, world, self.sampling)
+        # the parts, each built alone (train/build.py)
+        self.text, uncond = build_text_encoder(m, cfg.model.max_length, self.device)
+        self.stepper = build_step(cfg, m, self.prepared, self.text, uncond, self.device)
+        self.spec = model_spec(m)
+        unet, self.attention = build_denoiser(cfg.model, cfg.train, self.spec)
+        self.engine = build_engine(unet, cfg, world, self.device)
+        self.generator, self.host_generator = generators(self.device, cfg.train.seed, rank)
+        self.stream = build_stream(cfg, m, self.prepared, rank, world)
+        self.sampling = self.stream.sampling
+        self.validator = Validator(m, cfg.train, cfg.model.max_length, self.prepared, self.device, self.dtype, rank,
+                                   cfg.optim.max_steps)
+        self.window = MetricsWindow()
+        self.psi = PsiRecord() if rank == 0 and cfg.loss.method == "pogdiff" else None
         self.state = TrainState()
         self.ledger = EpochLedger()
-        self.window = MetricsWindow()
         self._skip = 0  # rows of the first epoch to skip: what this rank had consumed before a restart
         self._last_batch: HostBatch | None = None  # what a rank whose share ran out steps on, with weight 0
         self._checkpoint_due = False
         self._t_start = time.time()
         self._first_step, self._t_fit = 0, time.time()  # where and when this segment's fit() began
         self.samples_trained = 0  # this segment, all ranks (counted in the log windows)
-        self.validator = Validator(self)
-        self.psi = PsiRecord() if rank == 0 and cfg.loss.method == "pogdiff" else None
 
     # -- checkpoints
 
@@ -248,7 +228,9 @@ class Trainer:
         if s.step % self.cfg.train.log_every == 0 or s.step == self.cfg.optim.max_steps:
             self._log_window()
         if self.validator.due(s.step):
-            self.validator(s.step, time.time() - self._t_start)
+            val = self.validator(s.step, self.engine, self.stepper.scheduler.config, self.text, self.tracker,
+                                 time.time() - self._t_start)
+            s.last.update({k: v for k, v in val.items() if "accuracy" in k})
         # Deferred to the next batch or the end of the epoch, so a checkpoint on an epoch's
         # last step records the closed epoch instead of an epoch to re-read.
         self._checkpoint_due = s.step % self.cfg.train.checkpoint_every == 0 and s.step < self.cfg.optim.max_steps
@@ -275,7 +257,7 @@ class Trainer:
                   f"(denoise {mean.get('loss_denoise', float('nan')):.4f}, pog {pog:.4f}) "
                   f"lr {self.engine.lr:.2e} {mean['samples_per_s']:.1f} samples/s, "
                   f"ETA {eta(s.step - self._first_step, total - s.step, elapsed)}", flush=True)
-        s.last = mean
+        s.last = {**{k: v for k, v in s.last.items() if k.startswith("val/")}, **mean}  # the latest validation too
 
     def _close_epoch(self) -> None:
         s, m = self.state, self.manifest
