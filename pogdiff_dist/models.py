@@ -17,6 +17,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoModel, AutoTokenizer
 
 from pogdiff_dist.devices import to_device
+from pogdiff_dist.families.latents import from_latents, to_latents, vae_factors
+from pogdiff_dist.families.load import family_of, flow_scheduler, load_denoiser, multi_encoder_family
+from pogdiff_dist.families.text import FamilyTextEncoder
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 STATE_DTYPE = torch.float16  # caption hidden states as the shards store them (y.npy)
@@ -50,9 +53,12 @@ def bundled_text_encoder_dir() -> Path:
 
 
 def resolve_text_encoder_dir(spec: str, pretrained: str | None) -> tuple[Path, Path]:
-    """(text_encoder dir, tokenizer dir) for a config's model section."""
+    """(text_encoder dir, tokenizer dir) for a config's model section; for an SDXL / SD3 / Flux
+    directory both are the directory itself (its family's encoders and tokenizers live in it)."""
     if pretrained is not None:
         root = check_pretrained_dir(pretrained)
+        if multi_encoder_family(root) is not None:
+            return root, root
         return root / "text_encoder", root / "tokenizer"
     path = bundled_text_encoder_dir() if spec.startswith("bundled:") else Path(spec)
     if not path.is_dir():
@@ -61,15 +67,34 @@ def resolve_text_encoder_dir(spec: str, pretrained: str | None) -> tuple[Path, P
 
 
 def check_pretrained_dir(path: str | Path) -> Path:
-    """A Stable Diffusion layout must hold every component; name the missing ones."""
+    """A pretrained directory must hold every component of its family (model_index.json's
+    ``_class_name``; the Stable Diffusion layout without one); name the missing ones."""
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"model.pretrained: {root} is not a directory")
-    missing = [c for c in SD_COMPONENTS if not (root / c).is_dir()]
+    try:
+        family = family_of(root)
+    except ValueError as e:
+        raise ValueError(f"model.pretrained: {e}") from None
+    expected = family.components if family.name != "sd" else SD_COMPONENTS
+    missing = [c for c in expected if not (root / c).is_dir()]
     if missing:
         raise ValueError(f"model.pretrained: {root} is missing component folder(s) {missing} "
-                         f"(expected the Stable Diffusion layout {list(SD_COMPONENTS)})")
+                         f"(expected the {family.pipeline_class} layout {list(expected)})")
     return root
+
+
+def load_text_encoder(text_dir: str | Path, tok_dir: str | Path, max_length: int):
+    """The caption encoder a prepared dataset was encoded with: :class:`TextEncoder` (one encoder:
+    Stable Diffusion 1.x/2.x, the bundled MiniLM) or, for an SDXL / SD3 / Flux directory, its
+    family's encoders with the last one's token limit set to ``max_length`` when it is T5."""
+    family = multi_encoder_family(text_dir)
+    if family is None:
+        return TextEncoder(text_dir, tok_dir, max_length)
+    last = family.encoders[-1]
+    if last.model_class == "T5EncoderModel":
+        family = family.with_max_length(last.encoder, max_length)
+    return FamilyTextEncoder.from_pretrained(family, text_dir)
 
 
 class TextEncoder:
@@ -150,6 +175,7 @@ class CaptionStateCache:
     def __init__(self, encoder: TextEncoder, max_mib: float = 0.0):
         self.encoder = encoder
         self.max_mib = max_mib
+        self.pooled = getattr(encoder, "family", None) is not None  # SDXL / SD3 / Flux: the denoiser reads it
         self.capacity: int | None = None  # entries; set on first use from the state size
         self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.lookups = 0
@@ -159,9 +185,10 @@ class CaptionStateCache:
     def hit_rate(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
 
-    def __call__(self, ids, lengths, device: torch.device | str | None = None) -> torch.Tensor:
+    def __call__(self, ids, lengths, device: torch.device | str | None = None):
         """float32 hidden states [B, L, D] on ``device`` (default: the encoder's) of the host token
-        rows ``ids`` [B, L] with ``lengths`` [B] (numpy or CPU tensors)."""
+        rows ``ids`` [B, L] with ``lengths`` [B] (numpy or CPU tensors), and the pooled vectors
+        [B, P] a family's denoiser reads (None for a single-encoder model)."""
         ids, lengths = np.asarray(ids), np.asarray(lengths)
         device = torch.device(device) if device is not None else self.encoder.device
         keys = [row.astype(np.int64).tobytes() + int(n).to_bytes(4, "little") for row, n in zip(ids, lengths)]
@@ -176,19 +203,22 @@ class CaptionStateCache:
         fresh: dict[bytes, torch.Tensor] = {}
         if missing:
             rows = list(missing.values())
-            hidden, _ = self.encoder.encode_ids(to_device(ids[rows], self.encoder.device, torch.long),
-                                                to_device(lengths[rows], self.encoder.device, torch.long))
+            hidden, pooled = self.encoder.encode_ids(to_device(ids[rows], self.encoder.device, torch.long),
+                                                     to_device(lengths[rows], self.encoder.device, torch.long))
             hidden = hidden.to(device, STATE_DTYPE)
-            fresh = dict(zip(missing, hidden))
+            pooled = pooled.to(device, STATE_DTYPE) if self.pooled else [None] * len(rows)
+            fresh = dict(zip(missing, zip(hidden, pooled)))
             if self.capacity is None:
-                self.capacity = int(self.max_mib * 2**20 // max(hidden[0].numel() * hidden.element_size(), 1))
-        out = torch.stack([self._cache[k] if k in self._cache else fresh[k] for k in keys])
+                entry = hidden[0].numel() + (pooled[0].numel() if self.pooled else 0)
+                self.capacity = int(self.max_mib * 2**20 // max(entry * hidden.element_size(), 1))
+        found = [self._cache[k] if k in self._cache else fresh[k] for k in keys]
         if self.capacity:
             for key, h in fresh.items():
                 self._cache[key] = h
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
-        return out.float()
+        hidden = torch.stack([h for h, _ in found]).float()
+        return hidden, torch.stack([p for _, p in found]).float() if self.pooled else None
 
 
 class PixelEmbedder:
@@ -233,20 +263,21 @@ def load_image_embedder(spec: str, device: torch.device | str = "cpu"):
 
 
 class LatentCodec:
-    """Stable Diffusion VAE: images in [-1, 1] <-> scaled latents, on ``device``."""
+    """A diffusion VAE: images in [-1, 1] <-> the denoiser's latents (z - shift) * scale (SD3 and
+    Flux VAEs have a shift factor; SD / SDXL none), on ``device``."""
 
     def __init__(self, vae_dir: str | Path, device: torch.device | str = "cpu"):
         self.vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False).to(device)
-        self.scale = self.vae.config.scaling_factor
+        self.scale, self.shift = vae_factors(self.vae.config)
         self.device = torch.device(device)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images.to(self.device)).latent_dist.mean * self.scale
+        return to_latents(self.vae.encode(images.to(self.device)).latent_dist.mean, self.scale, self.shift)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.device) / self.scale).sample
+        return self.vae.decode(from_latents(latents.to(self.device), self.scale, self.shift)).sample
 
 
 @dataclass(frozen=True)
@@ -258,9 +289,17 @@ class ModelSpec:
     cross_attention_dim: int
 
 
-def build_unet(model_cfg, spec: ModelSpec) -> UNet2DConditionModel:
-    """The trainable UNet: ``model.init_unet`` (e.g. a base model to fine-tune), pretrained
-    SD weights, or a from-scratch preset."""
+def build_unet(model_cfg, spec: ModelSpec) -> torch.nn.Module:
+    """The trainable denoiser: ``model.init_unet`` (e.g. a base model to fine-tune), the
+    pretrained directory's (an SDXL UNet, an SD3 / Flux transformer), or a from-scratch preset."""
+    family = multi_encoder_family(model_cfg.pretrained) if model_cfg.pretrained is not None else None
+    if family is not None:
+        source = model_cfg.init_unet or check_pretrained_dir(model_cfg.pretrained)
+        model = load_denoiser(family, source)
+        if model.config.in_channels != spec.sample_channels * (4 if family.packed else 1):
+            raise ValueError(f"{family.denoiser_class} from {source} takes {model.config.in_channels} channels "
+                             f"but the shards hold {spec.sample_channels}-channel latents: prepared with another model")
+        return model
     source = None
     if model_cfg.init_unet is not None:
         source = Path(model_cfg.init_unet)
@@ -290,15 +329,22 @@ def build_unet(model_cfg, spec: ModelSpec) -> UNet2DConditionModel:
     )
 
 
-def add_lora(unet: UNet2DConditionModel, model_cfg) -> UNet2DConditionModel:
-    """Freeze the UNet and add peft LoRA adapters (``model.lora_*``) that alone train.
-    Gaussian init of A, zero B: the adapted UNet starts as the base UNet."""
+def add_lora(unet: torch.nn.Module, model_cfg) -> torch.nn.Module:
+    """Freeze the denoiser and add peft LoRA adapters (``model.lora_*``) that alone train.
+    Gaussian init of A, zero B: the adapted denoiser starts as the base. ``model.lora_targets``
+    empty: the family's own targets (:attr:`pogdiff_dist.families.spec.Family.lora_targets`)."""
     from peft import LoraConfig
 
+    targets = list(model_cfg.lora_targets) or list(lora_family_targets(model_cfg.pretrained))
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha or model_cfg.lora_rank,
-                                init_lora_weights="gaussian", target_modules=list(model_cfg.lora_targets)))
+                                init_lora_weights="gaussian", target_modules=targets))
     return unet
+
+
+def lora_family_targets(pretrained: str | None) -> tuple[str, ...]:
+    family = family_of(pretrained)
+    return family.lora_targets if family is not None else ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
@@ -313,10 +359,17 @@ def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
 SUPPORTED_PREDICTIONS = ("epsilon", "v_prediction")
 
 
-def build_noise_scheduler(model_cfg) -> DDPMScheduler:
+def build_noise_scheduler(model_cfg):
     """The training noise schedule: the pretrained model's scheduler (its ``prediction_type``
     unless ``model.prediction_type`` overrides it), or a cosine schedule for a from-scratch
-    model. A prediction type other than epsilon / v_prediction is an error naming its source."""
+    model; for a flow-matching family (SD3, Flux) its own FlowMatchEulerDiscreteScheduler. A
+    prediction type other than epsilon / v_prediction is an error naming its source."""
+    family = family_of(model_cfg.pretrained)
+    if family is not None and family.objective == "flow":
+        if model_cfg.prediction_type is not None:
+            raise ValueError(f"model.prediction_type={model_cfg.prediction_type!r} does not apply to {family.name}: "
+                             f"a flow-matching transformer predicts the velocity (leave it null)")
+        return flow_scheduler(model_cfg.pretrained)
     if model_cfg.pretrained is not None:
         path = check_pretrained_dir(model_cfg.pretrained) / "scheduler"
         scheduler = DDPMScheduler.from_pretrained(str(path))

@@ -19,9 +19,12 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from pogdiff_dist.families.pipeline import load_family_pipeline
+from pogdiff_dist.families.spec import FAMILIES
 from pogdiff_dist.models import TextEncoder
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes
+FAMILY_PIPELINES = {f.pipeline_class for f in FAMILIES.values() if f.name != "sd"}
 
 
 class PoGDiffPipeline(DiffusionPipeline):
@@ -94,7 +97,12 @@ def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", lor
     if not index.is_file():
         raise ValueError(f"{model_dir} is not an exported model (no model_index.json); jobs/train.py writes "
                          f"one to runs/<name>/model")
-    if json.loads(index.read_text()).get("_class_name") == PoGDiffPipeline.__name__:
+    class_name = json.loads(index.read_text()).get("_class_name")
+    if class_name in FAMILY_PIPELINES:  # SDXL, SD3, Flux: the stock pipeline, called the same way
+        pipe = load_family_pipeline(model_dir, dtype, lora_dir)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+    if class_name == PoGDiffPipeline.__name__:
         pipe = PoGDiffPipeline.from_pretrained(str(model_dir), torch_dtype=dtype)
     else:
         sd = DiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=dtype)

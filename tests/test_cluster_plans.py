@@ -66,7 +66,8 @@ PLANS = cluster_plans()
 
 
 def test_the_cluster_configs_are_all_selected():
-    assert {c for c, _, _ in PLANS} == {"configs/cluster.yaml", "configs/sd15_cluster.yaml", "configs/sd15.yaml"}
+    families = {f"configs/{f}{v}.yaml" for f in ("sd15", "sdxl", "sd3", "flux") for v in ("", "_cluster")}
+    assert {c for c, _, _ in PLANS} == {"configs/cluster.yaml", *families}
     assert {s for _, s, _ in PLANS} == {"kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "ray-up-aws.yaml",
                                          "one GPU node"}
 

@@ -192,6 +192,18 @@ def test_train_checkpoint_resume_export_mlflow(ray_local, tiny_cfg, prepared):
     diff = sum((a - b).abs().sum().item() for a, b in zip(fresh.parameters(), pipe.unet.parameters()))
     assert diff > 0
 
+    # A fresh run of a name that exists gets a new name, and its saved config and MLflow params
+    # name the run it wrote: resuming from that config resumes that run, not the first one.
+    from pogdiff_dist.config import load_config
+
+    third = run_train(cfg.with_overrides({"optim.max_steps": 1}))
+    assert third.config.train.name.startswith("it-") and third.run_dir.name == third.config.train.name
+    saved = load_config(third.run_dir / "config.yaml")
+    assert saved.train.name == third.config.train.name
+    assert client.get_run(third.run_id).data.params["train.name"] == saved.train.name
+    again = run_train(saved.with_overrides({"optim.max_steps": 2}), resume=True)
+    assert (again.run_id, again.run_dir, again.metrics["final_step"]) == (third.run_id, third.run_dir, 2)
+
 
 def _check_run_reads_back(client, run_id, manifest):
     """What the MLflow UI shows, read back through the client: tags, the dataset input, every

@@ -253,10 +253,11 @@ def test_caption_cache_matches_the_encoder_and_encodes_each_distinct_caption_onc
     direct, _ = text_encoder.encode_ids(ids, lens)
     counting = CountingEncoder(text_encoder)
     cache = CaptionStateCache(counting, max_mib=1.0)
-    out = cache(ids, lens)
+    out, pooled = cache(ids, lens)
+    assert pooled is None  # one encoder: no pooled vector for the denoiser
     assert torch.equal(out, direct.half().float())  # y' at the shards' precision of y
     assert counting.rows == [3]  # three distinct captions in the batch
-    again = cache(ids[[3, 0]], lens[[3, 0]])
+    again, _ = cache(ids[[3, 0]], lens[[3, 0]])
     assert counting.rows == [3] and torch.equal(again, direct[[3, 0]].half().float())
     assert cache.lookups == 8 and cache.hits == 2 and cache.hit_rate == 0.25
     # entry = L x D fp16 = 8 x 384 x 2 bytes; 1 MiB holds 170 of them

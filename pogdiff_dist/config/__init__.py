@@ -18,14 +18,12 @@ from typing import Any
 
 import yaml
 
+from pogdiff_dist.config.evaluation import CLASSIFIERS, EVAL_METRICS, EvalConfig
 from pogdiff_dist.config.sections import (  # the sections are part of this module's API (__all__)
     BUNDLED_DATASETS,
     BUNDLED_TEXT_ENCODER,
-    CLASSIFIERS,
-    EVAL_METRICS,
     LOSS_METHODS,
     DataConfig,
-    EvalConfig,
     LossConfig,
     ModelConfig,
     OptimConfig,

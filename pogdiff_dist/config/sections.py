@@ -93,7 +93,7 @@ class ModelConfig:
     # lora_targets (default: the attention projections), scaled by lora_alpha / rank
     lora_rank: int = 0
     lora_alpha: float | None = None  # None: lora_rank (scale 1)
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_targets: tuple[str, ...] = ()  # empty: the family's (attention projections; SD3 / Flux: joint blocks too)
     # what the UNet predicts: None = the pretrained scheduler's prediction_type (epsilon for a
     # from-scratch model); "epsilon" or "v_prediction" (e.g. Stable Diffusion 2.x 768) overrides it
     prediction_type: str | None = None
@@ -105,7 +105,6 @@ class ModelConfig:
         _check(self.num_train_timesteps >= 2, "model.num_train_timesteps must be >= 2")
         _check(self.lora_rank >= 0, f"model.lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
         _check(self.lora_alpha is None or self.lora_alpha > 0, "model.lora_alpha must be > 0 or null")
-        _check(len(self.lora_targets) >= 1, "model.lora_targets must name at least one module")
         _check(self.prediction_type in (None, *PREDICTION_TYPES),
                f"model.prediction_type must be one of {list(PREDICTION_TYPES)} or null, got {self.prediction_type!r}")
 
@@ -173,6 +172,10 @@ class PrepareConfig:
 
 
 LOSS_METHODS = ("pogdiff", "vanilla", "cbdm", "t2h", "diffrop")
+FLOW_TIMESTEP_SCHEMES = ("uniform", "logit_normal", "mode", "cosmap")  # pogdiff_dist.timesteps.SCHEMES
+FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")  # pogdiff_dist.losses_flow.WEIGHTINGS
+FLOW_KEYS = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_shift", "flow_weighting")
+DDPM_KEYS = ("snr_gamma",)  # loss.* keys that only a DDPM family reads
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,16 @@ class LossConfig:
     # kohya --min_snr_gamma): weight min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v). None: off.
     snr_gamma: float | None = None
     noise_offset: float = 0.0  # eps += noise_offset * N(0, I) per sample and channel (diffusers --noise_offset)
+    # Flow-matching families (SD3, Flux; docs/OBJECTIVES.md): how s is drawn (uniform, logit_normal with
+    # logit_mean / logit_std, mode with mode_scale, cosmap), then shifted: flow_shift null = the model's own
+    # scheduler's (SD3: 3.0; Flux: by image size), a number = that fixed shift. flow_weighting: w(s) of the
+    # denoising term (none, sigma_sqrt, cosmap). A DDPM family (SD, SDXL, pixels) refuses changed values.
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    flow_shift: float | None = None
+    flow_weighting: str = "none"
 
     def __post_init__(self):
         _one_of("loss.method", self.method, LOSS_METHODS)
@@ -212,6 +225,10 @@ class LossConfig:
         _one_of("loss.psi_den_source", self.psi_den_source, ("elbo", "identity_count"))
         _check(self.snr_gamma is None or self.snr_gamma > 0, f"loss.snr_gamma must be > 0 or null, got {self.snr_gamma}")
         _check(self.noise_offset >= 0, f"loss.noise_offset must be >= 0, got {self.noise_offset}")
+        _one_of("loss.timestep_sampling", self.timestep_sampling, FLOW_TIMESTEP_SCHEMES)
+        _one_of("loss.flow_weighting", self.flow_weighting, FLOW_WEIGHTINGS)
+        _check(self.logit_std > 0, f"loss.logit_std must be > 0, got {self.logit_std}")
+        _check(self.flow_shift is None or self.flow_shift > 0, f"loss.flow_shift must be > 0 or null, got {self.flow_shift}")
         _check(self.cbdm_tau >= 0 and self.diffrop_tau >= 0 and self.diffrop_decay >= 0,
                "loss.cbdm_tau, loss.diffrop_tau and loss.diffrop_decay must be >= 0")
         _one_of("loss.neighbor_grad", self.neighbor_grad, ("full", "stop"))
@@ -350,51 +367,3 @@ class RayConfig:
     address: str | None = None  # None: join $RAY_ADDRESS or start a local cluster
     num_cpus: int | None = None  # logical CPUs of a local cluster (None: 2 x physical, see ENVIRONMENT.md)
     verbose: bool = False  # Ray Data progress bars, Ray Train's info logs and known-harmless warnings (--verbose)
-
-
-
-EVAL_METRICS = ("fid", "dino", "grecall", "accuracy")
-CLASSIFIERS = ("auto", "digits", "faces", "centroid")
-FID_EPS = 1e-6  # added to both covariances' diagonals before sqrtm
-GRECALL_THRESHOLD = 0.7  # PoGDiff Sec. 4.1: cosine similarity of image embeddings
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Evaluation (``jobs/evaluate.py``, a sweep's rungs): everything that changes a number
-    is here and in metrics.json. Set with ``--set eval.num_images=16``."""
-
-    num_images: int = 10  # generated per identity (the paper samples 10 per identity)
-    steps: int = 50  # DDIM steps (the paper's 50)
-    guidance_scale: float = 3.0  # classifier-free guidance, as train.guidance_scale
-    seed: int = 0  # identity i's generator is seeded from (seed, name): see identity_seed
-    encoder: str = "pixels"  # "pixels" or a local transformers vision model dir (DINOv2...)
-    # "digits" (Digits-IT2I CNN), "faces" (Faces-IT2I CNN), "centroid" (nearest centroid of encoder
-    # features), or "auto": the CNN of the bundled dataset the data was prepared from, else centroid
-    classifier: str = "auto"
-    fid_dims: int = 16  # FID on this many principal axes of the real features (see metrics.py)
-    fid_eps: float = FID_EPS
-    grecall_threshold: float = GRECALL_THRESHOLD
-    few_threshold: int | None = None  # few-shot: <= this many training images (None: Manifest.minority default)
-    identities: tuple[str, ...] | None = None  # a subset to evaluate (None: all)
-    cache_dir: str | None = None  # classifier cache (None: <prepared>/eval_cache)
-
-    def __post_init__(self):
-        _check(self.num_images >= 1, f"eval.num_images must be >= 1, got {self.num_images}")
-        _check(self.steps >= 1, f"eval.steps must be >= 1, got {self.steps}")
-        _check(self.guidance_scale >= 0, f"eval.guidance_scale must be >= 0, got {self.guidance_scale}")
-        _one_of("eval.classifier", self.classifier, CLASSIFIERS)
-        _check(self.fid_dims >= 1, f"eval.fid_dims must be >= 1, got {self.fid_dims}")
-        _check(self.fid_eps > 0, f"eval.fid_eps must be > 0, got {self.fid_eps}")
-        _check(-1 <= self.grecall_threshold <= 1, "eval.grecall_threshold must be a cosine in [-1, 1]")
-        _check(self.few_threshold is None or self.few_threshold >= 0, "eval.few_threshold must be >= 0 or null")
-        # whether a model directory exists is checked where the run starts (runtime.absolute_paths), not here:
-        # validating a config never touches the disk (a worker may validate it on another machine)
-        _check(bool(self.encoder), "eval.encoder must be 'pixels' or a local transformers vision model directory")
-        if self.identities is not None:
-            object.__setattr__(self, "identities", tuple(self.identities))
-
-    def to_dict(self) -> dict:
-        import dataclasses
-
-        return dataclasses.asdict(self)

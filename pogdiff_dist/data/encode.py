@@ -12,13 +12,15 @@ import numpy as np
 import torch
 
 from pogdiff_dist.data.records import load_image
-from pogdiff_dist.models import LatentCodec, TextEncoder, load_image_embedder
+from pogdiff_dist.models import LatentCodec, load_image_embedder, load_text_encoder
 from pogdiff_dist.output import quiet_libraries
 
 
 class SampleEncoder:
     """Batch in: ``index, image, caption, identity_id``. Batch out adds
-    ``latent`` [C,H,W] f32, ``y`` [L,D] f16, ``tokens`` [L] i32, ``length``, ``pooled`` [D] f32,
+    ``latent`` [C,H,W] f32, ``y`` [L,D] f16, ``tokens`` [L] i32, ``length``, ``pooled`` [D] f32
+    (what the text density models: the family's pooled caption vector, else the masked mean of y),
+    ``y_pooled`` [P] f16 (SDXL / SD3 / Flux: the pooled vector their denoiser reads),
     ``z`` [d] f32 (L2-normalised image embedding), and ``encoded_by`` (host:pid:device, so the
     prepare stage can record where its encoders ran).
 
@@ -32,7 +34,7 @@ class SampleEncoder:
         self.device = torch.device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # one core per actor; Ray schedules the actors
-        self.text = TextEncoder(text_encoder_dir, tokenizer_dir, max_length).to(self.device)
+        self.text = load_text_encoder(text_encoder_dir, tokenizer_dir, max_length).to(self.device)
         self.embed = load_image_embedder(image_encoder, self.device)
         self.codec = LatentCodec(vae_dir, self.device) if vae_dir else None
         self.resolution, self.channels = resolution, channels
@@ -49,6 +51,8 @@ class SampleEncoder:
                                               torch.from_numpy(lengths).to(self.device))
         out = {"latent": latent, "y": hidden.float().cpu().numpy().astype(np.float16),
                "pooled": pooled.float().cpu().numpy(), "z": self.embed(images).astype(np.float32)}
+        if getattr(self.text, "family", None) is not None:  # the denoiser reads the pooled vector too
+            out["y_pooled"] = out["pooled"].astype(np.float16)
         for name, a in out.items():  # e.g. a VAE overflowing in half precision, fp16 hidden states out of range
             bad = ~np.isfinite(a.reshape(len(a), -1)).all(1)
             if bad.any():

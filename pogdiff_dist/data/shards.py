@@ -15,6 +15,8 @@ field               dtype / shape         meaning
 ``nbr_sim.npy``     f32 [K]               cosine similarity of image embeddings
 ``nbr_same.npy``    u8  [K]               1 where the neighbour has the same identity
 ``meta.json``       dict                  index, identity_id, caption, elbo, fingerprint
+``y_pooled.npy``    f16 [P]               (SDXL, SD3, Flux only) the pooled caption vector
+                                          their denoiser also reads
 ==================  ===================  ==============================================
 
 Arrays are plain ``.npy`` (never pickle); ``meta.json`` is JSON. Training reads shards
@@ -38,6 +40,7 @@ from pogdiff_dist.devices import to_device
 from pogdiff_dist.storage import Store
 
 ARRAY_FIELDS = ("latent.npy", "y.npy", "nbr_tokens.npy", "nbr_len.npy", "nbr_index.npy", "nbr_sim.npy", "nbr_same.npy")
+OPTIONAL_FIELDS = ("y_pooled.npy",)  # present in every row of a dataset, or in none
 META_FIELD = "meta.json"
 META_KEYS = ("index", "identity_id", "caption", "elbo", "fingerprint")
 MANIFEST = "manifest.json"
@@ -58,12 +61,13 @@ class HostBatch:
     elbo: np.ndarray  # f64 [B] text-density ELBO of the sample's caption
     index: np.ndarray  # i64 [B] dataset index
     identity: np.ndarray  # i64 [B] identity id
+    y_pooled: np.ndarray | None = None  # f16 [B, P] (SDXL, SD3, Flux)
 
     def __len__(self) -> int:
         return self.x0.shape[0]
 
     def to_device(self, device) -> Batch:
-        return Batch(**{k: to_device(v, device) for k, v in vars(self).items()})
+        return Batch(**{k: None if v is None else to_device(v, device) for k, v in vars(self).items()})
 
     @classmethod
     def from_batch(cls, batch: Batch) -> HostBatch:
@@ -87,6 +91,7 @@ class Batch:
     elbo: torch.Tensor  # [B] text-density ELBO of the sample's caption
     index: torch.Tensor  # [B] dataset index
     identity: torch.Tensor | None = None  # [B] identity id (DiffROP pairs samples of different identities)
+    y_pooled: torch.Tensor | None = None  # [B, P] pooled caption vector (SDXL, SD3, Flux)
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -114,6 +119,9 @@ class Manifest:
     shard_bytes: dict[str, int] = field(default_factory=dict)  # shard name -> size
     shard_sha256: dict[str, str] = field(default_factory=dict)  # shard name -> checksum
     dataset: str | None = None  # data.dataset it was prepared from: "<bundled>:<preset>" or a folder
+    family: str | None = None  # the model family the latents and caption states are for (None: pixels / SD 1.x)
+    pooled_dim: int = 0  # y_pooled's width (0: the shards hold none)
+    max_length: int | None = None  # model.max_length the captions were encoded with
     shard_rows: dict[str, int] = field(default_factory=dict)  # shard name -> samples in it
     # repeat count per identity from "<repeats>_<name>" folders (data/layouts.py), used by
     # data.sampling (data/sampling.py); empty (a manifest without any) means 1 each
@@ -170,6 +178,7 @@ def shard_rows(batch: dict[str, np.ndarray], nbr_index: np.ndarray, nbr_sim: np.
         "__key__": np.asarray(batch["key"]).astype(str),
         "latent.npy": np.asarray(batch["latent"], dtype=np.float32),
         "y.npy": np.asarray(batch["y"], dtype=np.float16),
+        **({"y_pooled.npy": np.asarray(batch["y_pooled"], dtype=np.float16)} if "y_pooled" in batch else {}),
         "nbr_tokens.npy": np.asarray(nbr_tokens).astype(np.int32),
         "nbr_len.npy": np.asarray(nbr_len).astype(np.int32),
         "nbr_index.npy": np.asarray(nbr_index).astype(np.int64),
@@ -193,13 +202,15 @@ def decode_sample(sample: dict) -> dict:
     """
     out = {"__key__": str(sample.get("__key__")), "__url__": str(sample.get("__url__", "?"))}
     problems = []
-    unknown = sorted(k for k in sample if not k.startswith("__") and k not in (*ARRAY_FIELDS, META_FIELD))
+    unknown = sorted(k for k in sample if not k.startswith("__")
+                     and k not in (*ARRAY_FIELDS, *OPTIONAL_FIELDS, META_FIELD))
     if unknown:
         problems.append(f"unexpected member(s) {unknown}")
-    for name in ARRAY_FIELDS:
+    for name in (*ARRAY_FIELDS, *OPTIONAL_FIELDS):
         raw = sample.get(name)
         if raw is None:
-            problems.append(f"missing field {name}")
+            if name not in OPTIONAL_FIELDS:
+                problems.append(f"missing field {name}")
             continue
         try:
             out[name] = np.load(io.BytesIO(raw), allow_pickle=False)
@@ -263,6 +274,9 @@ def collate(batch: dict[str, np.ndarray], on_bad: str = "raise", skipped: list[s
     arrays, meta = {}, []
     if good:
         arrays = {f: _stack(batch[f], good) for f in ARRAY_FIELDS}
+        for f in OPTIONAL_FIELDS:  # a dataset's rows all have it or all lack it
+            if f in batch and all(batch[f][i] is not None for i in good):
+                arrays[f] = _stack(batch[f], good)
         meta = [batch[META_FIELD][i] for i in good]
         for i, why in zip(good, _row_problems(arrays, meta, fingerprint)):
             errors[i] = why
@@ -289,6 +303,7 @@ def collate(batch: dict[str, np.ndarray], on_bad: str = "raise", skipped: list[s
         elbo=np.array([m["elbo"] for m in meta], dtype=np.float64),
         index=np.array([m["index"] for m in meta], dtype=np.int64),
         identity=np.array([m["identity_id"] for m in meta], dtype=np.int64),
+        y_pooled=np.ascontiguousarray(arrays["y_pooled.npy"]) if "y_pooled.npy" in arrays else None,
     )
 
 

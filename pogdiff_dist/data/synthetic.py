@@ -25,7 +25,7 @@ from pogdiff_dist.data.neighbours import build_knn
 from pogdiff_dist.data.records import IDENTITY_PROMPT
 from pogdiff_dist.data.shard_files import count_shard_rows, file_digest
 from pogdiff_dist.data.shards import META_FIELD, Manifest, attach_neighbours
-from pogdiff_dist.models import TextEncoder
+from pogdiff_dist.models import load_text_encoder
 
 POSES = ("facing left", "facing right", "smiling", "in soft light", "in profile", "close up")
 
@@ -42,7 +42,8 @@ def build_synthetic_prepared(out_dir: str | Path, counts: list[int], latent_shap
                              dataset: str | None = None) -> Manifest:
     """Write ``out_dir/{shards/, elbo.npy, neighbours.npz, manifest.json}`` for identities with
     ``counts`` images each; returns the manifest. ``vae_dir``: the latents are a VAE's (the
-    export then decodes with it)."""
+    export then decodes with it). ``text_encoder_dir`` may be an SDXL / SD3 / Flux directory:
+    its family's encoders make the caption states and the pooled vector (``y_pooled``)."""
     out = Path(out_dir)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -54,7 +55,8 @@ def build_synthetic_prepared(out_dir: str | Path, counts: list[int], latent_shap
     captions = [f"{IDENTITY_PROMPT.format(name=names[i])[:-1]}, {POSES[j % len(POSES)]}."
                 for j, i in enumerate(identity)]
 
-    text = TextEncoder(text_encoder_dir, tokenizer_dir, max_length).to(device)
+    text = load_text_encoder(text_encoder_dir, tokenizer_dir, max_length).to(device)
+    family = getattr(text, "family", None)
     tokens, lengths = text.tokenize(captions)
     hidden, pooled = [], []
     for s in range(0, n, 64):
@@ -63,6 +65,7 @@ def build_synthetic_prepared(out_dir: str | Path, counts: list[int], latent_shap
         hidden.append(h.float().cpu().numpy().astype(np.float16))
         pooled.append(p.float().cpu().numpy())
     hidden, pooled = np.concatenate(hidden), np.concatenate(pooled)
+    y_pooled = pooled.astype(np.float16) if family is not None else None
 
     nbr_idx, nbr_sim = build_knn(latents.reshape(n, -1), k_max, device=str(device))
     vae = fit_density_vae(pooled, density or DensityVAEConfig(epochs=20, seed=seed), device=device)
@@ -74,19 +77,21 @@ def build_synthetic_prepared(out_dir: str | Path, counts: list[int], latent_shap
                                              seed]).encode()).hexdigest()[:16]
     tables = {"nbr_idx": nbr_idx, "nbr_sim": nbr_sim, "tokens": tokens, "lengths": lengths, "identity": identity, "elbo": elbo,
                   "fingerprint": fingerprint}
-    shards = _write_shards(out / "shards", latents, hidden, captions, tables, samples_per_shard)
+    shards = _write_shards(out / "shards", latents, hidden, captions, tables, samples_per_shard, y_pooled)
     manifest = Manifest(
         fingerprint=fingerprint, num_samples=n, k_max=k_max, latent_shape=list(latent_shape),
         text_shape=list(hidden.shape[1:]), identities=names, train_counts=list(counts),
         shards=[p.name for p in shards], text_encoder_dir=str(text_encoder_dir), tokenizer_dir=str(tokenizer_dir),
         vae_dir=str(vae_dir) if vae_dir else None, dataset=dataset, shard_bytes={p.name: p.stat().st_size for p in shards},
         shard_sha256={p.name: file_digest(p) for p in shards},
-        shard_rows={p.name: count_shard_rows(p) for p in shards})
+        shard_rows={p.name: count_shard_rows(p) for p in shards}, family=family.name if family is not None else None,
+        pooled_dim=0 if y_pooled is None else y_pooled.shape[1], max_length=max_length)
     manifest.save(out)
     return manifest
 
 
-def _write_shards(shard_dir: Path, latents, hidden, captions, tables: dict, per_shard: int) -> list[Path]:
+def _write_shards(shard_dir: Path, latents, hidden, captions, tables: dict, per_shard: int,
+                  y_pooled: np.ndarray | None = None) -> list[Path]:
     import webdataset as wds
 
     paths = []
@@ -94,6 +99,7 @@ def _write_shards(shard_dir: Path, latents, hidden, captions, tables: dict, per_
         index = np.arange(s, min(s + per_shard, len(latents)))
         rows = attach_neighbours({"index": index, "key": np.array([f"{i:08d}" for i in index]),
                                   "latent": latents[index], "y": hidden[index],
+                                  **({} if y_pooled is None else {"y_pooled": y_pooled[index]}),
                                   "caption": np.array(captions, dtype=object)[index]}, **tables)
         path = shard_dir / f"shard-{len(paths):06d}.tar"
         with wds.TarWriter(str(path)) as sink:

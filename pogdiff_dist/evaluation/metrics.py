@@ -31,7 +31,7 @@ import math
 import numpy as np
 import scipy.linalg
 
-from pogdiff_dist.config.sections import FID_EPS, GRECALL_THRESHOLD  # defined with Config.eval
+from pogdiff_dist.config.evaluation import FID_EPS, GRECALL_THRESHOLD  # defined with Config.eval
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

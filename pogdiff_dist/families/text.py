@@ -137,3 +137,59 @@ class CaptionEncoder:
         for m in self.models.values():
             m.to(device=device, dtype=dtype)
         return self
+
+
+class FamilyTextEncoder:
+    """A family's :class:`CaptionEncoder` behind the single-encoder interface the data pipeline
+    and the training step use (:class:`pogdiff_dist.models.TextEncoder`): ``tokenize`` gives one
+    id row per caption, every encoder's ids side by side ([B, sum of the encoders' lengths]), so
+    a caption's row is its cache key and its shard field; ``encode_ids`` splits the row again
+    and returns (hidden [B, L, D], pooled [B, P] or None), as the family's pipeline encodes.
+    ``lengths`` (the first encoder's non-padding count) are carried for the interface; the
+    pipelines encode without a mask."""
+
+    def __init__(self, captions: CaptionEncoder):
+        self.captions, self.family = captions, captions.family
+        self.widths = [e.max_length for e in self.family.encoders]
+        self.tokenizer = captions.tokenizers[self.family.encoders[0].encoder]
+
+    @classmethod
+    def from_pretrained(cls, family: Family, pretrained: str | Path, device: torch.device | str = "cpu"):
+        return cls(CaptionEncoder.from_pretrained(family, pretrained, device=device))
+
+    @property
+    def max_length(self) -> int:
+        return sum(self.widths)
+
+    @property
+    def device(self) -> torch.device:
+        return next(next(iter(self.captions.models.values())).parameters()).device
+
+    @property
+    def models(self) -> dict:
+        return self.captions.models
+
+    def tokenize(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        per = self.captions.tokenize(captions)
+        ids = np.concatenate([per[e.encoder] for e in self.family.encoders], axis=1).astype(np.int32)
+        first = self.family.encoders[0]
+        pad = self.captions.tokenizers[first.encoder].pad_token_id
+        lengths = (per[first.encoder] != pad).sum(1).astype(np.int32)
+        return ids, lengths
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor, lengths: torch.Tensor | None = None):
+        parts, at = {}, 0
+        for e, width in zip(self.family.encoders, self.widths):
+            parts[e.encoder] = ids[:, at:at + width]
+            at += width
+        cond = self.captions.encode_ids(parts)
+        return cond.hidden, cond.pooled
+
+    def encode(self, captions: list[str]):
+        ids, lengths = self.tokenize(captions)
+        return self.encode_ids(torch.from_numpy(ids).to(self.device), torch.from_numpy(lengths).to(self.device))
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> FamilyTextEncoder:
+        self.captions.to(device, dtype)
+        return self

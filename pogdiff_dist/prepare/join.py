@@ -162,7 +162,10 @@ def shard_row_dataset(encoded: str, out: Store, fingerprint: str, batch_rows: in
     rows. Batches of ``batch_rows``: Ray Data's default is a whole block (a whole Parquet file,
     50,000 rows at the benchmark's million), and one such batch of shard rows, with a Python
     dict of metadata per row, is what took the actor past 5 GiB."""
-    ds = ray.data.read_parquet(encoded).select_columns(["index", "key", "caption", "latent", "y", "identity_id"])
+    columns = ["index", "key", "caption", "latent", "y", "identity_id"]
+    if "y_pooled" in ray.data.read_parquet(encoded).schema().names:  # SDXL, SD3, Flux
+        columns.append("y_pooled")
+    ds = ray.data.read_parquet(encoded).select_columns(columns)
     return ds.map_batches(_AttachNeighbours, fn_constructor_args=(out.uri(), fingerprint), batch_size=batch_rows,
                           compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy")
 

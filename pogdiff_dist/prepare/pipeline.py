@@ -42,7 +42,8 @@ from pogdiff_dist.data.records import IDENTITY_PROMPT, DatasetRecords, read_data
 from pogdiff_dist.data.shard_files import scan_shard
 from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest
 from pogdiff_dist.devices import auto_gpus, task_device
-from pogdiff_dist.models import TextEncoder, check_pretrained_dir, resolve_text_encoder_dir
+from pogdiff_dist.families.load import multi_encoder_family
+from pogdiff_dist.models import check_pretrained_dir, load_text_encoder, resolve_text_encoder_dir
 from pogdiff_dist.prepare.join import write_shards
 from pogdiff_dist.runtime import cluster_gpus
 from pogdiff_dist.storage import Store, local_mirror
@@ -243,7 +244,7 @@ def _identity_prompt_table(identities: list[str], text_dir, tok_dir, max_length:
     """[identities, D] pooled embedding of each identity prompt ("An image of {name}."): with
     ``prepare.density_text=identity`` each sample contributes its identity's row, so an
     identity's weight in the fit is its image count."""
-    text = TextEncoder(text_dir, tok_dir, max_length).to(device)
+    text = load_text_encoder(text_dir, tok_dir, max_length).to(device)
     with torch.no_grad():
         _, pooled = text.encode([IDENTITY_PROMPT.format(name=n) for n in identities])
     return pooled.float().cpu().numpy()
@@ -353,7 +354,8 @@ def run_prepare(cfg: Config) -> Manifest:
                      **_scanned(out, shards))
 
     shard_info = stage.info()
-    sample = ray.data.read_parquet(encoded).select_columns(["latent", "y"]).take(1)[0]
+    sample = ray.data.read_parquet(encoded).take(1)[0]
+    family = multi_encoder_family(cfg.model.pretrained)
     manifest = Manifest(
         fingerprint=fp_shards, num_samples=n, k_max=cfg.prepare.k_max,
         latent_shape=list(np.asarray(sample["latent"]).shape), text_shape=list(np.asarray(sample["y"]).shape),
@@ -365,6 +367,8 @@ def run_prepare(cfg: Config) -> Manifest:
         shard_bytes=shard_info.get("shard_bytes", {}), shard_sha256=shard_info.get("shard_sha256", {}),
         shard_rows=shard_info.get("shard_rows", {}),
         dataset=cfg.data.dataset if cfg.data.bundled is None else ":".join(cfg.data.bundled),
+        family=family.name if family is not None else None, max_length=cfg.model.max_length,
+        pooled_dim=int(np.asarray(sample["y_pooled"]).shape[-1]) if sample.get("y_pooled") is not None else 0,
     )
     manifest.save(out.uri())
     print(f"[prepare] done in {time.time() - t_start:.1f}s: {n} samples, {len(identities)} identities, "

@@ -15,7 +15,8 @@ import torch
 
 from pogdiff_dist.data.sampling import SamplingPlan
 from pogdiff_dist.data.shards import Manifest
-from pogdiff_dist.models import STATE_DTYPE, ModelSpec, TextEncoder, add_lora, build_noise_scheduler, build_unet
+from pogdiff_dist.families.spec import get_family
+from pogdiff_dist.models import STATE_DTYPE, ModelSpec, add_lora, build_noise_scheduler, build_unet, load_text_encoder
 from pogdiff_dist.storage import Store
 from pogdiff_dist.train.engine import Engine
 from pogdiff_dist.train.step import DualConditionStep
@@ -33,26 +34,37 @@ def setup_device(device: torch.device, train_cfg) -> None:
         torch.backends.cudnn.allow_tf32 = train_cfg.allow_tf32
 
 
-def build_text_encoder(manifest: Manifest, max_length: int, device: torch.device) -> tuple[TextEncoder, torch.Tensor]:
-    """The frozen caption encoder for y' and the empty caption's states [L, D].
+def build_text_encoder(manifest: Manifest, max_length: int, device: torch.device):
+    """The frozen caption encoder for y', and the empty caption's states [L, D] and pooled
+    vector [P] (None for a family without one) that a dropped caption is replaced by (SDXL's
+    pipeline feeds zeros there, ``force_zeros_for_empty_prompt``: so does its training).
 
     Built here, never handed to DeepSpeed, so ZeRO-3 does not partition it. It runs in fp32, as
     prepare did for y, and the empty caption's states are kept at the shards' precision, as
     y' is (:class:`~pogdiff_dist.models.CaptionStateCache`): identical captions give identical
     conditions."""
-    text = TextEncoder(manifest.text_encoder_dir, manifest.tokenizer_dir, max_length).to(device)
-    uncond = text.encode([""])[0][0].to(STATE_DTYPE).float()
-    return text, uncond
+    text = load_text_encoder(manifest.text_encoder_dir, manifest.tokenizer_dir, max_length).to(device)
+    hidden, pooled = (x[0].to(STATE_DTYPE).float() for x in text.encode([""]))
+    family = getattr(text, "family", None)
+    if family is not None and family.uncond == "zeros":
+        hidden, pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+    return text, hidden, pooled if family is not None else None
 
 
-def build_step(cfg, manifest: Manifest, prepared_dir: str, text: TextEncoder, uncond: torch.Tensor,
-               device: torch.device) -> DualConditionStep:
+def build_step(cfg, manifest: Manifest, prepared_dir: str, text, uncond: torch.Tensor,
+               uncond_pooled: torch.Tensor | None, device: torch.device) -> DualConditionStep:
     """The objective (``loss``) with the model's noise schedule, the dataset's ELBOs (for psi_den's
     normaliser) and identity counts, caption dropout and the y' cache."""
     elbo = torch.from_numpy(np.load(io.BytesIO(Store(prepared_dir).read_bytes(manifest.elbo_file))))
     return DualConditionStep(cfg.loss, build_noise_scheduler(cfg.model), text, uncond, elbo,
                              cfg.train.caption_dropout, cfg.train.text_cache_mib, device=device,
-                             identity_counts=torch.tensor(manifest.train_counts))
+                             identity_counts=torch.tensor(manifest.train_counts), family=family_of_manifest(manifest),
+                             uncond_pooled=uncond_pooled)
+
+
+def family_of_manifest(manifest: Manifest):
+    """The SDXL / SD3 / Flux family the shards were prepared for, None for SD 1.x and pixels."""
+    return get_family(manifest.family) if manifest.family else None
 
 
 def model_spec(manifest: Manifest) -> ModelSpec:

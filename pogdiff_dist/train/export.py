@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 
 from pogdiff_dist.data.shards import Manifest
+from pogdiff_dist.families.latents import vae_scale_factor
+from pogdiff_dist.families.pipeline import export_family_pipeline, save_family_lora
+from pogdiff_dist.families.spec import get_family
 from pogdiff_dist.models import (
     LatentCodec,
     ModelSpec,
@@ -52,6 +55,37 @@ def export_run(cfg, manifest: Manifest, spec: ModelSpec, masters: dict[str, torc
     when the run folder is in object storage."""
     run_dir = run_store.local
     unet = denoiser_from_masters(cfg, spec, masters)
+    family = get_family(manifest.family) if manifest.family else None
+    if family is not None:
+        model_dir = _export_family(run_dir, cfg, manifest, family, unet)
+    else:
+        model_dir = _export_single_encoder(run_dir, cfg, manifest, unet)
+    pipe = load_pipeline(model_dir, device)
+    sample_grid(pipe, manifest, cfg, run_dir / SAMPLES)
+    write_plots(run_dir / PLOTS_DIR, manifest, psi, cfg.loss, prepared)
+    for part in (MODEL_DIR, SAMPLES, PLOTS_DIR, *([LORA_DIR] if cfg.model.lora_rank else [])):
+        run_store.upload(part)
+    return model_dir
+
+
+def _export_family(run_dir: Path, cfg, manifest: Manifest, family, denoiser) -> Path:
+    """SDXL / SD3 / Flux: the family's own pipeline class around the trained denoiser (merged,
+    with LoRA, whose adapter also goes to ``run_dir/lora`` in diffusers' LoRA format)."""
+    if cfg.model.lora_rank:
+        lora_dir = run_dir / LORA_DIR
+        shutil.rmtree(lora_dir, ignore_errors=True)
+        save_family_lora(lora_dir, family, lora_state_dict(denoiser))
+        denoiser.fuse_lora()
+        denoiser.unload_lora()
+    model_dir = run_dir / MODEL_DIR
+    shutil.rmtree(model_dir, ignore_errors=True)
+    resolution = manifest.latent_shape[-1] * vae_scale_factor(LatentCodec(manifest.vae_dir).vae.config)
+    return export_family_pipeline(model_dir, family, manifest.text_encoder_dir, denoiser, resolution)
+
+
+def _export_single_encoder(run_dir: Path, cfg, manifest: Manifest, unet) -> Path:
+    """SD 1.x/2.x (a ``StableDiffusionPipeline``) or a pixel-space model (``PoGDiffPipeline``)."""
+    m = manifest
     if cfg.model.lora_rank:
         from diffusers import StableDiffusionPipeline
 
@@ -61,14 +95,9 @@ def export_run(cfg, manifest: Manifest, spec: ModelSpec, masters: dict[str, torc
                                                   safe_serialization=True)
         unet.fuse_lora()  # the adapter folded into the fp32 base weights: a plain UNet for the pipeline
         unet.unload_lora()
-    text = TextEncoder(manifest.text_encoder_dir, manifest.tokenizer_dir, cfg.model.max_length)
-    vae = LatentCodec(manifest.vae_dir).vae if manifest.vae_dir else None
+    text = TextEncoder(m.text_encoder_dir, m.tokenizer_dir, cfg.model.max_length)
+    vae = LatentCodec(m.vae_dir).vae if m.vae_dir else None
     model_dir = run_dir / MODEL_DIR
     shutil.rmtree(model_dir, ignore_errors=True)
     export_pipeline(model_dir, unet, build_noise_scheduler(cfg.model), text, vae)
-    pipe = load_pipeline(model_dir, device)
-    sample_grid(pipe, manifest, cfg, run_dir / SAMPLES)
-    write_plots(run_dir / PLOTS_DIR, manifest, psi, cfg.loss, prepared)
-    for part in (MODEL_DIR, SAMPLES, PLOTS_DIR, *([LORA_DIR] if cfg.model.lora_rank else [])):
-        run_store.upload(part)
     return model_dir

@@ -16,83 +16,45 @@ cast to the compute dtype) and the two-condition ones through :meth:`DualConditi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, fields
-
-import numpy as np
 import torch
 from diffusers.training_utils import compute_snr
 
+from pogdiff_dist.config.sections import DDPM_KEYS, FLOW_KEYS, LossConfig
 from pogdiff_dist.data.shards import Batch, HostBatch
-from pogdiff_dist.devices import to_device
+from pogdiff_dist.families.denoiser import predict
+from pogdiff_dist.families.text import Conditioning
 from pogdiff_dist.losses import (
-    cbdm_loss,
-    ddpm_posterior_mean,
-    diffrop_overlap,
-    eps_from_v,
     identity_count_density,
     identity_weights,
     log_density_normaliser,
     min_snr_weights,
     neighbour_weights,
-    pogdiff_loss,
     psi_weights,
-    t2h_loss,
-    t2h_targets,
     vanilla_loss,
     velocity,
 )
+from pogdiff_dist.losses_flow import flow_loss_weights, flow_noisy, flow_velocity
 from pogdiff_dist.models import CaptionStateCache
 from pogdiff_dist.syncs import host_side
+from pogdiff_dist.timesteps import TimestepSampling, image_seq_len
+from pogdiff_dist.train.draws import Draws, StepPlan
+from pogdiff_dist.train.methods import METHODS
 
-Stats = dict[str, "torch.Tensor | float"]
-
-
-@dataclass
-class StepPlan:
-    """What a step decides on the host, before its batch reaches the device (see the module
-    docstring). Tensors are CPU tensors until :meth:`to_device`; ``host_stats`` are floats."""
-
-    dropped: torch.Tensor  # [B] bool: caption replaced by the empty caption's states
-    active: torch.Tensor  # [A] long: rows that run the second-condition pass (y' or CBDM's y_other)
-    psi: torch.Tensor | None = None  # [B] float32 (PoGDiff): 0 where no y' pass runs
-    nbr: torch.Tensor | None = None  # [B] long (PoGDiff): the neighbour drawn, j ~ Cat(w)
-    other: torch.Tensor | None = None  # [B] long (CBDM): the row whose condition is y'
-    nbr_tokens: np.ndarray | None = None  # [A, L] the active rows' neighbour caption token ids (host)
-    nbr_len: np.ndarray | None = None  # [A]
-    host_stats: dict | None = None
-
-    @property
-    def num_active(self) -> int:
-        return len(self.active)
-
-    def to_device(self, device) -> StepPlan:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("dropped", "active", "psi", "nbr", "other"):
-            if moved[name] is not None:
-                moved[name] = to_device(moved[name], device)
-        return StepPlan(**moved)
+__all__ = ["METHODS", "Draws", "DualConditionStep", "StepPlan", "check_family_settings"]
 
 
-@dataclass
-class Draws:
-    """What every method shares: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, the caption
-    states with dropped captions replaced by the empty caption's, the regression target in the
-    model's parametrization (eps, or v for v_prediction) and the min-SNR weight of the
-    denoising term (ones when ``loss.snr_gamma`` is off)."""
-
-    batch: Batch
-    plan: StepPlan
-    t: torch.Tensor  # [B]
-    eps: torch.Tensor  # [B, C, H, W]
-    x_t: torch.Tensor  # [B, C, H, W]
-    y: torch.Tensor  # [B, L, D] float32, after caption dropout
-    dropped: torch.Tensor  # [B] bool
-    target: torch.Tensor  # [B, C, H, W] eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0
-    snr_weight: torch.Tensor  # [B]
-
-    def __len__(self) -> int:
-        return len(self.t)
+def check_family_settings(loss_cfg, family) -> None:
+    """A loss setting that does not apply to the model's family is an error naming it: the
+    flow-matching keys (``loss.timestep_sampling``...) for a DDPM family, min-SNR for a flow one."""
+    default = LossConfig()
+    flow = family is not None and family.objective == "flow"
+    unused = DDPM_KEYS if flow else FLOW_KEYS
+    changed = [k for k in unused if getattr(loss_cfg, k) != getattr(default, k)]
+    if changed:
+        kind = "a flow-matching" if flow else "a DDPM"
+        name = family.name if family is not None else "pixel-space"
+        raise ValueError(f"{', '.join(f'loss.{k}' for k in changed)} does not apply to {kind} model ({name}): "
+                         f"leave it at its default")
 
 
 class DualConditionStep:
@@ -111,16 +73,31 @@ class DualConditionStep:
 
     def __init__(self, loss_cfg, noise_scheduler, text_encoder, uncond: torch.Tensor,
                  all_elbo: torch.Tensor | None, caption_dropout: float = 0.0, text_cache_mib: float = 0.0,
-                 device: torch.device | str | None = None, identity_counts: torch.Tensor | None = None):
+                 device: torch.device | str | None = None, identity_counts: torch.Tensor | None = None,
+                 family=None, uncond_pooled: torch.Tensor | None = None):
         """``identity_counts`` [C]: training images per identity id, for ``loss.identity_weight``
-        and ``loss.psi_den_source=identity_count`` (the manifest's ``train_counts``). ``uncond``:
-        the empty caption's states, in the precision the shards store y in (so a dropped caption
-        and a stored one differ only by what they say)."""
+        and ``loss.psi_den_source=identity_count`` (the manifest's ``train_counts``). ``uncond``
+        (and ``uncond_pooled`` for SDXL / SD3 / Flux): the empty caption's states, in the
+        precision the shards store y in (so a dropped caption and a stored one differ only by
+        what they say). ``family``: SDXL / SD3 / Flux (their denoiser calls and, for SD3 / Flux,
+        the flow-matching objective); None for SD 1.x/2.x and pixel-space models."""
+        check_family_settings(loss_cfg, family)
         self.cfg = loss_cfg
         self.scheduler = noise_scheduler
+        self.family = family
+        self.flow = family is not None and family.objective == "flow"
+        if self.flow:
+            overrides = {k: getattr(loss_cfg, k) for k in ("logit_mean", "logit_std", "mode_scale")}
+            overrides["scheme"] = loss_cfg.timestep_sampling
+            if loss_cfg.flow_shift is not None:
+                overrides.update(shift=loss_cfg.flow_shift, dynamic_shift=False)
+            self.sampling = TimestepSampling.from_scheduler_config(noise_scheduler.config, **overrides)
         if device is not None:  # every tensor the device half reads lives where the batch does
-            noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+            if not self.flow:
+                noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
             uncond = uncond.to(device)
+            uncond_pooled = None if uncond_pooled is None else uncond_pooled.to(device)
+        self.uncond_pooled = uncond_pooled
         self.text_encoder = text_encoder
         # y' = the neighbour's caption through the frozen encoder: each distinct caption once.
         self.nbr_states = CaptionStateCache(text_encoder, text_cache_mib)
@@ -166,7 +143,7 @@ class DualConditionStep:
 
     @property
     def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
+        return "flow" if self.flow else self.scheduler.config.prediction_type
 
     @host_side
     def plan(self, batch: HostBatch, generator: torch.Generator) -> StepPlan:
@@ -209,31 +186,52 @@ class DualConditionStep:
                                     "psi": psi})  # per sample, on the host: the trainer's PsiRecord
 
     def draw(self, batch: Batch, plan: StepPlan, generator: torch.Generator) -> Draws:
+        """t (or s) and eps on the device generator, in that order, then x_t, the target, the
+        weight, and the dropped captions replaced by the empty caption's states."""
         b, device = len(batch), batch.x0.device
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
+        if self.flow:
+            t = self.sampling.sample(b, generator, device, seq_len=image_seq_len(*batch.x0.shape[-2:]))
+        else:
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
         eps = torch.randn(batch.x0.shape, generator=generator, device=device)
         if self.cfg.noise_offset:  # a per-sample, per-channel shift of the noise (diffusers --noise_offset)
             eps = eps + self.cfg.noise_offset * torch.randn((b, eps.shape[1], 1, 1), generator=generator,
                                                             device=device)
-        x_t = self.scheduler.add_noise(batch.x0, eps, t)
         y = batch.y.to(torch.float32)
         y = torch.where(plan.dropped[:, None, None], self.uncond.to(y)[None].expand_as(y), y)
+        pooled = None
+        if self.family is not None and self.family.pooled:
+            if batch.y_pooled is None:
+                raise ValueError(f"{self.family.name} reads a pooled caption vector but the shards hold none: "
+                                 f"re-prepare with this model")
+            pooled = batch.y_pooled.to(torch.float32)
+            pooled = torch.where(plan.dropped[:, None], self.uncond_pooled.to(pooled)[None].expand_as(pooled), pooled)
+        if self.flow:
+            x_t, target = flow_noisy(batch.x0, eps, t), flow_velocity(eps, batch.x0)
+            return Draws(batch, plan, t, eps, x_t, y, plan.dropped, target,
+                         flow_loss_weights(t, self.cfg.flow_weighting), pooled)
+        x_t = self.scheduler.add_noise(batch.x0, eps, t)
         ac = self.scheduler.alphas_cumprod
         target = eps if self.prediction_type == "epsilon" else velocity(eps, batch.x0, t, ac)
         snr_weight = torch.ones(b, device=device)
         if self.cfg.snr_gamma is not None:
             snr_weight = min_snr_weights(compute_snr(self.scheduler, t), self.cfg.snr_gamma, self.prediction_type)
-        return Draws(batch, plan, t, eps, x_t, y, plan.dropped, target, snr_weight)
+        return Draws(batch, plan, t, eps, x_t, y, plan.dropped, target, snr_weight, pooled)
 
     def denoise(self, pred: torch.Tensor, d: Draws) -> torch.Tensor:
         """The (min-SNR weighted) denoising term |pred - target|^2, [B]."""
         return d.snr_weight * vanilla_loss(pred, d.target)
 
-    def eps(self, unet, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """eps_theta(x, t, y): the one place inputs are cast to the compute dtype."""
-        return unet(x.to(self.dtype), t, encoder_hidden_states=y.to(self.dtype)).sample
+    def eps(self, unet, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+            pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoiser's prediction at (x, t) under caption states y (and a pooled vector for
+        SDXL / SD3 / Flux, called as its pipeline calls it): the one place inputs are cast to the
+        compute dtype."""
+        if self.family is None:
+            return unet(x.to(self.dtype), t, encoder_hidden_states=y.to(self.dtype)).sample
+        return predict(self.family, unet, x, t, Conditioning(y, pooled), dtype=self.dtype)
 
-    def dual_forward(self, unet, d: Draws, y_other: torch.Tensor | None,
+    def dual_forward(self, unet, d: Draws, y_other: torch.Tensor | None, pooled_other: torch.Tensor | None = None,
                      grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """eps(x_t, y) for every row, and the second prediction for every row: eps(x_t[a], y_other)
         on the plan's active rows a, ``pred.detach()`` elsewhere (a zero difference: no term).
@@ -241,96 +239,17 @@ class DualConditionStep:
         without autograd. Whether a pass runs is the plan's (host) decision."""
         rows = d.plan.active
         if not d.plan.num_active:
-            pred = self.eps(unet, d.x_t, d.t, d.y)
+            pred = self.eps(unet, d.x_t, d.t, d.y, d.pooled)
             return pred, pred.detach()
         if grad:
+            pooled = None if d.pooled is None else torch.cat([d.pooled, pooled_other.to(d.pooled)])
             out = self.eps(unet, torch.cat([d.x_t, d.x_t[rows]]), torch.cat([d.t, d.t[rows]]),
-                           torch.cat([d.y.to(self.dtype), y_other.to(self.dtype)]))
+                           torch.cat([d.y.to(self.dtype), y_other.to(self.dtype)]), pooled)
             pred, second = out[:len(d)], out[len(d):]
         else:
-            pred = self.eps(unet, d.x_t, d.t, d.y)
+            pred = self.eps(unet, d.x_t, d.t, d.y, d.pooled)
             with torch.no_grad():
-                second = self.eps(unet, d.x_t[rows], d.t[rows], y_other)
+                second = self.eps(unet, d.x_t[rows], d.t[rows], y_other, pooled_other)
         return pred, pred.detach().index_put((rows,), second)
 
 
-# ----------------------------------------------------------------------------- the methods: (loss [B], stats)
-
-
-def _vanilla(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.Tensor, Stats]:
-    loss = step.denoise(step.eps(unet, d.x_t, d.t, d.y), d)
-    return loss, {"loss_denoise": loss.mean().detach(), "loss_pog": 0.0}
-
-
-def _pogdiff(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.Tensor, Stats]:
-    """Eq. 13 with the plan's neighbour and psi (Eq. 8-12, drawn on the host)."""
-    plan = d.plan
-    y_nb = step.nbr_states(plan.nbr_tokens, plan.nbr_len, d.x_t.device) if plan.num_active else None
-    pred, pred_nb = step.dual_forward(unet, d, y_nb, grad=step.cfg.neighbor_grad == "full")
-    loss, denoise, pog = pogdiff_loss(pred, pred_nb, d.target, plan.psi, denoise_weight=d.snr_weight)
-    return loss, {"loss_denoise": denoise.mean().detach(), "loss_pog": (plan.psi * pog).mean().detach(),
-                  "text_cache_hit_rate": step.nbr_states.hit_rate}
-
-
-def _cbdm(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.Tensor, Stats]:
-    """CBDM: h = eps(x_t, y) and h' = eps(x_t, y') from one UNet call on [x_t; x_t], both with autograd.
-
-    Data path: y' of sample i is the (pre-dropout) condition of another row j != i of
-    the same shuffled micro-batch, j uniform among the other rows (drawn in the plan). With
-    a uniformly shuffled stream this is a uniform draw from the dataset (CBDM's fine-tuning
-    choice) that reuses already-encoded hidden states: no extra text-encoder pass. Rows
-    whose caption was dropped (no condition to align) skip the y' half, as do all rows of a
-    single-sample batch.
-    """
-    num_t, tau = step.scheduler.config.num_train_timesteps, step.cfg.cbdm_tau
-    rows = d.plan.active
-    pred, pred_other = step.dual_forward(unet, d, d.batch.y[d.plan.other[rows]])
-    loss, denoise, reg = cbdm_loss(pred, pred_other, d.target, d.t, num_t, tau, denoise_weight=d.snr_weight)
-    return loss, {"loss_denoise": denoise.mean().detach(), "loss_pog": reg.mean().detach()}
-
-
-def _t2h(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.Tensor, Stats]:
-    """T2H: targets recalibrated towards denser-captioned batch samples (no gradient), then one UNet call.
-
-    The selection looks only at images (x_t, x0) and stored ELBOs, so it is applied
-    to dropped-caption rows too, as T2H also calibrates unconditional training.
-    """
-    ac = step.scheduler.alphas_cumprod
-    target, j, transferred = t2h_targets(d.batch.x0, d.x_t, d.eps, d.t, ac, d.batch.elbo, generator)
-    if step.prediction_type == "v_prediction":  # eps~ maps x0_j to x_t: its v is against x0_j
-        x0_src = torch.where(transferred.view(-1, *[1] * (d.x_t.ndim - 1)), d.batch.x0[j], d.batch.x0)
-        target = velocity(target, x0_src, d.t, ac)
-    loss, denoise, calibration = t2h_loss(step.eps(unet, d.x_t, d.t, d.y), d.target, target)
-    loss, denoise, calibration = (d.snr_weight * x for x in (loss, denoise, calibration))
-    rows = torch.arange(len(d), device=j.device)
-    return loss, {"loss_denoise": denoise.mean().detach(), "loss_pog": calibration.mean().detach(),
-                  "t2h_other_frac": (j != rows).float().mean().detach(),  # drew another sample
-                  "t2h_accept_frac": transferred.float().mean().detach()}  # ... and passed the density rule
-
-
-def _diffrop(step: DualConditionStep, unet, d: Draws, generator) -> tuple[torch.Tensor, Stats]:
-    """DiffROP: one UNet call; the overlap penalty pairs this micro-batch's samples of different identities.
-
-    Dropped-caption rows are left out of every pair: their prediction is unconditional,
-    so pushing it away from another identity's would not separate identities.
-    """
-    ids = d.batch.identity
-    if ids is None:
-        raise ValueError("loss.method='diffrop' needs batch.identity (identity_id from the shards' meta.json); "
-                         "the batch has none")
-    valid = ~d.dropped
-    ac = step.scheduler.alphas_cumprod
-    pred = step.eps(unet, d.x_t, d.t, d.y)
-    eps_pred = pred if step.prediction_type == "epsilon" else eps_from_v(pred, d.x_t, d.t, ac)
-    mu = ddpm_posterior_mean(d.x_t, eps_pred, d.t, ac)  # DiffROP's overlap acts on the posterior means
-    overlap = diffrop_overlap(mu, ids, d.t, step.scheduler.config.num_train_timesteps, step.cfg.diffrop_tau,
-                              step.cfg.diffrop_decay, valid)
-    denoise = step.denoise(pred, d)
-    loss = denoise + overlap
-    has_partner = ((ids[:, None] != ids[None, :]) & valid[None, :]).any(1) & valid
-    return loss, {"loss_denoise": denoise.mean().detach(), "loss_pog": overlap.mean().detach(),
-                  "diffrop_partner_frac": has_partner.float().mean().detach()}
-
-
-METHODS: dict[str, Callable[[DualConditionStep, object, Draws, torch.Generator], tuple[torch.Tensor, Stats]]] = {
-    "vanilla": _vanilla, "pogdiff": _pogdiff, "cbdm": _cbdm, "t2h": _t2h, "diffrop": _diffrop}

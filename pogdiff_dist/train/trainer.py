@@ -63,8 +63,9 @@ def check_manifest(cfg: Config, manifest: Manifest) -> None:
     if cfg.loss.k > manifest.k_max:
         raise ValueError(f"loss.k={cfg.loss.k} exceeds the k_max={manifest.k_max} stored in the shards; "
                          f"lower loss.k or re-prepare with prepare.k_max >= {cfg.loss.k}")
-    if manifest.text_shape[0] != cfg.model.max_length:
-        raise ValueError(f"shards hold captions of {manifest.text_shape[0]} tokens but model.max_length="
+    prepared_length = manifest.max_length if manifest.max_length is not None else manifest.text_shape[0]
+    if prepared_length != cfg.model.max_length:
+        raise ValueError(f"shards hold captions of {prepared_length} tokens but model.max_length="
                          f"{cfg.model.max_length}: the shards were prepared with another config")
 
 
@@ -103,8 +104,8 @@ class Trainer:
         self.dtype = compute_dtype(cfg.train.precision)
         self.comm = HostComm()
         # the parts, each built alone (train/build.py)
-        self.text, uncond = build_text_encoder(m, cfg.model.max_length, self.device)
-        self.stepper = build_step(cfg, m, self.prepared, self.text, uncond, self.device)
+        self.text, uncond, uncond_pooled = build_text_encoder(m, cfg.model.max_length, self.device)
+        self.stepper = build_step(cfg, m, self.prepared, self.text, uncond, uncond_pooled, self.device)
         self.spec = model_spec(m)
         unet, self.attention = build_denoiser(cfg.model, cfg.train, self.spec)
         self.engine = build_engine(unet, cfg, world, self.device)

@@ -14,12 +14,15 @@ import time
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DiffusionPipeline
 
 from pogdiff_dist.data.bundled import bundled, dataset_of
 from pogdiff_dist.data.records import IDENTITY_PROMPT
 from pogdiff_dist.data.shards import Manifest
 from pogdiff_dist.evaluation.judges import CNNJudge
+from pogdiff_dist.families.latents import vae_scale_factor
+from pogdiff_dist.families.pipeline import FamilyPipeline
+from pogdiff_dist.families.spec import get_family
 from pogdiff_dist.models import LatentCodec
 from pogdiff_dist.pipeline import PoGDiffPipeline, image_grid
 from pogdiff_dist.storage import local_mirror
@@ -38,7 +41,7 @@ class Validator:
         majority, minority = manifest.majority(), manifest.minority()
         self.names = ([majority[0]] if majority else []) + ([minority[-1]] if minority else [])
         self.seconds = 0.0
-        self._judge, self._vae = None, None
+        self._judge, self._vae, self._pipe = None, None, None
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0 and step < self.max_steps
@@ -64,6 +67,8 @@ class Validator:
 
     @torch.no_grad()
     def _sample(self, unet, scheduler_config, text) -> np.ndarray:
+        if self.manifest.family:
+            return self._sample_family(unet, text)
         if self.manifest.vae_dir and self._vae is None:
             self._vae = LatentCodec(self.manifest.vae_dir, self.device).vae.to(self.dtype)
         pipe = PoGDiffPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config),
@@ -76,6 +81,25 @@ class Validator:
             return pipe([IDENTITY_PROMPT.format(name=n) for n in self.names], num_inference_steps=self.steps,
                         guidance_scale=self.guidance, num_images_per_prompt=self.images,
                         generator=torch.Generator().manual_seed(self.seed))
+        finally:
+            unet.train(was_training)
+
+    def _sample_family(self, unet, text) -> np.ndarray:
+        """SDXL / SD3 / Flux: their own pipeline around the live denoiser and the trainer's encoders."""
+        if self._pipe is None:
+            family = get_family(self.manifest.family)
+            vae = LatentCodec(self.manifest.vae_dir, self.device).vae
+            parts = {family.denoiser: unet, "vae": vae, **{name: m for name, m in text.models.items()}}
+            pipe = DiffusionPipeline.from_pretrained(self.manifest.text_encoder_dir, **parts)
+            pipe.set_progress_bar_config(disable=True)
+            size = self.manifest.latent_shape[-1] * vae_scale_factor(vae.config)
+            self._pipe = FamilyPipeline(pipe, family, size)
+        was_training = unet.training
+        unet.eval()
+        try:
+            return self._pipe([IDENTITY_PROMPT.format(name=n) for n in self.names], num_inference_steps=self.steps,
+                              guidance_scale=self.guidance, num_images_per_prompt=self.images,
+                              generator=torch.Generator().manual_seed(self.seed))
         finally:
             unet.train(was_training)
 
