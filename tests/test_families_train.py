@@ -141,3 +141,32 @@ def test_flux_prepares_on_ray_trains_on_two_workers_exports_and_evaluates(ray_lo
     ev = run_evaluate(resolve_source(str(out.model_dir), None, out.run_id, out.tracking_uri, None),
                       tmp_path / "eval", cfg.eval, ray_cfg=cfg.ray)
     assert 0 <= ev.results["summary"]["accuracy_all"] <= 1
+
+
+def test_bf16_validation_grids_sample_the_live_denoiser_with_the_fp32_encoders(family_data, tmp_path):
+    """SD3 in bf16 (ZeRO-2): the validation grid runs the stock pipeline around the live bf16
+    transformer and the trainer's fp32 encoders (under autocast) and logs an image per grid."""
+    from pogdiff_dist.train.engine import init_single_process
+    from pogdiff_dist.train.local import LocalCheckpoints, read_local
+    from pogdiff_dist.train.trainer import Trainer
+
+    class Images:
+        def __init__(self):
+            self.images = []
+
+        def log(self, step, metrics):
+            pass
+
+        def log_image(self, step, key, image):
+            self.images.append((step, key, image.size))
+
+    tiny, prepared = family_data["sd3"]
+    init_single_process("cpu")
+    tracker = Images()
+    tr = Trainer(_cfg(tiny, **{"train.precision": "bf16", "optim.max_steps": 3, "train.validate_every": 1,
+                               "train.validate_images": 2, "train.validate_steps": 2}), prepared, "cpu", 0, 1,
+                 report=LocalCheckpoints(tmp_path), tracker=tracker, run_dir=None)
+    assert next(tr.engine.module.parameters()).dtype == torch.bfloat16
+    assert next(iter(tr.text.models.values())).dtype == torch.float32
+    tr.fit(read_local(), final_checkpoint=False)
+    assert [(s, k) for s, k, _ in tracker.images] == [(1, "val/samples"), (2, "val/samples")]

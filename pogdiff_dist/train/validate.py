@@ -96,10 +96,14 @@ class Validator:
             self._pipe = FamilyPipeline(pipe, family, size)
         was_training = unet.training
         unet.eval()
+        # the live denoiser computes in the run's dtype (bf16) while the trainer's encoders stay fp32:
+        # autocast, as diffusers' training scripts sample their validation images
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         try:
-            return self._pipe([IDENTITY_PROMPT.format(name=n) for n in self.names], num_inference_steps=self.steps,
-                              guidance_scale=self.guidance, num_images_per_prompt=self.images,
-                              generator=torch.Generator().manual_seed(self.seed))
+            with autocast:
+                return self._pipe([IDENTITY_PROMPT.format(name=n) for n in self.names],
+                                  num_inference_steps=self.steps, guidance_scale=self.guidance,
+                                  num_images_per_prompt=self.images, generator=torch.Generator().manual_seed(self.seed))
         finally:
             unet.train(was_training)
 
