@@ -178,8 +178,9 @@ class Trainer:
             return batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device)
 
-    def fit(self, read: Reader) -> TrainState:
-        """Train to ``optim.max_steps``, then export (rank 0) and write the final checkpoint.
+    def fit(self, read: Reader, final_checkpoint: bool = True) -> TrainState:
+        """Train to ``optim.max_steps``, then export (rank 0) and write the final checkpoint
+        (unless ``final_checkpoint`` is False: a measurement that needs no checkpoint on disk).
         ``read(paths)`` streams the numpy batches of shards, in the given order."""
         max_steps = self.cfg.optim.max_steps
         self._first_step, self._t_fit = self.state.step, time.time()
@@ -190,7 +191,7 @@ class Trainer:
             if not self._run_epoch(items):
                 break
             self._close_epoch()
-        self._finish()
+        self._finish(final_checkpoint)
         return self.state
 
     def _run_epoch(self, batches: Iterable[StreamedBatch]) -> bool:
@@ -316,7 +317,7 @@ class Trainer:
             self.save_checkpoint()
             self._checkpoint_due = False
 
-    def _finish(self) -> None:
+    def _finish(self, final_checkpoint: bool = True) -> None:
         peaks = {"peak_rss_mib_max_worker": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024}
         if self.device.type == "cuda":
             peaks["peak_gpu_mib_max_worker"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -330,7 +331,8 @@ class Trainer:
         self.tracker.log(self.state.step, {**peaks, "nonfinite_skipped": self.state.nonfinite})
         self.state.last.update(peaks)
         self.export()
-        self.save_checkpoint()
+        if final_checkpoint:
+            self.save_checkpoint()
 
     # -- export
 
