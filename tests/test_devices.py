@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff_dist.devices import compute_dtype, resolve_device, task_device, to_device, transfer
+from pogdiff_dist.devices import bf16_peak, compute_dtype, resolve_device, task_device, to_device, transfer
 
 
 def test_an_unindexed_cuda_device_gets_the_current_index():
@@ -28,3 +28,27 @@ def test_precision_task_device_and_transfer_decisions():
     assert not transfer("cpu").pin and not transfer("cpu").non_blocking
     t = to_device(np.arange(4, dtype=np.int32), "cpu", torch.long)
     assert t.dtype == torch.long and t.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("name, card, tflops", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.4),  # the SXM board's name says neither SXM nor PCIe
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756.5),
+    ("NVIDIA H100 NVL", "H100 NVL", 835.5),
+    ("NVIDIA H200", "H200 SXM", 989.4),
+    ("NVIDIA H200 NVL", "H200 NVL", 835.5),
+    ("NVIDIA A100-SXM4-80GB", "A100 SXM", 312.0),
+    ("NVIDIA A100 80GB PCIe", "A100 PCIe", 312.0),
+    ("NVIDIA A100-PCIE-40GB", "A100 PCIe", 312.0),
+    ("NVIDIA L4", "L4", 121.0),
+    ("NVIDIA A10G", "A10G", 70.0),
+])
+def test_bf16_peak_by_card_name(name, card, tflops):
+    """torch.cuda.get_device_name() strings -> the table's entry: a PCIe or NVL card is not
+    credited with the SXM peak."""
+    peak = bf16_peak(name)
+    assert peak is not None and (peak.card, peak.bf16_tflops) == (card, tflops) and peak.source
+
+
+@pytest.mark.parametrize("name", ["NVIDIA L40S", "NVIDIA A10", "NVIDIA GH200 480GB", "NVIDIA GeForce RTX 4090", "cpu"])
+def test_an_unknown_card_has_no_peak(name):
+    assert bf16_peak(name) is None  # the check then reports no MFU instead of a wrong one
