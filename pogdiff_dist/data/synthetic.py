@@ -39,10 +39,10 @@ def build_synthetic_prepared(out_dir: str | Path, counts: list[int], latent_shap
                              k_max: int = 5, samples_per_shard: int = 16, density: DensityVAEConfig | None = None,
                              device: torch.device | str = "cpu", seed: int = 0,
                              vae_dir: str | Path | None = None, names: list[str] | None = None,
-                             dataset: str | None = None) -> Manifest:
+                             dataset: str | None = None, knn_backend: str = "auto") -> Manifest:
     """Write ``out_dir/{shards/, elbo.npy, neighbours.npz, manifest.json}`` for identities with
     ``counts`` images each; returns the manifest. ``vae_dir``: the latents are a VAE's (the
-    export then decodes with it)."""
+    export then decodes with it). ``knn_backend``: as :func:`build_knn`'s ``backend``."""
     out = Path(out_dir)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -64,7 +64,7 @@ def build_synthetic_prepared(out_dir: str | Path, counts: list[int], latent_shap
         pooled.append(p.float().cpu().numpy())
     hidden, pooled = np.concatenate(hidden), np.concatenate(pooled)
 
-    nbr_idx, nbr_sim = build_knn(latents.reshape(n, -1), k_max, device=str(device))
+    nbr_idx, nbr_sim = build_knn(latents.reshape(n, -1), k_max, device=str(device), backend=knn_backend)
     vae = fit_density_vae(pooled, density or DensityVAEConfig(epochs=20, seed=seed), device=device)
     elbo = compute_elbo(vae, pooled)
     np.save(out / "elbo.npy", elbo)
