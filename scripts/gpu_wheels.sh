@@ -8,6 +8,7 @@
 #   bash scripts/gpu_wheels.sh                          # CPython 3.12 (the GPU machine) into .whl/
 #   bash scripts/gpu_wheels.sh --python 3.11 --out /tmp/whl
 #
+# PYTHON (default .venv/bin/python) runs pip and builds DeepSpeed, whose build imports torch.
 # .whl/ is git-ignored: it reaches a GPU machine only when named explicitly (docs/PERFORMANCE.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."

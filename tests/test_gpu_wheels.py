@@ -30,10 +30,12 @@ def _run(cmd, env=None, timeout=900) -> subprocess.CompletedProcess:
 
 def _offline_env(machine_python: Path, venv: Path, wheels: Path) -> dict:
     """gpu_check.sh's environment on a machine without an index: no pip configuration (this
-    machine's names extra wheel folders), nothing of this checkout's venv on the path."""
+    machine's names extra wheel folders), nothing of this checkout's venv on the path, and
+    DeepSpeed's JIT-built op in a folder of its own (built against another interpreter, it
+    would make every run sharing ~/.cache/torch_extensions rebuild it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "PYTHONPATH"}
     return {**env, "PIP_CONFIG_FILE": os.devnull, "PYTHON": str(machine_python), "GPU_CHECK_VENV": str(venv),
-            "GPU_CHECK_WHEELS": str(wheels)}
+            "GPU_CHECK_WHEELS": str(wheels), "TORCH_EXTENSIONS_DIR": str(venv.parent / "torch_extensions")}
 
 
 def test_wheel_folder_installs_offline_and_runs_gpu_check(tmp_path):
