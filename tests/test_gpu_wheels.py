@@ -68,7 +68,7 @@ def test_wheel_folder_installs_offline_and_runs_gpu_check(tmp_path):
     out, venv = tmp_path / "gpu_check.json", tmp_path / "venv"
     proc = _run(["bash", gpu_check_sh, "--device", "cpu", "--tiny", "--precision", "fp32", "--steps", "2",
                  "--warmup", "1", "--window", "1", "--methods", "full_lora8", "--out", out, "--work", tmp_path / "work"],
-                env=_offline_env(python, venv, wheels))
+                env=_offline_env(python, venv, wheels), timeout=3600)  # about 3 minutes on 2 idle cores
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["checks"]["passed"] is True and r["completed"][-1] == "resume_and_export"
