@@ -7,6 +7,7 @@ name) and returns the answer, and the tests call them with exactly those inputs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -86,3 +87,43 @@ def to_device(array, device: torch.device | str, dtype: torch.dtype | None = Non
     if how.pin:
         t = t.pin_memory()
     return t.to(device, non_blocking=how.non_blocking)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A card's dense BF16 tensor-core peak: the denominator of MFU."""
+
+    card: str  # the table's entry, e.g. "H100 PCIe"
+    bf16_tflops: float
+    source: str
+
+
+# Dense (no 2:4 sparsity) BF16 tensor-core peaks in TFLOP/s. NVIDIA's datasheets print the
+# sparse figure with an asterisk ("* With sparsity"); the dense peak is half of it. Matched in
+# this order against torch.cuda.get_device_name(): a bare "H100"/"H200" name is the SXM board
+# ("NVIDIA H100 80GB HBM3", "NVIDIA H200"); PCIe and NVL boards say so in their names.
+_H100 = "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): BF16 Tensor Core"
+_H200 = "NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): BF16 Tensor Core"
+_A100 = "NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf): BF16 Tensor Core 312 | 624*"
+BF16_DENSE_PEAKS: tuple[tuple[str, Peak], ...] = (
+    (r"\bH100\b.*\bNVL\b", Peak("H100 NVL", 835.5, f"{_H100} 1,671 TFLOPS* (NVL)")),
+    (r"\bH100\b.*\bPCIe\b", Peak("H100 PCIe", 756.5, f"{_H100} 1,513 TFLOPS* (PCIe)")),
+    (r"\bH100\b", Peak("H100 SXM", 989.4, f"{_H100} 1,979 TFLOPS* (SXM); Hopper whitepaper 989.4 dense")),
+    (r"\bH200\b.*\bNVL\b", Peak("H200 NVL", 835.5, f"{_H200} 1,671 TFLOPS* (NVL)")),
+    (r"\bH200\b", Peak("H200 SXM", 989.4, f"{_H200} 1,979 TFLOPS* (SXM)")),
+    (r"\bA100\b.*\bPCIe\b", Peak("A100 PCIe", 312.0, f"{_A100} (PCIe and SXM alike)")),
+    (r"\bA100\b", Peak("A100 SXM", 312.0, _A100)),
+    (r"\bL4\b", Peak("L4", 121.0, "NVIDIA L4 datasheet (nvidia.com/en-us/data-center/l4): FP16/BF16 Tensor Core 242 TFLOPS*")),
+    # AWS's variant of the A10 (whose datasheet gives 125 dense): NVIDIA publishes no A10G datasheet
+    (r"\bA10G\b", Peak("A10G", 70.0, "no NVIDIA datasheet (an AWS part): 70 TFLOP/s BF16 tensor per "
+                                     "baseten.co/blog/nvidia-a10-vs-a10g-for-ml-model-inference")),
+)
+
+
+def bf16_peak(device_name: str) -> Peak | None:
+    """The dense BF16 peak of the card ``torch.cuda.get_device_name()`` names, or None for a
+    card not in :data:`BF16_DENSE_PEAKS` (then there is no MFU, rather than a wrong one)."""
+    for pattern, peak in BF16_DENSE_PEAKS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return peak
+    return None

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff_dist.devices import compute_dtype, resolve_device, task_device, to_device, transfer
+from pogdiff_dist.devices import bf16_peak, compute_dtype, resolve_device, task_device, to_device, transfer
 
 
 def test_an_unindexed_cuda_device_gets_the_current_index():
@@ -82,3 +82,27 @@ def test_prepare_and_evaluation_auto_resolve_through_the_same_rule(monkeypatch, 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"use_gpu": True}}))
     assert resolve_eval_gpus("auto", tmp_path) == 1.0 and resolve_eval_gpus("auto", None) == 0.0
     assert resolve_eval_gpus(0, tmp_path) == 0.0
+
+
+@pytest.mark.parametrize("name, card, tflops", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.4),  # the SXM board's name says neither SXM nor PCIe
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756.5),
+    ("NVIDIA H100 NVL", "H100 NVL", 835.5),
+    ("NVIDIA H200", "H200 SXM", 989.4),
+    ("NVIDIA H200 NVL", "H200 NVL", 835.5),
+    ("NVIDIA A100-SXM4-80GB", "A100 SXM", 312.0),
+    ("NVIDIA A100 80GB PCIe", "A100 PCIe", 312.0),
+    ("NVIDIA A100-PCIE-40GB", "A100 PCIe", 312.0),
+    ("NVIDIA L4", "L4", 121.0),
+    ("NVIDIA A10G", "A10G", 70.0),
+])
+def test_bf16_peak_by_card_name(name, card, tflops):
+    """torch.cuda.get_device_name() strings -> the table's entry: a PCIe or NVL card is not
+    credited with the SXM peak."""
+    peak = bf16_peak(name)
+    assert peak is not None and (peak.card, peak.bf16_tflops) == (card, tflops) and peak.source
+
+
+@pytest.mark.parametrize("name", ["NVIDIA L40S", "NVIDIA A10", "NVIDIA GH200 480GB", "NVIDIA GeForce RTX 4090", "cpu"])
+def test_an_unknown_card_has_no_peak(name):
+    assert bf16_peak(name) is None  # the check then reports no MFU instead of a wrong one

@@ -39,11 +39,12 @@ def build_synthetic_prepared(out_dir: str | Path, counts: list[int], latent_shap
                              k_max: int = 5, samples_per_shard: int = 16, density: DensityVAEConfig | None = None,
                              device: torch.device | str = "cpu", seed: int = 0,
                              vae_dir: str | Path | None = None, names: list[str] | None = None,
-                             dataset: str | None = None) -> Manifest:
+                             dataset: str | None = None, knn_backend: str = "auto") -> Manifest:
     """Write ``out_dir/{shards/, elbo.npy, neighbours.npz, manifest.json}`` for identities with
     ``counts`` images each; returns the manifest. ``vae_dir``: the latents are a VAE's (the
     export then decodes with it). ``text_encoder_dir`` may be an SDXL / SD3 / Flux directory:
-    its family's encoders make the caption states and the pooled vector (``y_pooled``)."""
+    its family's encoders make the caption states and the pooled vector (``y_pooled``). ``knn_backend``: as
+    :func:`build_knn`'s ``backend``."""
     out = Path(out_dir)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -67,7 +68,7 @@ def build_synthetic_prepared(out_dir: str | Path, counts: list[int], latent_shap
     hidden, pooled = np.concatenate(hidden), np.concatenate(pooled)
     y_pooled = pooled.astype(np.float16) if family is not None else None
 
-    nbr_idx, nbr_sim = build_knn(latents.reshape(n, -1), k_max, device=str(device))
+    nbr_idx, nbr_sim = build_knn(latents.reshape(n, -1), k_max, device=str(device), backend=knn_backend)
     vae = fit_density_vae(pooled, density or DensityVAEConfig(epochs=20, seed=seed), device=device)
     elbo = compute_elbo(vae, pooled)
     np.save(out / "elbo.npy", elbo)

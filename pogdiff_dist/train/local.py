@@ -1,7 +1,7 @@
 """The Trainer in one plain process (world size 1, no Ray): tests and ``scripts/gpu_check.sh``.
 
 Shards are read with ``webdataset`` instead of Ray Data's ``streaming_split``, and each
-checkpoint folder the Trainer reports is copied into the run directory.
+checkpoint folder the Trainer reports is moved into the run directory.
 """
 
 from __future__ import annotations
@@ -19,8 +19,12 @@ from pogdiff_dist.train.trainer import Trainer
 
 
 class LocalCheckpoints:
-    """``report`` for a plain process: each reported folder is copied to
-    ``root/checkpoint_<step>``, keeping the newest ``keep``; ``metrics`` lists every report."""
+    """``report`` for a plain process: the files of each reported folder are moved to
+    ``root/checkpoint_<step>``, keeping the newest ``keep``; ``metrics`` lists every report.
+
+    Moved, not copied: the reported folder is a temporary one the Trainer deletes after the
+    call, and a checkpoint of SD v1.5 at ZeRO-2 bf16 with EMA is about 15.5 GB; on one
+    filesystem a move is a rename, so the disk never holds it twice."""
 
     def __init__(self, root: str | Path, keep: int = 2):
         self.root, self.keep, self.metrics = Path(root), keep, []
@@ -28,7 +32,9 @@ class LocalCheckpoints:
     def __call__(self, metrics: dict, checkpoint_dir: Path) -> None:
         dest = self.root / f"checkpoint_{metrics['step']:06d}"
         shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, dest)
+        dest.mkdir(parents=True)
+        for entry in Path(checkpoint_dir).iterdir():  # its contents: the Trainer removes the folder itself
+            shutil.move(entry, dest / entry.name)
         self.metrics.append(metrics)
         for old in self.all()[:-self.keep]:
             shutil.rmtree(old)
