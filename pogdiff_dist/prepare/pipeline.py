@@ -42,7 +42,7 @@ from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest
 from pogdiff_dist.devices import auto_gpus, task_device
 from pogdiff_dist.models import TextEncoder, check_pretrained_dir, resolve_text_encoder_dir
 from pogdiff_dist.prepare.join import write_shards
-from pogdiff_dist.runtime import cluster_gpus
+from pogdiff_dist.runtime import cluster_gpus, map_on_actors
 from pogdiff_dist.storage import Store, local_mirror
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,16 @@ def report_records(records: DatasetRecords) -> None:
         print(f"[prepare] repeats from '<repeats>_<name>' folders: {', '.join(each[:20])}{more}; with "
               f"data.sampling=uniform an epoch is {sum(n * r for n, r in zip(counts, repeats))} rows "
               f"({sum(counts)} images), each image seen its identity's repeats times", flush=True)
+
+
+def encoded_by(encoded: str) -> list[str]:
+    """The distinct ``encoded_by`` values (``host:pid:device`` of each encoder), deduplicated per
+    block and then here: a handful of strings, without the hash shuffle (and its aggregator
+    actors) Ray Data's ``unique`` runs."""
+    per_block = (ray.data.read_parquet(encoded, columns=["encoded_by"])
+                 .map_batches(lambda b: {"encoded_by": np.unique(b["encoded_by"])}, batch_size=None,
+                              batch_format="numpy"))
+    return sorted({str(row["encoded_by"]) for row in per_block.take_all()})
 
 
 def records_fingerprint(records: DatasetRecords) -> str:
@@ -286,17 +296,17 @@ def run_prepare(cfg: Config) -> Manifest:
                   "identity_id": ident_id[r.identity]} for i, r in enumerate(train)]
         t0 = time.time()
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.prepare.batch_size, 64)))
-        ds = ds.map_batches(SampleEncoder, batch_size=cfg.prepare.batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=cfg.prepare.num_encoders), num_cpus=ENCODER_CPUS,
-                            num_gpus=gpus,
-                            fn_constructor_kwargs={"text_encoder_dir": str(text_dir), "tokenizer_dir": str(tok_dir),
-                                                       "max_length": cfg.model.max_length,
-                                                       "resolution": cfg.data.resolution, "channels": channels,
-                                                       "image_encoder": cfg.model.image_encoder, "vae_dir": vae_dir,
-                                                       "device": task_device(gpus)})
+        ds = map_on_actors(ds, SampleEncoder, batch_size=cfg.prepare.batch_size, batch_format="numpy",
+                           compute=ray.data.ActorPoolStrategy(size=cfg.prepare.num_encoders), num_cpus=ENCODER_CPUS,
+                           num_gpus=gpus,
+                           fn_constructor_kwargs={"text_encoder_dir": str(text_dir), "tokenizer_dir": str(tok_dir),
+                                                  "max_length": cfg.model.max_length,
+                                                  "resolution": cfg.data.resolution, "channels": channels,
+                                                  "image_encoder": cfg.model.image_encoder, "vae_dir": vae_dir,
+                                                  "device": task_device(gpus)})
         ds.write_parquet(encoded)
         dt = time.time() - t0
-        ran_on = sorted(ray.data.read_parquet(encoded).select_columns(["encoded_by"]).unique("encoded_by"))
+        ran_on = encoded_by(encoded)
         print(f"[prepare] encode: {n} samples in {dt:.1f}s ({n / dt:.1f} samples/s) on {len(ran_on)} encoder(s) "
               f"with {gpus:g} GPU(s) each", flush=True)
         stage.finish(seconds=dt, gpus_per_encoder=gpus,
