@@ -32,6 +32,10 @@ QUIET_ENV = {
     # the same, only its progress bar goes (transformers reads it through huggingface_hub).
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # MLflow's artifact upload bars
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # its INFO lines ("Started monitoring system metrics")
+    # with a tracking server MLflow prints the run's and experiment's links as each run ends;
+    # our summaries print the run's page (pogdiff_dist.tracking.runs.run_url_hint)
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 # Warnings that say nothing about the user's run (each checked to be harmless, see NOTES.md).
 HARMLESS_WARNINGS = (
@@ -89,12 +93,12 @@ def drop_harmless_logs(logs=HARMLESS_LOGS) -> None:
         logger.addFilter(_DropMessages(patterns))
 
 
-def quiet_libraries(verbose: bool | None = None) -> None:
+def quiet_logs(verbose: bool | None = None) -> None:
     """INFO logs of every library (Ray Train's "Reporting training result ...", MLflow's
-    "Creating initial MLflow database tables", Ray Data's summaries), the transformers /
-    diffusers / MLflow progress bars, :data:`HARMLESS_WARNINGS` and :data:`HARMLESS_LOGS`,
-    unless ``verbose`` (default: ``$POGDIFF_VERBOSE``). Our own progress lines are prints, so
-    they stay."""
+    "Creating initial MLflow database tables", Ray Data's summaries), :data:`HARMLESS_WARNINGS`,
+    :data:`HARMLESS_LOGS` and :data:`QUIET_ENV`'s progress bars and links, unless ``verbose``
+    (default: ``$POGDIFF_VERBOSE``). Our own progress lines are prints, so they stay. Imports
+    nothing (a job that loads no model calls this alone)."""
     if resolve_verbose(verbose):
         return
     logging.getLogger().setLevel(logging.WARNING)
@@ -104,6 +108,14 @@ def quiet_libraries(verbose: bool | None = None) -> None:
         warnings.filterwarnings("ignore", message=f".*{message}")
     drop_harmless_logs()
     os.environ.update(QUIET_ENV)
+
+
+def quiet_libraries(verbose: bool | None = None) -> None:
+    """:func:`quiet_logs`, and the transformers / diffusers progress bars of this process
+    (their libraries imported already read ``QUIET_ENV`` too late)."""
+    if resolve_verbose(verbose):
+        return
+    quiet_logs(verbose)
     import diffusers.utils.logging
     import transformers.utils.logging
 
