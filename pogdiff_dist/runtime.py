@@ -31,13 +31,14 @@ def init_ray(ray_cfg) -> None:
         return
     global _STARTED_HERE
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    ray_data_env = {k: os.environ.setdefault(k, v) for k, v in RAY_DATA_ENV.items()}  # the user's value wins
     env_vars = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                VERBOSE_ENV: "1" if ray_cfg.verbose else "0", PRINT_PATCH_ENV: "0", **RAY_DATA_ENV,
+                VERBOSE_ENV: "1" if ray_cfg.verbose else "0", PRINT_PATCH_ENV: "0", **ray_data_env,
                 **({} if ray_cfg.verbose else QUIET_ENV)}
-    os.environ.update(RAY_DATA_ENV)  # and in this process, for a Dataset planned here
     level = logging.INFO if ray_cfg.verbose else logging.WARNING
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True, logging_level=level)
+        _STARTED_HERE = False
         log.info("joined Ray cluster at %s", address)
     else:
         num_cpus = ray_cfg.num_cpus or 2 * (os.cpu_count() or 1)
