@@ -14,10 +14,10 @@ metric against each searched or differing hyperparameter) and identity_frequency
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from pogdiff_dist.output import quiet_logs
 from pogdiff_dist.tracking.compare import compare
 
 
@@ -36,8 +36,9 @@ def main(argv=None) -> int:
                                                           "else min for fid and losses)")
     p.add_argument("--top", type=int, default=3, help="runs in the per-identity frequency plot (default %(default)s)")
     p.add_argument("--out", default="comparison", help="output folder (default %(default)s)")
+    p.add_argument("--verbose", action="store_true", help="also MLflow's info logs and progress bars")
     args = p.parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_logs(args.verbose)
     parent, uri = args.parent, args.tracking_uri
     if args.sweep:
         state = Path(args.sweep) / "sweep.json"

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import ray
 
 from pogdiff_dist.config.sections import BUNDLED_TEXT_ENCODER, resolve_tracking_uri
-from pogdiff_dist.output import PRINT_PATCH_ENV, VERBOSE_ENV, quiet_libraries, resolve_verbose
+from pogdiff_dist.output import PRINT_PATCH_ENV, QUIET_ENV, VERBOSE_ENV, quiet_libraries, resolve_verbose
 
 log = logging.getLogger(__name__)
 
@@ -21,24 +22,89 @@ def init_ray(ray_cfg) -> None:
     local cluster with more logical CPUs than cores: with 2 cores and 2 one-CPU train
     workers, Ray Data's read tasks would otherwise get no CPU and the run hangs
     (ENVIRONMENT.md). ``address="local"`` starts a new cluster even when another one
-    (e.g. a `ray start` head) runs on this machine, instead of silently joining it."""
+    (e.g. a `ray start` head) runs on this machine, instead of silently joining it.
+
+    Every process of the job gets :data:`~pogdiff_dist.output.QUIET_ENV` (without
+    ``--verbose``) through the job's runtime env; a local cluster also gets
+    :func:`_local_cluster_options`."""
     quiet_output(ray_cfg.verbose)  # also in a Tune trial, where Ray is already up
     if ray.is_initialized():
         return
+    global _STARTED_HERE
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                        VERBOSE_ENV: "1" if ray_cfg.verbose else "0", PRINT_PATCH_ENV: "0"}}
+    ray_data_env = {k: os.environ.setdefault(k, v) for k, v in RAY_DATA_ENV.items()}  # the user's value wins
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                VERBOSE_ENV: "1" if ray_cfg.verbose else "0", PRINT_PATCH_ENV: "0", **ray_data_env,
+                **({} if ray_cfg.verbose else QUIET_ENV)}
     level = logging.INFO if ray_cfg.verbose else logging.WARNING
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level=level)
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True, logging_level=level)
+        _STARTED_HERE = False
         log.info("joined Ray cluster at %s", address)
     else:
         num_cpus = ray_cfg.num_cpus or 2 * (os.cpu_count() or 1)
         with _own_address() as own:
-            env["env_vars"]["RAY_ADDRESS"] = own
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
-                     logging_level=level)
+            options = _local_cluster_options()
+            env_vars.update(RAY_ADDRESS=own, **options.pop("env_vars"))
+            ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, logging_level=level,
+                     **options)
+        _STARTED_HERE = True
         log.info("started a local Ray cluster at %s with %d logical CPUs", own, num_cpus)
+
+
+_STARTED_HERE = False  # init_ray started the cluster this process is connected to
+# Ray Data settings for every process of the job. Each read_parquet's file listing (a Ray task)
+# starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS actors to read the Parquet footers, 32 by default,
+# sized for many files in a remote bucket: on 2 cores every read of the prepared tables
+# started up to 32 Python processes (the raylet's "N PYTHON worker processes have been
+# started" warnings, and minutes of the shards stage). Our tables have a few hundred files at
+# most, and one actor reads their footers with 128 concurrent requests (its io_concurrency).
+RAY_DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
+
+
+def local_cluster() -> bool:
+    """Whether this process started the Ray cluster it uses (one node, gone with the process)."""
+    return _STARTED_HERE and ray.is_initialized()
+
+
+def map_on_actors(ds, fn, **kwargs):
+    """``ds.map_batches(fn, **kwargs)`` for our Ray Data actor pools (the prepare encoders, the
+    shard writer), without Ray Data's actor restarts on a cluster this process started.
+
+    Ray Data restarts a dead map actor by default, and Ray then reports once per process, as
+    an error, that the actor's constructor arguments are in the object store: Ray Data puts the
+    UDF and its DataContext there for every pool, whatever the UDF's arguments
+    (ray-project/ray#57733), and the driver holds them, so a restart would find them. On a
+    local cluster, one node that goes with this process, a restart buys little a rerun does
+    not (the stage resumes), and none is made. A joined cluster keeps Ray Data's restarts (a
+    lost node), and its error line. Ray 2.60 takes ``max_restarts`` only through
+    ``map_batches``' ``**ray_remote_args``, deprecated without a named replacement yet: that
+    deprecation warning is silenced for this call alone."""
+    if not local_cluster():
+        return ds.map_batches(fn, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, max_restarts=0, **kwargs)
+
+
+def _local_cluster_options() -> dict:
+    """``ray.init`` options of a local cluster, and env vars for its job.
+
+    - The dashboard's API server, on 127.0.0.1 and a free port. Ray's state API lives there,
+      and Ray Train's placement-group cleaner asks it every second whether the training
+      controller is alive. Without a dashboard the head still advertises 127.0.0.1:8265
+      in its GCS: the cleaner's queries failed for the whole run (one warning a second), or,
+      with another cluster's dashboard on that port, were answered by that cluster, which
+      knows no such controller, so the cleaner took ours for dead and would remove the
+      placement group of the running training. The free port never reaches another cluster.
+    - ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``: Ray Train's watcher polls the cluster's
+      nodes for a pending preemption or drain, which one local node never gets.
+    """
+    with socket.socket() as s:  # freed here, bound by the dashboard a moment later
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+            "env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
 
 
 def cluster_gpus() -> tuple[float, float | None]:

@@ -30,8 +30,8 @@ def _history(uri, run_id, key):
 
 
 def _train_worker_pids() -> list[int]:
-    """PIDs of this cluster's live Ray Train worker actors (GCS actor table; the public
-    state API needs the dashboard, which the local test cluster does not run)."""
+    """PIDs of this cluster's live Ray Train worker actors (the GCS actor table, read directly:
+    no round trip through the dashboard's state API)."""
     from ray._private import state
 
     table = state.state.actor_table(None)

@@ -15,6 +15,7 @@ import ray.data
 
 from pogdiff_dist.data.columns import IndexedParquet, column_shape, list_values
 from pogdiff_dist.data.shards import shard_rows
+from pogdiff_dist.runtime import map_on_actors
 from pogdiff_dist.storage import Store
 
 # The neighbour join (Ray Data). Every sample's row must carry its k_max neighbours' caption
@@ -166,8 +167,8 @@ def shard_row_dataset(encoded: str, out: Store, fingerprint: str, batch_rows: in
     if "y_pooled" in ray.data.read_parquet(encoded).schema().names:  # SDXL, SD3, Flux
         columns.append("y_pooled")
     ds = ray.data.read_parquet(encoded).select_columns(columns)
-    return ds.map_batches(_AttachNeighbours, fn_constructor_args=(out.uri(), fingerprint), batch_size=batch_rows,
-                          compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy")
+    return map_on_actors(ds, _AttachNeighbours, fn_constructor_args=(out.uri(), fingerprint), batch_size=batch_rows,
+                         compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy")
 
 
 def write_shards(encoded: str, out: Store, n: int, k_max: int, samples_per_shard: int, fingerprint: str) -> None:

@@ -45,7 +45,7 @@ from pogdiff_dist.devices import auto_gpus, task_device
 from pogdiff_dist.families.load import multi_encoder_family
 from pogdiff_dist.models import check_pretrained_dir, load_text_encoder, resolve_text_encoder_dir
 from pogdiff_dist.prepare.join import write_shards
-from pogdiff_dist.runtime import cluster_gpus
+from pogdiff_dist.runtime import cluster_gpus, map_on_actors
 from pogdiff_dist.storage import Store, local_mirror
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,16 @@ def stage_fingerprints(cfg: Config, records_fp: str, encoder_dirs: tuple) -> dic
         own = {"encode": [records_fp, [str(d) for d in encoder_dirs]], "shards": [SHARD_FORMAT]}.get(stage, [])
         out[stage] = _hash(stage, reads[stage], [out[u] for u in UPSTREAM[stage]], *own)
     return out
+
+
+def encoded_by(encoded: str) -> list[str]:
+    """The distinct ``encoded_by`` values (``host:pid:device`` of each encoder), deduplicated per
+    block and then here: a handful of strings, without the hash shuffle (and its aggregator
+    actors) Ray Data's ``unique`` runs."""
+    per_block = (ray.data.read_parquet(encoded, columns=["encoded_by"])
+                 .map_batches(lambda b: {"encoded_by": np.unique(b["encoded_by"])}, batch_size=None,
+                              batch_format="numpy"))
+    return sorted({str(row["encoded_by"]) for row in per_block.take_all()})
 
 
 def records_fingerprint(records: DatasetRecords) -> str:
@@ -298,17 +308,17 @@ def run_prepare(cfg: Config) -> Manifest:
                   "identity_id": ident_id[r.identity]} for i, r in enumerate(train)]
         t0 = time.time()
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.prepare.batch_size, 64)))
-        ds = ds.map_batches(SampleEncoder, batch_size=cfg.prepare.batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=cfg.prepare.num_encoders), num_cpus=ENCODER_CPUS,
-                            num_gpus=gpus,
-                            fn_constructor_kwargs={"text_encoder_dir": str(text_dir), "tokenizer_dir": str(tok_dir),
-                                                       "max_length": cfg.model.max_length,
-                                                       "resolution": cfg.data.resolution, "channels": channels,
-                                                       "image_encoder": cfg.model.image_encoder, "vae_dir": vae_dir,
-                                                       "device": task_device(gpus)})
+        ds = map_on_actors(ds, SampleEncoder, batch_size=cfg.prepare.batch_size, batch_format="numpy",
+                           compute=ray.data.ActorPoolStrategy(size=cfg.prepare.num_encoders), num_cpus=ENCODER_CPUS,
+                           num_gpus=gpus,
+                           fn_constructor_kwargs={"text_encoder_dir": str(text_dir), "tokenizer_dir": str(tok_dir),
+                                                  "max_length": cfg.model.max_length,
+                                                  "resolution": cfg.data.resolution, "channels": channels,
+                                                  "image_encoder": cfg.model.image_encoder, "vae_dir": vae_dir,
+                                                  "device": task_device(gpus)})
         ds.write_parquet(encoded)
         dt = time.time() - t0
-        ran_on = sorted(ray.data.read_parquet(encoded).select_columns(["encoded_by"]).unique("encoded_by"))
+        ran_on = encoded_by(encoded)
         print(f"[prepare] encode: {n} samples in {dt:.1f}s ({n / dt:.1f} samples/s) on {len(ran_on)} encoder(s) "
               f"with {gpus:g} GPU(s) each", flush=True)
         stage.finish(seconds=dt, gpus_per_encoder=gpus,

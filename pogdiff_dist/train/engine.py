@@ -13,12 +13,36 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-import deepspeed
 import torch
-from deepspeed.utils import safe_get_full_fp32_param
 from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from pogdiff_dist.output import without_harmless_prints
+
+
+@contextlib.contextmanager
+def _accelerator_named():
+    """DeepSpeed picks its accelerator once, when it is imported, and where it finds none it
+    warns in every CPU process (the driver too, which only imports it): "Setting accelerator
+    to CPU. If you have GPU or other accelerator, we were unable to detect it." Where torch
+    sees no CUDA device the CPU is named for that import (``DS_ACCELERATOR``, DeepSpeed's own
+    override): the choice its detection makes, without the guess. A process with a GPU, or
+    with ``DS_ACCELERATOR`` set, keeps DeepSpeed's choice; the environment is restored after,
+    so no process started later (a local Ray cluster's workers) inherits the setting."""
+    named = "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available()
+    if named:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        yield
+    finally:
+        if named:
+            os.environ.pop("DS_ACCELERATOR", None)
+
+
+with _accelerator_named():
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
 EMA_FILE = "ema_rank{rank}.safetensors"  # each rank's EMA of its own master partitions
 SHM_OP = "deepspeed_shm_comm"  # JIT-built by DeepSpeed's CPU backend on first use (~25 s)
@@ -66,8 +90,9 @@ def init_single_process(device: torch.device | str) -> None:
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)}.items():
         os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.device(device).type == "cuda" else "gloo",
-                               auto_mpi_discovery=False)
+    with without_harmless_prints():  # DeepSpeed's CPU backend prints that it loaded its shm op
+        deepspeed.init_distributed(dist_backend="nccl" if torch.device(device).type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False)
 
 
 def deepspeed_config(optim, train, world_size: int, device_type: str = "cpu") -> dict:
@@ -223,7 +248,8 @@ class Engine:
         trainable = [p for p in unet.parameters() if p.requires_grad]
         if device.type == "cpu":
             check_op_build_lock()  # deepspeed.initialize builds the op on a CPU worker
-        self.ds, _, _, _ = deepspeed.initialize(model=unet, model_parameters=trainable, config=self.config)
+        with without_harmless_prints():  # DeepSpeed's CPU backend prints that it loaded its shm op
+            self.ds, _, _, _ = deepspeed.initialize(model=unet, model_parameters=trainable, config=self.config)
         placed = next(self.ds.module.parameters()).device
         if placed.type != device.type or (device.index is not None and placed.index != device.index):
             raise RuntimeError(f"DeepSpeed placed the UNet on {placed} but this worker's device is {device}: "

@@ -52,8 +52,9 @@ def train_loop_per_worker(config: dict) -> None:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
 
     def read(paths: list[str]):
+        # no more concurrent reads than shards: Ray Data warns when a limit can never be reached
         ds = ray.data.read_webdataset(paths, decoder=decode_sample, override_num_blocks=len(paths),
-                                      num_cpus=READ_TASK_CPUS, concurrency=READ_TASKS_PER_WORKER)
+                                      num_cpus=READ_TASK_CPUS, concurrency=min(READ_TASKS_PER_WORKER, len(paths)))
         return ds.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy", prefetch_batches=2)
 
     try:

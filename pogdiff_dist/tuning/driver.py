@@ -303,7 +303,9 @@ def run_sweep(spec: SweepSpec, base: Config, resume: bool = False, retry_failed:
                                         search_alg=build_search_alg(spec, concurrency), scheduler=build_scheduler(spec),
                                         max_concurrent_trials=concurrency if spec.search_alg == "optuna" else None,
                                         trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), verbose=1,
+            # Tune's trial status tables only with --verbose: ours is printed at the end (a
+            # trial's error is still logged by Tune as it happens)
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), verbose=int(run_cfg.ray.verbose),
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                       checkpoint_config=tune.CheckpointConfig()),
         )
