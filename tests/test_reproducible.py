@@ -76,3 +76,20 @@ def test_judge_training_is_seeded_and_leaves_the_global_generator_alone():
     second = CNNJudge.train(spec)
     for k, v in first.net.state_dict().items():
         assert torch.equal(v, second.net.state_dict()[k]), k
+
+
+def test_prepare_keeps_ray_data_order_and_names_shards_by_position():
+    """Prepare's Ray Data runs with preserve_order (restored after), and its shards are named by
+    their write task's position: two prepares list the same shard names in the same order."""
+    import ray.data
+
+    from pogdiff_dist.prepare.join import ShardNames
+    from pogdiff_dist.prepare.pipeline import ordered_datasets
+
+    options = ray.data.DataContext.get_current().execution_options
+    options.preserve_order = False
+    with ordered_datasets():
+        assert ray.data.DataContext.get_current().execution_options.preserve_order
+    assert not options.preserve_order
+    names = [ShardNames().get_filename_for_task(uuid, i) for uuid, i in (("w1", 0), ("w2", 1), ("w3", 12))]
+    assert names == ["shard-000000.tar", "shard-000001.tar", "shard-000012.tar"]
