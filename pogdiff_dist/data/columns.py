@@ -7,7 +7,7 @@ group at a time (pyarrow only, no Ray: Ray's tensor columns are read through the
 layout, a list per row with the shape in the field metadata); :class:`ArrayRows` serves an
 in-memory array through the same interface, so small datasets and tests take the same code
 path. ``chunks(rng)`` visits the pieces in a random order when given a generator (what the
-density fit's epochs do), in stored order otherwise.
+density fit's epochs do), in index order otherwise (:func:`index_ordered`).
 """
 
 from __future__ import annotations
@@ -55,6 +55,36 @@ def column_shape(schema: pa.Schema, name: str) -> tuple[int, ...] | None:
     return None
 
 
+def index_ordered(pieces: list) -> list:
+    """Row-group fragments in the order of their first sample ``index`` (Parquet statistics),
+    then path and row group: a stable order that does not depend on the files' names. Ray
+    Data names the files it writes after a random write id and the order its tasks finished,
+    so "stored order" would differ between two writes of the same rows; every pass over a
+    source (the density fit's moments, its ELBO batches, the IVF chunks) must not."""
+
+    def key(piece):
+        rg = piece.row_groups[0]
+        stats = rg.statistics or {}
+        first = stats.get("index", {}).get("min") if isinstance(stats.get("index"), dict) else None
+        return (first is None, first if first is not None else 0, piece.path, rg.id)
+
+    return sorted(pieces, key=key)
+
+
+def files_in_index_order(path: str, filesystem=None) -> list[str]:
+    """The Parquet files of a dataset (a folder or a URI) in the order of their first sample
+    ``index``: what a reader that must see the rows in index order (prepare's shard writer)
+    passes to ``ray.data.read_parquet`` instead of the folder, whose listing follows the names."""
+    import pyarrow.dataset as pads
+
+    ds = pads.dataset(path, format="parquet", filesystem=filesystem)
+    first: dict[str, tuple] = {}
+    for piece in index_ordered([rg for frag in ds.get_fragments() for rg in frag.split_by_row_group()]):
+        first.setdefault(piece.path, (len(first),))
+    scheme = path.split("://", 1)[0] + "://" if "://" in str(path) else ""
+    return [p if "://" in p or not scheme else scheme + p for p in sorted(first, key=first.get)]
+
+
 class ParquetColumn:
     """One column of a Parquet dataset with an ``index`` column, streamed by row group.
 
@@ -73,7 +103,7 @@ class ParquetColumn:
         self.column, self.chunk_rows = column, chunk_rows
         self.shape = column_shape(ds.schema, column) or ()
         self.dim = int(np.prod(self.shape)) if self.shape else 1
-        self.pieces = [rg for frag in ds.get_fragments() for rg in frag.split_by_row_group()]
+        self.pieces = index_ordered([rg for frag in ds.get_fragments() for rg in frag.split_by_row_group()])
         self.n_rows = sum(rg.num_rows for p in self.pieces for rg in p.row_groups)
 
     def chunks(self, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -100,12 +100,24 @@ def build_knn(
     return idx, sims
 
 
+def ties_by_index(s: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Search hits [n, k] re-sorted by similarity descending, equal similarities by sample index
+    ascending. FAISS, torch's top-k and FAISS on a GPU each order exact ties their own way
+    (heap, partial sort, thread blocks), so without a rule the neighbour at rank r of a
+    sample with duplicate images would depend on the backend; with it, on the similarities
+    alone. (Which of several tied samples makes the cut at rank k is still the backend's.)"""
+    order = np.lexsort((i, -s), axis=1)
+    return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+
 def _drop_self(s: np.ndarray, i: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[n, k + 1] search hits of queries ``ids`` -> [n, k] without the query itself.
+    """[n, k + 1] search hits of queries ``ids`` -> [n, k] without the query itself, ties by
+    index (:func:`ties_by_index`).
 
     Self is excluded by index, not position: with exact duplicates a twin can tie with (and
     precede) the self hit. If self fell outside the k + 1 hits (many duplicates), every hit
     is another sample and the last one is dropped instead."""
+    s, i = ties_by_index(s, i)
     keep = i != ids[:, None]
     keep[keep.all(axis=1), -1] = False
     n, k = len(ids), i.shape[1] - 1

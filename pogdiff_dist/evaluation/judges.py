@@ -166,8 +166,10 @@ class CNNJudge:
         keep = np.setdiff1d(np.arange(len(labels)), np.asarray(list(exclude), dtype=np.int64))
         x, y = _cnn_input(images[keep], spec.input_size, spec.channels), torch.from_numpy(labels[keep])
         info = {**cls._info(spec, seed), "train_images": len(keep)}
-        with _one_thread():
-            torch.manual_seed(seed)
+        # its own RNG state: the judge may be trained inside a training worker (rank 0's first
+        # validation), whose global generator it must neither depend on nor reseed
+        with _one_thread(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the initial weights and dropout
             g = torch.Generator().manual_seed(seed)
             net = _fit(cls._build(info), x, y, spec.epochs, g, lambda b, gen: _augment(b, gen, **spec.augment))
         return cls(net, info)

@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
+from ray.data.datasource import FilenameProvider
 
-from pogdiff_dist.data.columns import IndexedParquet, column_shape, list_values
+from pogdiff_dist.data.columns import IndexedParquet, column_shape, files_in_index_order, list_values
 from pogdiff_dist.data.shards import shard_rows
 from pogdiff_dist.runtime import map_on_actors
 from pogdiff_dist.storage import Store
@@ -163,10 +164,13 @@ def shard_row_dataset(encoded: str, out: Store, fingerprint: str, batch_rows: in
     rows. Batches of ``batch_rows``: Ray Data's default is a whole block (a whole Parquet file,
     50,000 rows at the benchmark's million), and one such batch of shard rows, with a Python
     dict of metadata per row, is what took the actor past 5 GiB."""
+    # the files in sample order (not name order: names carry Ray's random write id), read in that
+    # order (prepare runs Ray Data with preserve_order, see prepare.pipeline.ordered_datasets)
+    files = files_in_index_order(encoded)
     columns = ["index", "key", "caption", "latent", "y", "identity_id"]
-    if "y_pooled" in ray.data.read_parquet(encoded).schema().names:  # SDXL, SD3, Flux
+    if "y_pooled" in ray.data.read_parquet(files[:1]).schema().names:  # SDXL, SD3, Flux
         columns.append("y_pooled")
-    ds = ray.data.read_parquet(encoded).select_columns(columns)
+    ds = ray.data.read_parquet(files).select_columns(columns)
     return map_on_actors(ds, _AttachNeighbours, fn_constructor_args=(out.uri(), fingerprint), batch_size=batch_rows,
                          compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy")
 
@@ -182,4 +186,17 @@ def write_shards(encoded: str, out: Store, n: int, k_max: int, samples_per_shard
     # unit of parallel reads, so 2 workers need >= 2 of them. (write_webdataset's
     # min_rows_per_file is only a minimum: alone, it wrote one shard for 385 rows.)
     ds = ds.repartition(target_num_rows_per_block=samples_per_shard)
-    ds.write_webdataset(out.uri("shards"))
+    ds.write_webdataset(out.uri("shards"), filename_provider=ShardNames())
+
+
+class ShardNames(FilenameProvider):
+    """``shard-000000.tar``, ``shard-000001.tar``, ...: the write task's index, which (Ray Data
+    preserving order) is the shard's position in the sample order. Ray's default names start
+    with random ids, so two prepares of the same data listed the same shards under other
+    names; with these the manifests, and so every epoch's seeded shard order, are the same."""
+
+    def __init__(self):
+        super().__init__(file_format="tar")
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"shard-{task_index:06d}.tar"

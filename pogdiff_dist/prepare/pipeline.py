@@ -15,6 +15,7 @@ import os
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,22 @@ def resolve_gpus(setting: float | str, use_gpu: bool) -> float:
     return float(setting)
 
 
+def task_threads(device: str, cpus: float = TASK_CPUS) -> int:
+    """A CPU task computes with as many torch (and FAISS) threads as it has CPUs, not with
+    whatever a reused Ray worker process or the user's OMP_NUM_THREADS left: a reduction
+    split over another number of threads rounds differently (docs/REPRODUCIBILITY.md)."""
+    threads = max(1, int(cpus))
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(threads)
+        try:
+            from pogdiff_dist.data.exact_search import import_faiss
+
+            import_faiss().omp_set_num_threads(threads)
+        except ImportError:  # no FAISS: the k-NN runs in torch
+            pass
+    return threads
+
+
 def where_am_i(device: str) -> dict:
     """Host, node, process and device of the caller, for the stage markers."""
     return {"host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
@@ -209,6 +226,7 @@ def knn_task(encoded: str, out: str, p: PrepareConfig, seed: int, gpus: float) -
     cannot use). ``ivf``: :func:`build_knn_ivf` streams the column in chunks, and its recall@k
     against exact search on ``knn_recall_queries`` random samples is measured and returned."""
     device = task_device(gpus)
+    task_threads(device)
     if p.knn_index == "flat":
         z = read_encoded_columns(encoded, ["z"])["z"].astype(np.float32)
         idx, sims = build_knn(z, p.k_max, device=device, task_gpus=gpus)
@@ -234,6 +252,7 @@ def density_task(encoded: str, out: str, dcfg: DensityVAEConfig, density_text: s
     sample's identity prompt embedding) from the encoded Parquet itself, fits the text VAE on
     its device from shuffled buffers of ``buffer_rows`` rows, writes ``elbo.npy``."""
     device = task_device(gpus)
+    task_threads(device)
     if density_text == "identity":
         prompts = _identity_prompt_table(identities, *text_dirs, max_length, device)
         rows = LookupRows(ParquetColumn(encoded, "identity_id"), prompts)
@@ -276,8 +295,30 @@ def _run_task(fn, gpus: float, *args) -> dict:
     return ray.get(ray.remote(fn).options(num_cpus=TASK_CPUS, num_gpus=gpus).remote(*args))
 
 
+@contextmanager
+def ordered_datasets():
+    """Ray Data hands each operator's outputs on in input order while prepare runs. By default
+    it passes on whichever block is ready first, so which encoded rows went into which Parquet
+    file, and the order of the samples in the shards, followed the actors' timing: two prepares
+    of Digits-IT2I M wrote identical encodings, neighbours and ELBOs but the same 104 rows in
+    two different orders (from the first row on), so each rank of a run trained on other rows
+    and two runs of one seed gave different models."""
+    options = ray.data.DataContext.get_current().execution_options
+    saved = options.preserve_order
+    options.preserve_order = True
+    try:
+        yield
+    finally:
+        options.preserve_order = saved
+
+
 def run_prepare(cfg: Config) -> Manifest:
     """Run every stage that is not up to date; return the manifest."""
+    with ordered_datasets():
+        return _run_prepare(cfg)
+
+
+def _run_prepare(cfg: Config) -> Manifest:
     t_start = time.time()
     out = Store(cfg.prepare.out_dir)  # a local folder or an object-storage prefix
     out.check_writable("prepare.out_dir")
