@@ -37,10 +37,11 @@ def main(argv=None) -> int:
         p.error(str(e))
     out = run_train(cfg, resume=args.resume, config_file=args.config)
     if args.evaluate:
-        from pogdiff_dist.evaluation.evaluate import resolve_source, run_evaluate
+        from pogdiff_dist.evaluation.evaluate import resolve_source, run_evaluate, run_settings_origin
 
         source = resolve_source(str(out.model_dir), None, out.run_id, out.tracking_uri, None)
-        run_evaluate(source, out.run_dir / "eval", cfg.eval, ray_cfg=cfg.ray)
+        run_evaluate(source, out.run_dir / "eval", cfg.eval, ray_cfg=cfg.ray,
+                     settings_from=run_settings_origin(out.run_dir))
         Store(out.location).upload("eval")  # next to the run when it lives in a bucket
     return 0
 

@@ -61,6 +61,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     the difference. Resumable: a restored trial continues at the rung after its last report,
     and a run interrupted mid-rung resumes from its checkpoint."""
     from pogdiff_dist.evaluation.evaluate import evaluate_model
+    from pogdiff_dist.evaluation.report import LOGGED, mlflow_metrics
     from pogdiff_dist.train.driver import run_train
 
     spec = setup.spec
@@ -97,8 +98,8 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
                 results = evaluate_model(out.model_dir, setup.prepared_dir, ev,
                                          out_dir=out.run_dir / f"eval-step{steps}")
                 # the latest rung's metrics.json and plot: compare.py reads eval/metrics.json
-                log_eval(uri, out.run_id, results["summary"],
-                         [Path(results["outputs"][k]) for k in ("metrics", "plot")], step=steps)
+                log_eval(uri, out.run_id, mlflow_metrics(results),
+                         [Path(results["outputs"][k]) for k in LOGGED], step=steps)
                 set_tags(uri, out.run_id, {"sweep.trial_id": trial_id, "sweep.rungs_done": rung + 1,
                                            **({} if seed is None else {"sweep.seed": seed})})
                 summaries.append(results["summary"])
