@@ -310,7 +310,7 @@ def test_a_runs_model_is_reevaluated_with_the_runs_settings(ray_local, tiny_cfg,
     # the printed figures are the run's, each line with its settings
     assert figure_lines(printed_again) == figure_lines(printed_own) and len(figure_lines(printed_own)) == 5
     assert all("3 images/identity, DDIM 2, guidance 3, seed 5" in line for line in figure_lines(printed_again))
-    assert f"(from {origin})" in printed_again
+    assert f"; from {origin}" in printed_again
 
     # an override changes the images and says so
     assert evaluate.main(["--model", str(run_dir / "model"), "--out", str(tmp_path / "steps3"),
@@ -318,6 +318,6 @@ def test_a_runs_model_is_reevaluated_with_the_runs_settings(ray_local, tiny_cfg,
     printed = capsys.readouterr().out
     other = json.loads((tmp_path / "steps3" / "metrics.json").read_text())
     assert other["config"]["steps"] == 3 and other["config"]["num_images"] == 3  # the rest still the run's
-    assert other["settings_from"] == f"{origin}; --set eval.steps=3" and f"(from {origin}; --set eval.steps=3)" in printed
+    assert other["settings_from"] == f"{origin}; --set eval.steps=3" and f"; from {origin}; --set eval.steps=3" in printed
     assert all("3 images/identity, DDIM 3, guidance 3, seed 5" in line for line in figure_lines(printed))
     assert other["summary"]["dino_all"] != own["summary"]["dino_all"]

@@ -237,7 +237,7 @@ def run_evaluate(source: EvalSource, out_dir: str | Path, cfg: EvalConfig, *, nu
 
     print(f"\n[evaluate] done in {time.time() - t0:.0f}s ({len(results['few_shot_identities'])} few-shot "
           f"of {len(names)} identities)\n"
-          f"  settings: {settings_text(results, encoder=True)}" + (f" (from {settings_from})" if settings_from else "")
+          f"  settings: {settings_text(results, encoder=True)}" + (f"; from {settings_from}" if settings_from else "")
           + f"\n{summary_text(results)}\n"
           f"  metrics:    {paths['metrics']}\n"
           f"  plot:       {paths['plot']}\n"

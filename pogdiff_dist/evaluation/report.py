@@ -243,25 +243,29 @@ def summary_text(results: dict) -> str:
     lines.append(f"    {'bleed':<9} all {_fmt(bleed['share_all'])}   majority {_fmt(bleed['share_majority'])}   "
                  f"few-shot {_fmt(bleed['share_few'])}   [{settings_text(results)}]  (mean top-bleed share)")
     rows = _ordered(results)
-    width = min(max(len(n) for n in rows) + 2, 30)
-    lines += ["", f"  identity bleed: who each prompt is judged to be  [{settings_text(results)}]",
-              f"    {'identity':<{width}} {'train':>5}  {'judged right':>12}   {'top bleed target':<{width}} {'share':>10}"]
+    table = []
     for n in rows:
         r = per[n]
         total = sum(r["predicted"].values())
         name = ("* " if r.get("few_shot") else "") + n
-        name = name if len(name) <= width else name[:width - 1] + "~"
-        target = "-" if r["bleed_to"] is None else r["bleed_to"] + (f" (+{len(r['bleed_tied'])} tied)" if r["bleed_tied"] else "")
+        tied = f" (+{len(r['bleed_tied'])} tied)" if r.get("bleed_tied") else ""
+        target = "-" if r["bleed_to"] is None else r["bleed_to"] + tied
         share = "" if r["bleed_to"] is None else f"{r['bleed_count']}/{total} {r['bleed_share']:.2f}"
-        right = f"{r['predicted'].get(n, 0)}/{total} {r['accuracy']:.2f}"
-        lines.append(f"    {name:<{width}} {r['train_count']:>5}  {right:>12}   {target:<{width}} {share:>10}")
+        table.append((name, str(r["train_count"]), f"{r['predicted'].get(n, 0)}/{total} {r['accuracy']:.2f}", target,
+                      share))
+    head = ("identity", "train", "judged right", "top bleed target", "share")
+    w = [max(len(row[k]) for row in [head, *table]) for k in range(5)]
+    lines += ["", f"  identity bleed: who each prompt is judged to be  [{settings_text(results)}]"]
+    for k, row in enumerate([head, *table]):
+        lines.append(f"    {row[0]:<{w[0]}}  {row[1]:>{w[1]}}  {row[2]:>{w[2]}}   {row[3]:<{w[3]}}  {row[4]:>{w[4]}}".rstrip())
     lines.append("    (* few-shot; share: of the identity's generated images)")
     if bleed["pairs"]:
-        def pair(p):
-            real = f"; judge on real: {p['judge_real'][0]}/{p['judge_real'][1]}" if "judge_real" in p else ""
-            return f"{p['prompted']} -> {p['judged']} {p['count']}/{p['images']} ({p['share']:.2f}{real})"
-
-        lines.append("  most bleed: " + ", ".join(pair(p) for p in bleed["pairs"]))
+        lines.append("  most bleed (prompted -> judged):")
+        pairs = [f"{p['prompted']} -> {p['judged']}" for p in bleed["pairs"]]
+        for text, p in zip(pairs, bleed["pairs"]):
+            real = (f"   (its real held-out images judged so: {p['judge_real'][0]}/{p['judge_real'][1]})"
+                    if "judge_real" in p else "")
+            lines.append(f"    {text:<{max(map(len, pairs))}}  {p['count']:>2}/{p['images']} {p['share']:.2f}{real}")
         lines.append("  judged most often for other prompts: "
                      + ", ".join(f"{a['judged']} ({a['count']} images from {a['prompts']} identities)"
                                  for a in bleed["absorbs"]))
