@@ -9,19 +9,22 @@ for all and for few-shot identities (METHOD.md, "Evaluation"), generated on Ray.
 
 Evaluation settings are the config's ``eval`` section (``python jobs/train.py --help`` shows
 the override syntax; the keys: num_images, steps, guidance_scale, seed, encoder, classifier,
-fid_dims, fid_eps, grecall_threshold, few_threshold, identities, cache_dir), set with
-``--set eval.<key>=<value>`` or an ``eval:`` section in ``--config``.
+fid_dims, fid_eps, grecall_threshold, few_threshold, identities, cache_dir). A training run's
+model (its run folder, --mlflow-run, a run's --lora) is evaluated with that run's own eval
+section (its config.yaml: what the run's --evaluate used), so the figures are comparable with
+the run's; an ``eval:`` section in ``--config``, then ``--set eval.<key>=<value>``, override it.
+Every printed figure says the settings it was computed with.
 
-Writes <out>/metrics.json, metrics_vs_frequency.png, grids/<identity>.png and
-images/<identity>/*.png (default out: eval/ next to the model directory).
+Writes <out>/metrics.json, metrics_vs_frequency.png, identity_confusion.png (identity bleed:
+prompted x judged identity), grids/<identity>.png and images/<identity>/*.png (default out:
+eval/ next to the model directory).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from pogdiff_dist.config import load_config
-from pogdiff_dist.evaluation.evaluate import resolve_source, run_evaluate
+from pogdiff_dist.evaluation.evaluate import eval_settings, resolve_source, run_evaluate
 
 
 def main(argv=None) -> int:
@@ -39,9 +42,10 @@ def main(argv=None) -> int:
                                             "else sqlite:///mlflow.db)")
     src.add_argument("--out", help="output directory (default: <model dir>/../eval)")
     cfg_ = p.add_argument_group("settings")
-    cfg_.add_argument("--config", help="YAML config; its eval (and ray) sections are used")
+    cfg_.add_argument("--config", help="YAML config; its eval keys (over a run's own) and ray section are used")
     cfg_.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
-                      help="override one setting, e.g. --set eval.num_images=16 (repeatable)")
+                      help="override one setting, e.g. --set eval.num_images=16 (repeatable; default: the "
+                           "eval section of the model's training run, else the defaults)")
     ray_ = p.add_argument_group("Ray")
     ray_.add_argument("--workers", type=int, default=2, help="generation actors (default %(default)s)")
     ray_.add_argument("--cpus-per-worker", type=float, default=1.0, help="default %(default)s")
@@ -52,14 +56,15 @@ def main(argv=None) -> int:
                    help="also Ray Data progress bars, library info logs and known-harmless warnings (ray.verbose)")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, [*args.set, *(["ray.verbose=true"] if args.verbose else [])])
         source = resolve_source(args.model, args.prepared, args.mlflow_run, args.tracking_uri, args.lora)
+        cfg, settings_from = eval_settings(source, args.config,
+                                           [*args.set, *(["ray.verbose=true"] if args.verbose else [])])
     except ValueError as e:
         p.error(str(e))
     out = Path(args.out) if args.out else source.model_dir.parent / "eval"
     gpus = args.gpus_per_worker if args.gpus_per_worker == "auto" else float(args.gpus_per_worker)
     run_evaluate(source, out, cfg.eval, num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                 ray_cfg=cfg.ray, gpus_per_worker=gpus)
+                 ray_cfg=cfg.ray, gpus_per_worker=gpus, settings_from=settings_from)
     return 0
 
 

@@ -37,10 +37,11 @@ def main(argv=None) -> int:
         p.error(str(e))
     out = RunContext.open(cfg, config_file=args.config).train(resume=args.resume)
     if args.evaluate:
-        from pogdiff_dist.evaluation.evaluate import resolve_source, run_evaluate
+        from pogdiff_dist.evaluation.evaluate import resolve_source, run_evaluate, run_settings_origin
 
         source = resolve_source(str(out.model_dir), None, out.run_id, out.tracking_uri, None)
-        run_evaluate(source, out.run_dir / "eval", out.config.eval, ray_cfg=out.config.ray)
+        run_evaluate(source, out.run_dir / "eval", out.config.eval, ray_cfg=out.config.ray,
+                     settings_from=run_settings_origin(out.run_dir))
         Store(out.location).upload("eval")  # next to the run when it lives in a bucket
     return 0
 

@@ -165,7 +165,18 @@ def test_evaluate_job_digits_with_mlflow(ray_local, tiny_cfg, prepared, tiny_mod
         for part in ("all", "few"):
             assert run.data.metrics[f"eval/{m}_{part}"] == pytest.approx(results["summary"][f"{m}_{part}"])
     logged = {a.path for a in client.list_artifacts(run_id, "eval")}
-    assert {"eval/metrics.json", "eval/metrics_vs_frequency.png", "eval/grids"} <= logged
+    assert {"eval/metrics.json", "eval/metrics_vs_frequency.png", "eval/identity_confusion.png", "eval/grids"} <= logged
+
+    # Identity bleed: each identity's top wrong judged identity, from the same predictions
+    for n in names:
+        row = results["per_identity"][n]
+        wrong = {k: v for k, v in row["predicted"].items() if k != n and not k.startswith("<")}
+        assert row["bleed_count"] == max(wrong.values(), default=0)
+        assert row["bleed_share"] == pytest.approx(row["bleed_count"] / 3)
+    conf = results["bleed"]["confusion"]
+    assert conf["rows"] == names and [sum(r) for r in conf["counts"]] == [3, 3]
+    assert run.data.metrics["eval/bleed_share_all"] == pytest.approx(results["bleed"]["share_all"])
+    assert "identity bleed" in printed and "judge digits-cnn" in printed
 
 
 def test_resolve_source_from_mlflow_run(tiny_cfg, prepared, tiny_model, tmp_path):
@@ -232,3 +243,81 @@ def test_user_folder_dataset_nearest_centroid(ray_local, tiny_cfg, tmp_path):
     assert results["per_identity"]["Vera Stone"]["num_train"] == 10
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["summary"] == pytest.approx(results["summary"])
     assert (tmp_path / "eval" / "grids" / "lea_brook.png").is_file()
+
+
+def test_a_runs_model_is_reevaluated_with_the_runs_settings(ray_local, tiny_cfg, prepared, tiny_model, cache_dir,
+                                                            tmp_path, capsys, monkeypatch):
+    """``jobs/evaluate.py --model runs/<name>/model`` evaluates with the run's own eval section
+    (not the defaults), so it prints the figures the run's ``--evaluate`` printed; a --set
+    changes them and says so on every figure line."""
+    import importlib.util
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from pogdiff_dist.config import save_config
+    from pogdiff_dist.tracking.runs import write_run_state
+    from pogdiff_dist.train.driver import TrainOutcome
+
+    def load(name):
+        path = Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"jobs_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    train, evaluate = load("train"), load("evaluate")
+    uri = tiny_cfg.tracking.tracking_uri
+    client = MlflowClient(uri)
+    prepared_dir = Path(tiny_cfg.prepare.out_dir).absolute()
+
+    def run_train(cfg, resume=False, config_file=None):
+        """What run_train leaves behind (run folder, config.yaml, model, MLflow run), for the tiny model."""
+        run_dir = Path(cfg.train.storage_path) / cfg.train.name
+        shutil.copytree(tiny_model, run_dir / "model")
+        save_config(cfg, run_dir / "config.yaml")
+        run_id = client.create_run(client.create_experiment("rerun-test"), run_name=cfg.train.name).info.run_id
+        write_run_state(run_dir, run_id, uri, prepared_dir)
+        return TrainOutcome(run_dir, run_dir / "model", run_dir / "samples.png", {}, run_id, uri, str(run_dir))
+
+    monkeypatch.setattr(train, "run_train", run_train)
+    config = tmp_path / "run.yaml"
+    # the run's eval section: not the defaults (10 images, 50 steps, seed 0)
+    save_config(tiny_cfg.with_overrides({"train.storage_path": str(tmp_path / "runs"), "train.name": "rerun",
+                                         "eval.num_images": 3, "eval.steps": 2, "eval.seed": 5,
+                                         "eval.cache_dir": str(cache_dir)}), config)
+    assert train.main([str(config), "--evaluate"]) == 0
+    run_dir = tmp_path / "runs" / "rerun"
+    own = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    printed_own = capsys.readouterr().out
+
+    assert evaluate.main(["--model", str(run_dir / "model"), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    printed_again = capsys.readouterr().out
+    assert again["config"] == own["config"] and again["config"]["num_images"] == 3
+    assert again["summary"] == own["summary"]  # the same numbers, not merely close
+    for n in own["identities"]:
+        assert {k: again["per_identity"][n][k] for k in (*METRICS, "predicted")} == \
+               {k: own["per_identity"][n][k] for k in (*METRICS, "predicted")}
+    origin = f"{run_dir / 'config.yaml'} (the run's eval section)"
+    assert again["settings_from"] == own["settings_from"] == origin
+
+    def figure_lines(text):
+        start = text.index("[evaluate] done")
+        return [line for line in text[start:].splitlines() if line.split()[:1] in
+                (["fid"], ["dino"], ["grecall"], ["accuracy"], ["bleed"])]
+
+    # the printed figures are the run's, each line with its settings
+    assert figure_lines(printed_again) == figure_lines(printed_own) and len(figure_lines(printed_own)) == 5
+    assert all("3 images/identity, DDIM 2, guidance 3, seed 5" in line for line in figure_lines(printed_again))
+    assert f"; from {origin}" in printed_again
+
+    # an override changes the images and says so
+    assert evaluate.main(["--model", str(run_dir / "model"), "--out", str(tmp_path / "steps3"),
+                          "--set", "eval.steps=3"]) == 0
+    printed = capsys.readouterr().out
+    other = json.loads((tmp_path / "steps3" / "metrics.json").read_text())
+    assert other["config"]["steps"] == 3 and other["config"]["num_images"] == 3  # the rest still the run's
+    assert other["settings_from"] == f"{origin}; --set eval.steps=3" and f"; from {origin}; --set eval.steps=3" in printed
+    assert all("3 images/identity, DDIM 3, guidance 3, seed 5" in line for line in figure_lines(printed))
+    assert other["summary"]["dino_all"] != own["summary"]["dino_all"]

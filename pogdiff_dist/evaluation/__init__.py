@@ -11,9 +11,13 @@ Modules, in data-flow order:
 - ``features``: image encoders and the real (training, held-out) images, streamed
 - ``judges``: the identity classifiers (the datasets' CNNs, nearest centroid)
 - ``metrics``: the pure metric math (FID, DINO score, gRecall, accuracy, averaging)
+- ``bleed``: identity bleed from the judge's predictions (confusion matrix, each identity's
+  top wrong judged identity, the pairs with the most bleed)
 - ``scoring``: generated + real images -> every metric, per identity and averaged (``Scorer``:
   references decoded and encoded batch by batch on one device; the driver gets numbers back)
-- ``report``: metrics.json, images, grids, the metric-vs-frequency plot
-- ``evaluate``: what to evaluate (``resolve_source``), :func:`evaluate_model` (one process),
+- ``report``: metrics.json, images, grids, the metric-vs-frequency plot, the confusion matrix,
+  the printed summary
+- ``evaluate``: what to evaluate (``resolve_source``) and with which settings (``eval_settings``:
+  a run's model with its run's), :func:`evaluate_model` (one process),
   :func:`run_evaluate` (Ray)
 """

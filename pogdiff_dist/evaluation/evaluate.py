@@ -3,7 +3,9 @@
 :func:`evaluate_model` runs in one process (a sweep's rung evaluation, the reproduction);
 :func:`run_evaluate` generates on Ray actors (``jobs/evaluate.py``). :func:`resolve_source`
 turns the CLI's ``--model`` / ``--mlflow-run`` into folders: a training run records its run,
-model and prepared folders as MLflow tags and in its ``pogdiff_run.json``. The model and
+model and prepared folders as MLflow tags and in its ``pogdiff_run.json``; :func:`eval_settings`
+gives a run's model the evaluation settings of that run (its config.yaml's ``eval`` section),
+so re-evaluating it reproduces the figures its ``--evaluate`` printed. The model and
 prepared directories must be readable by every node (shared storage, as for
 ``train.storage_path``).
 """
@@ -14,7 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pogdiff_dist.config import EvalConfig, RayConfig, load_config
+import yaml
+
+from pogdiff_dist.config import Config, EvalConfig, RayConfig, load_config, parse_override
 from pogdiff_dist.config.sections import resolve_tracking_uri
 from pogdiff_dist.data.shards import MANIFEST, Manifest
 from pogdiff_dist.evaluation.generate import (
@@ -29,7 +33,7 @@ from pogdiff_dist.evaluation.generate import (
     score_distributed,
     tf32_mode,
 )
-from pogdiff_dist.evaluation.report import write_outputs
+from pogdiff_dist.evaluation.report import LOGGED, mlflow_metrics, settings_text, summary_text, write_outputs
 from pogdiff_dist.evaluation.scoring import Scorer, evaluated_identities
 from pogdiff_dist.pipeline import LORA_WEIGHTS
 from pogdiff_dist.runtime import init_ray
@@ -47,6 +51,11 @@ class EvalSource:
     run_id: str | None = None  # MLflow run that receives eval/* metrics (None: no MLflow)
     tracking_uri: str | None = None
     lora_dir: Path | None = None  # a LoRA adapter (diffusers format) loaded onto model_dir's UNet
+
+    @property
+    def training_run(self) -> Path | None:
+        """The run folder that trained what is evaluated: the model's, else the LoRA's."""
+        return self.run_dir or (self.lora_dir.parent if self.lora_dir else None)
 
 
 @dataclass
@@ -107,6 +116,38 @@ def resolve_source(model: str | None = None, prepared: str | None = None, mlflow
     return EvalSource(model_dir, prepared_dir, run_dir, mlflow_run, uri, lora_dir)
 
 
+def run_settings_origin(run_dir: Path) -> str:
+    """How metrics.json and the printout name a run's own evaluation settings."""
+    return f"{Path(run_dir) / 'config.yaml'} (the run's eval section)"
+
+
+def eval_settings(source: EvalSource, config_file: str | None = None, overrides=()) -> tuple[Config, str]:
+    """The evaluation's config and where its ``eval`` section came from. Later wins: the
+    defaults, the eval section of the run that trained the model (``source.training_run``'s
+    config.yaml: what its ``--evaluate`` used), the eval keys of ``config_file``, then
+    ``overrides`` (``--set section.key=value``)."""
+    origin, run_eval = [], {}
+    run_cfg = source.training_run / "config.yaml" if source.training_run is not None else None
+    if run_cfg is not None and run_cfg.is_file():
+        run_eval = (yaml.safe_load(run_cfg.read_text()) or {}).get("eval") or {}
+        origin.append(run_settings_origin(source.training_run))
+    file_eval = {}
+    if config_file is not None and Path(config_file).is_file():  # load_config reports a missing or bad file
+        d = yaml.safe_load(Path(config_file).read_text())
+        file_eval = (d.get("eval") or {}) if isinstance(d, dict) else {}
+        origin += [f"--config {config_file}"] if file_eval else []
+    parsed = [parse_override(o) for o in overrides]
+    origin += [f"--set {k}={v}" for k, v in parsed if k.startswith("eval.")]
+    inherited = {f"eval.{k}": v for k, v in run_eval.items() if k not in file_eval}
+    try:
+        cfg = load_config(config_file, {**inherited, **dict(parsed)})
+    except ValueError as e:
+        if not run_eval:
+            raise
+        raise ValueError(f"{e} (evaluation settings from {run_cfg}; change them with --set eval.KEY=VALUE)") from e
+    return cfg, "; ".join(origin) or "the defaults (EvalConfig)"
+
+
 def _lora_base(lora_dir: Path, model: str | None) -> str:
     """The pipeline a LoRA adapter goes onto: ``model``, else its run's ``model.pretrained``."""
     if not (lora_dir / LORA_WEIGHTS).is_file():
@@ -155,8 +196,10 @@ def evaluate_model(model_dir: str | Path, prepared_dir: str | Path, cfg: EvalCon
 
 def run_evaluate(source: EvalSource, out_dir: str | Path, cfg: EvalConfig, *, num_workers: int = 2,
                  cpus_per_worker: float = 1.0, ray_cfg: RayConfig | None = None,
-                 gpus_per_worker: float | str = "auto") -> EvalOutcome:
-    """Generate on Ray, compute every metric, write the outputs, log to MLflow if a run is set.
+                 gpus_per_worker: float | str = "auto", settings_from: str | None = None) -> EvalOutcome:
+    """Generate on Ray, compute every metric, write the outputs, log to MLflow if a run is set,
+    and print the figures, each with the settings it was computed with (``settings_from``: where
+    ``cfg`` came from, :func:`eval_settings`; also in metrics.json).
 
     Generation actors and then one scoring actor (:func:`score_distributed`: the references'
     VAE decode and the image encoder) get ``gpus_per_worker`` GPUs each. This driver holds the
@@ -168,12 +211,12 @@ def run_evaluate(source: EvalSource, out_dir: str | Path, cfg: EvalConfig, *, nu
     manifest = Manifest.load(source.prepared_dir)
     names = evaluated_identities(manifest, cfg)
     gpus = resolve_eval_gpus(gpus_per_worker, source.run_dir)
-    # a LoRA's own run folder says how it trained when the base model has none
-    run = run_precision(source.run_dir or (source.lora_dir.parent if source.lora_dir else None))
+    run = run_precision(source.training_run)  # a LoRA's own run folder says how it trained
     lora = f" + LoRA {source.lora_dir}" if source.lora_dir else ""
     print(f"[evaluate] model {source.model_dir}{lora}\n[evaluate] {len(names)} identities x {cfg.num_images} images, "
-          f"DDIM {cfg.steps} steps, seed {cfg.seed}, {num_workers} worker(s) with {gpus:g} GPU(s) each"
-          + (f" ({run.precision}, TF32 {'on' if run.allow_tf32 else 'off'})" if gpus > 0 else ""), flush=True)
+          f"DDIM {cfg.steps} steps, guidance {cfg.guidance_scale:g}, seed {cfg.seed}, {num_workers} worker(s) with "
+          f"{gpus:g} GPU(s) each" + (f" ({run.precision}, TF32 {'on' if run.allow_tf32 else 'off'})" if gpus > 0 else "")
+          + (f"\n[evaluate] settings from {settings_from}" if settings_from else ""), flush=True)
     generated = generate_distributed(source.model_dir, names, cfg, num_workers, cpus_per_worker,
                                      gpus_per_worker=gpus, lora_dir=source.lora_dir, precision=run)
     gen_s = time.time() - t0
@@ -183,25 +226,22 @@ def run_evaluate(source: EvalSource, out_dir: str | Path, cfg: EvalConfig, *, nu
     results, previews = score_distributed(source.prepared_dir, manifest, generated, cfg, cache,
                                           cpus=cpus_per_worker, gpus=gpus)
     results.update(model_dir=str(source.model_dir), prepared_dir=str(source.prepared_dir),
-                   lora_dir=str(source.lora_dir) if source.lora_dir else None, mlflow_run=source.run_id, generation_seconds=gen_s, total_seconds=time.time() - t0)
+                   lora_dir=str(source.lora_dir) if source.lora_dir else None, mlflow_run=source.run_id,
+                   settings_from=settings_from, generation_seconds=gen_s, total_seconds=time.time() - t0)
     out_dir = Path(out_dir).absolute()
     paths = write_outputs(out_dir, results, generated, previews)
     keys = TrackingRef(source.tracking_uri, source.run_id).open().log_eval(
-        results["summary"], [paths["metrics"], paths["plot"]], folders={"grids": paths["grids"]}) if source.run_id else []
+        mlflow_metrics(results), [paths[k] for k in LOGGED], folders={"grids": paths["grids"]}) if source.run_id else []
 
-    s = results["summary"]
-    table = "\n".join(f"    {m:<9} all {_fmt(s[f'{m}_all'])}   majority {_fmt(s.get(f'{m}_majority'))}   "
-                      f"few-shot {_fmt(s[f'{m}_few'])}" for m in ("fid", "dino", "grecall", "accuracy"))
     print(f"\n[evaluate] done in {time.time() - t0:.0f}s ({len(results['few_shot_identities'])} few-shot "
-          f"of {len(names)} identities)\n{table}\n"
+          f"of {len(names)} identities)\n"
+          f"  settings: {settings_text(results, encoder=True)}" + (f"; from {settings_from}" if settings_from else "")
+          + f"\n{summary_text(results)}\n"
           f"  metrics:    {paths['metrics']}\n"
           f"  plot:       {paths['plot']}\n"
+          f"  bleed:      {paths['confusion']}\n"
           f"  grids:      {paths['grids']}\n"
           f"  images:     {paths['images']}" +
           (f"\n  MLflow run {source.run_id}: {len(keys)} eval/* metrics and artifacts under eval/"
            if source.run_id else ""), flush=True)
     return EvalOutcome(results, out_dir, paths, keys)
-
-
-def _fmt(v) -> str:
-    return "   n/a" if v is None else f"{v:6.3f}"

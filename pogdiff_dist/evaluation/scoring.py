@@ -15,6 +15,7 @@ from pogdiff_dist.config import CLASSIFIERS, EVAL_METRICS, EvalConfig
 from pogdiff_dist.data.bundled import bundled, dataset_of
 from pogdiff_dist.data.shards import Manifest
 from pogdiff_dist.evaluation import metrics as M
+from pogdiff_dist.evaluation.bleed import identity_bleed
 from pogdiff_dist.evaluation.features import ImageEncoder, RealImages, TrainingImages, heldout_images
 from pogdiff_dist.evaluation.judges import CNNJudge, NearestCentroidClassifier
 
@@ -237,12 +238,15 @@ class Scorer:
                                 "held-out accuracy above is on images it never saw (tests/test_faces_judge.py)")
 
         summary = M.summarize(per, METRICS, few)
+        real_predicted = {n: {p: preds.count(p) for p in sorted(set(preds))} for n, preds in zip(held_names, judged)}
+        bleed = identity_bleed(per, few, real_predicted)  # adds each identity's top bleed target to its row
         encoder = self.encoder
         return {
             "summary": summary,
             "per_identity": per,
             "identities": names,
             "few_shot_identities": [n for n in names if n in few],
+            "bleed": bleed,
             "reference_sets": {
                 "fid": f"held-out images where an identity has >= {MIN_HELDOUT}, else training images "
                        "(per identity: per_identity.<name>.reference)",

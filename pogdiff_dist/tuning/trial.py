@@ -19,6 +19,7 @@ from ray import tune
 
 from pogdiff_dist.config import Config, from_dict
 from pogdiff_dist.evaluation.evaluate import evaluate_model
+from pogdiff_dist.evaluation.report import LOGGED, mlflow_metrics
 from pogdiff_dist.tracking.runs import RUN_STATE, TrackingRef, read_run_state
 from pogdiff_dist.train.driver import RunContext
 from pogdiff_dist.tuning.spec import SweepSpec
@@ -91,7 +92,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
                                          out_dir=out.run_dir / f"eval-step{steps}")
                 mlflow_run = TrackingRef(uri, out.run_id).open()
                 # the latest rung's metrics.json and plot: compare.py reads eval/metrics.json
-                mlflow_run.log_eval(results["summary"], [Path(results["outputs"][k]) for k in ("metrics", "plot")],
+                mlflow_run.log_eval(mlflow_metrics(results), [Path(results["outputs"][k]) for k in LOGGED],
                                     step=steps)
                 mlflow_run.set_tags({"sweep.trial_id": trial_id, "sweep.rungs_done": rung + 1,
                                      **({} if seed is None else {"sweep.seed": seed})})
