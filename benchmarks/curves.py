@@ -13,8 +13,9 @@ library's Trainer in ONE process (pogdiff_dist/train/local.py: world size 1, mic
 the tables' 2 workers x 8, DeepSpeed ZeRO-2 fp32), so a segment does not pay a Ray cluster's
 start, and the base model is trained the same way (900 vanilla steps on <dataset>:base, its
 own run folder curves/base-s0: the reproduction's Ray-trained base is not reused). Only
-prepare uses Ray (Ray Data), once per prepared set. Wall-clock seconds are each method's measured seconds per step (median
-over its segments) times the steps.
+prepare uses Ray (Ray Data), once per prepared set. Wall-clock seconds are each method's CPU
+seconds per step with one torch thread (median over its segments: an idle core's wall time;
+the machine is shared, so a segment's wall time mostly says how busy it was) times the steps.
 
     python benchmarks/curves.py --dataset faces-it2i --seeds 0 1 2            # train + evaluate, resumable
     python benchmarks/curves.py --dataset faces-it2i --report-only            # tables and plots from the caches
@@ -128,6 +129,8 @@ class Curve:
 
     def train_to(self, steps: int) -> Path:
         """The export at ``steps`` (trained from the latest earlier budget's checkpoint)."""
+        import torch
+
         from pogdiff_dist.config import load_config
         from pogdiff_dist.train.local import train_local
 
@@ -147,16 +150,20 @@ class Curve:
                                "trained in increasing order (delete the run folder to start again)")
         prepared = self.prepared if self.repeats is None else repeats_prepared(self.prepared, self.repeats)
         cfg = load_config(None, self.settings(steps))
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         trainer, _ = train_local(cfg, prepared, self.dir, device="cpu", resume=bool(ckpts))
-        seconds = time.time() - t0
+        seconds, cpu = time.time() - t0, time.process_time() - c0
         tmp = self.dir / f".model-{steps}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(self.dir / "model", tmp)
         shutil.copy(self.dir / "samples.png", tmp / "samples.png")
         tmp.rename(out)
         seg = self.segments()
+        # CPU seconds (one torch thread) stand for an idle core's wall time: the machine is shared, so
+        # the wall time of a segment says more about the other jobs than about the method
         seg[str(steps)] = {"from": start, "seconds": seconds, "seconds_per_step": seconds / max(steps - start, 1),
+                           "cpu_seconds": cpu, "cpu_seconds_per_step": cpu / max(steps - start, 1),
+                           "threads": torch.get_num_threads(),
                            "samples_per_s": trainer.state.last.get("mean_samples_per_s"),
                            "epochs": trainer.state.epoch, "final_loss": trainer.state.last.get("loss")}
         (self.dir / "segments.json").write_text(json.dumps(seg, indent=1))
@@ -178,13 +185,13 @@ class Curve:
         cached = model / f"eval-n{num_images}-seed{eval_seed}.json"
         if cached.is_file():
             return json.loads(cached.read_text())
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         res = evaluate_model(model, self.prepared, EvalConfig(num_images=num_images,
                                                               steps=self.exp.b["eval_steps"], seed=eval_seed))
         row = {"summary": res["summary"],
                "per_identity": {n: {"accuracy": r.get("accuracy"), "train_count": r.get("train_count")}
                                 for n, r in res["per_identity"].items()},
-               "seconds": time.time() - t0}
+               "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0}
         cached.write_text(json.dumps(row, indent=1, default=float))
         return row
 
@@ -223,7 +230,7 @@ def aggregate(curves: dict[str, list[Curve]], budgets: list[int], eval_seeds: li
             if models:
                 rows[str(b)] = {k: stats([m[k] for _, m in models]) for k in KEYS}
                 per_seed[str(b)] = {str(s): m for s, m in models}
-        sps = [seg["seconds_per_step"] for c in runs for seg in c.segments().values()]
+        sps = [seg.get("cpu_seconds_per_step", seg["seconds_per_step"]) for c in runs for seg in c.segments().values()]
         out[label] = {"budgets": rows, "per_seed": per_seed,
                       "seconds_per_step": float(np.median(sps)) if sps else None,
                       "seconds_per_step_all": sps}
@@ -379,7 +386,7 @@ def plot(res: dict, path: Path) -> Path:
                 ax.fill_between(x, lo, hi, alpha=0.12, color=line[0].get_color())
                 ax.set_xscale("log", base=2)
                 ax.set_title(title)
-                ax.set_xlabel("fine-tuning steps" if i == 0 else "wall-clock seconds (measured s/step x steps)")
+                ax.set_xlabel("fine-tuning steps" if i == 0 else "seconds on one idle core (CPU s/step x steps)")
                 ax.grid(alpha=0.3)
     if res.get("answer"):
         for ax in axes[0, :2]:
