@@ -16,7 +16,7 @@ from pogdiff_dist.config.stages import (
     is_train_time,
     stage_reads,
 )
-from pogdiff_dist.prepare.pipeline import stage_fingerprints
+from pogdiff_dist.prepare.stages import stage_fingerprints
 
 DIRS = ("/enc/text", "/enc/tok", None)
 STRING_CHOICES = {
@@ -29,6 +29,7 @@ STRING_CHOICES = {
     "loss.psi_den_source": ["identity_count"], "optim.schedule": ["cosine"], "train.precision": ["bf16"],
     "train.on_nonfinite": ["raise"], "eval.classifier": ["centroid", "digits"], "eval.encoder": ["/models/dinov2"],
     "tracking.tracking_uri": ["sqlite:////tmp/other.db"], "tracking.register_model": [None],
+    "model.lora_targets": [("to_q", "to_v")], "loss.timestep_sampling": ["uniform"], "loss.flow_weighting": ["cosmap"],
 }
 
 

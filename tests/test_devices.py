@@ -72,11 +72,13 @@ def test_prepare_and_evaluation_auto_resolve_through_the_same_rule(monkeypatch, 
     import yaml
 
     from pogdiff_dist import runtime
+    from pogdiff_dist.evaluation import generate
     from pogdiff_dist.evaluation.generate import resolve_eval_gpus
     from pogdiff_dist.prepare import pipeline
 
     monkeypatch.setattr(runtime, "cluster_gpus", lambda: (0.0, None))
     monkeypatch.setattr(pipeline, "cluster_gpus", runtime.cluster_gpus)
+    monkeypatch.setattr(generate, "cluster_gpus", runtime.cluster_gpus)
     assert pipeline.resolve_gpus("auto", use_gpu=True) == 1.0 and pipeline.resolve_gpus("auto", use_gpu=False) == 0.0
     assert pipeline.resolve_gpus(0.5, use_gpu=False) == 0.5  # a number is taken as given
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"use_gpu": True}}))

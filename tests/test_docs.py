@@ -2,7 +2,6 @@
 ``--set key=`` or as ``section.key=`` in a command is a real key (so a copied command works)."""
 
 import re
-from pathlib import Path
 
 import pytest
 from conftest import REPO

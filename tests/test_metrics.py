@@ -235,12 +235,18 @@ def test_pixel_encoder_and_identity_seed():
     assert identity_seed(0, "Alice") != identity_seed(1, "Alice") and 0 <= identity_seed(7, "x") < 2 ** 63
 
 
-def test_eval_config_validates():
+def test_eval_config_validates(tmp_path):
     from pogdiff_dist.config import EvalConfig
 
     with pytest.raises(ValueError, match="num_images"):
         EvalConfig(num_images=0)
     with pytest.raises(ValueError, match="classifier"):
         EvalConfig(classifier="gpt4o")
-    with pytest.raises(ValueError, match="encoder"):
-        EvalConfig(encoder="/no/such/dinov2")
+    # a folder is checked where the run starts (config validation reads no disk): a relative
+    # eval.encoder that names nothing is an error naming the setting, before any work
+    from pogdiff_dist.config import load_config
+    from pogdiff_dist.runtime import absolute_paths
+
+    assert EvalConfig(encoder="/no/such/dinov2").encoder == "/no/such/dinov2"
+    with pytest.raises(ValueError, match="eval.encoder='no/such/dinov2'"):
+        absolute_paths(load_config(None, {"eval.encoder": "no/such/dinov2"}), cwd=tmp_path)

@@ -7,7 +7,6 @@ stopped and a changed setting redoes exactly the stages it affects.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -25,7 +24,6 @@ import torch
 
 from pogdiff_dist.config import Config
 from pogdiff_dist.config.sections import BUNDLED_DATASETS, PrepareConfig
-from pogdiff_dist.config.stages import UPSTREAM, stage_reads
 from pogdiff_dist.data.bundled import bundled
 from pogdiff_dist.data.columns import LookupRows, ParquetColumn
 from pogdiff_dist.data.density import (
@@ -41,19 +39,16 @@ from pogdiff_dist.data.layouts import locate_dataset
 from pogdiff_dist.data.neighbours import build_knn, build_knn_ivf, knn_recall, write_neighbours
 from pogdiff_dist.data.records import IDENTITY_PROMPT, DatasetRecords, read_dataset
 from pogdiff_dist.data.shard_files import scan_shard
-from pogdiff_dist.data.shards import SHARD_FORMAT, Manifest
+from pogdiff_dist.data.shards import Manifest
 from pogdiff_dist.devices import auto_gpus, task_device
 from pogdiff_dist.families.load import multi_encoder_family
 from pogdiff_dist.models import check_pretrained_dir, load_text_encoder, resolve_text_encoder_dir
 from pogdiff_dist.prepare.join import write_shards
+from pogdiff_dist.prepare.stages import Stage, records_fingerprint, stage_fingerprints
 from pogdiff_dist.runtime import cluster_gpus, map_on_actors
 from pogdiff_dist.storage import Store, local_mirror
 
 log = logging.getLogger(__name__)
-
-
-def _hash(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_records(cfg: Config) -> DatasetRecords:
@@ -102,18 +97,6 @@ def report_records(records: DatasetRecords) -> None:
               f"({sum(counts)} images), each image seen its identity's repeats times", flush=True)
 
 
-def stage_fingerprints(cfg: Config, records_fp: str, encoder_dirs: tuple) -> dict[str, str]:
-    """Each prepare stage's fingerprint: exactly the config values it reads
-    (:func:`pogdiff_dist.config.stages.stage_reads`), the fingerprints of the stages it reads
-    from, and for encode the records and the resolved encoder folders; for shards the format."""
-    reads = stage_reads(cfg)
-    out: dict[str, str] = {}
-    for stage in ("encode", "neighbours", "density", "shards"):
-        own = {"encode": [records_fp, [str(d) for d in encoder_dirs]], "shards": [SHARD_FORMAT]}.get(stage, [])
-        out[stage] = _hash(stage, reads[stage], [out[u] for u in UPSTREAM[stage]], *own)
-    return out
-
-
 def encoded_by(encoded: str) -> list[str]:
     """The distinct ``encoded_by`` values (``host:pid:device`` of each encoder), deduplicated per
     block and then here: a handful of strings, without the hash shuffle (and its aggregator
@@ -122,34 +105,6 @@ def encoded_by(encoded: str) -> list[str]:
                  .map_batches(lambda b: {"encoded_by": np.unique(b["encoded_by"])}, batch_size=None,
                               batch_format="numpy"))
     return sorted({str(row["encoded_by"]) for row in per_block.take_all()})
-
-
-def records_fingerprint(records: DatasetRecords) -> str:
-    rows = [(r.key, str(r.image), r.caption, r.identity, r.split, r.image.stat().st_size, r.image.stat().st_mtime_ns)
-            for r in records.records]
-    return _hash(rows)
-
-
-class _Stage:
-    """A resumable stage: ``done()`` if its marker holds the same fingerprint. The marker is
-    written last, after the stage's outputs, in the same store (a local folder or a bucket)."""
-
-    def __init__(self, out: Store, name: str, fingerprint: str):
-        self.store, self.marker = out, ("stages", f"{name}.json")
-        self.name, self.fingerprint = name, fingerprint
-
-    def done(self) -> bool:
-        if self.store.is_file(*self.marker) and self.info().get("fingerprint") == self.fingerprint:
-            log.info("stage %s: up to date, skipped", self.name)
-            print(f"[prepare] {self.name}: up to date (fingerprint {self.fingerprint}), skipped", flush=True)
-            return True
-        return False
-
-    def info(self) -> dict:
-        return json.loads(self.store.read_text(*self.marker))
-
-    def finish(self, **info) -> None:
-        self.store.write_text(json.dumps({"fingerprint": self.fingerprint, **info}), *self.marker)
 
 
 # Columns read from the encoded Parquet in this process, in order (tests check that the
@@ -342,7 +297,7 @@ def _run_prepare(cfg: Config) -> Manifest:
     fps = stage_fingerprints(cfg, records_fingerprint(records), (text_dir, tok_dir, vae_dir))
     fp_encode = fps["encode"]
     gpus = resolve_gpus(cfg.prepare.gpus_per_encoder, cfg.train.use_gpu)
-    stage = _Stage(out, "encode", fp_encode)
+    stage = Stage(out, "encode", fp_encode)
     if not stage.done():
         out.delete_dir("encoded")
         items = [{"index": i, "key": r.key, "image": str(r.image), "caption": r.caption,
@@ -366,7 +321,7 @@ def _run_prepare(cfg: Config) -> Manifest:
                      ran_on=[dict(zip(("host", "pid", "device"), w.split(":", 2))) for w in ran_on])
 
     p = cfg.prepare
-    stage = _Stage(out, "neighbours", fps["neighbours"])
+    stage = Stage(out, "neighbours", fps["neighbours"])
     if not stage.done():
         t0 = time.time()
         ran_on = _run_task(knn_task, gpus, encoded, out.uri(), p, cfg.data.seed, gpus)
@@ -381,7 +336,7 @@ def _run_prepare(cfg: Config) -> Manifest:
 
     dcfg = DensityVAEConfig(latent_dim=p.density_latent_dim, hidden_dim=p.density_hidden_dim,
                             epochs=p.density_epochs, lr=p.density_lr, seed=cfg.data.seed)
-    stage = _Stage(out, "density", fps["density"])
+    stage = Stage(out, "density", fps["density"])
     if not stage.done():
         t0 = time.time()
         ran_on = _run_task(density_task, gpus, encoded, out.uri(), dcfg, p.density_text,
@@ -393,7 +348,7 @@ def _run_prepare(cfg: Config) -> Manifest:
 
     shard_dir = out.uri("shards")
     fp_shards = fps["shards"]
-    stage = _Stage(out, "shards", fp_shards)
+    stage = Stage(out, "shards", fp_shards)
     if not stage.done():
         t0 = time.time()
         out.delete_dir("shards")
