@@ -39,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pogdiff_dist.config import Config, load_config
+from pogdiff_dist.config import PAPER_POGDIFF, Config, load_config
 
 # Identical budgets per method; "cpu" fits this 2-core machine, "gpu" is the real thing.
 BUDGETS = {
@@ -116,11 +116,13 @@ class Experiment:
         return load_config(None, self.settings(preset, name, overrides))
 
     def settings(self, preset: str, name: str, overrides: dict) -> dict:
-        """The explicit settings of a run (on top of the config defaults)."""
+        """The explicit settings of a run: the paper's literal PoGDiff and uniform sampling
+        (the tables' reference point; the code defaults are the recipe), then the preset's."""
         b = self.b
         # prepare options change the shards: each combination gets its own prepared directory
         prep = "".join(f"-{k.split('.')[1]}-{v}" for k, v in sorted(overrides.items()) if k.startswith("prepare."))
         base = {
+            **PAPER_POGDIFF,
             "data.dataset": f"{self.dataset}:{preset}", "data.resolution": b["resolution"],
             "data.channels": self.channels, "data.heldout_per_identity": 10,
             "model.unet": b["unet"], "model.max_length": 32,

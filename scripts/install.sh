@@ -22,4 +22,6 @@ fi
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[$FAISS_EXTRA,test]"
 # DeepSpeed's CPU backend JIT-builds its shared-memory op on first use; build it now, so a
 # first run interrupted mid-build cannot leave a stale lock behind (see "When things go wrong").
-.venv/bin/python -c "import torch; torch.cuda.is_available() or __import__('deepspeed.ops.op_builder.cpu', fromlist=['x']).ShareMemCommBuilder().load(verbose=False)" > /dev/null
+# A lock left by an interrupted build elsewhere on the machine is reported (naming the file)
+# instead of waited on forever.
+.venv/bin/python -c "import torch; from pogdiff_dist.train.engine import check_op_build_lock; torch.cuda.is_available() or (check_op_build_lock(), __import__('deepspeed.ops.op_builder.cpu', fromlist=['x']).ShareMemCommBuilder().load(verbose=False))" > /dev/null

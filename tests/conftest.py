@@ -72,10 +72,11 @@ def synthetic(tmp_path_factory):
 
 
 def synthetic_cfg(**overrides):
-    """configs/tiny.yaml fitted to the ``synthetic`` dataset, one worker, plus ``overrides``."""
-    from pogdiff_dist.config import load_config
+    """configs/tiny.yaml fitted to the ``synthetic`` dataset, one worker, the paper's literal
+    PoGDiff (what these tests were written against), plus ``overrides``."""
+    from pogdiff_dist.config import PAPER_POGDIFF, load_config
 
-    base = {"train.num_workers": 1, "loss.k": 4, "prepare.k_max": 4, "train.caption_dropout": 0.1,
+    base = {**PAPER_POGDIFF, "train.num_workers": 1, "loss.k": 4, "prepare.k_max": 4, "train.caption_dropout": 0.1,
             "loss.den_temperature": 20.0, "train.validate_every": 0}
     return load_config(REPO / "configs" / "tiny.yaml", {**base, **overrides})
 

@@ -1,11 +1,13 @@
 """Typed config: defaults, dotted overrides, validation messages, YAML round trip."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
 
 from pogdiff_dist.config import (
+    PAPER_POGDIFF,
     Config,
     LossConfig,
     OptimConfig,
@@ -20,10 +22,27 @@ def test_defaults_validate_and_match_method():
     cfg = load_config()
     assert cfg == Config()
     assert cfg.loss.method == "pogdiff" and cfg.loss.neighbor_grad == "full"
-    assert (cfg.loss.a1, cfg.loss.a2, cfg.loss.a3) == (1.0, 1.0, 1.0)
-    assert cfg.loss.den_temperature == 1.0 and cfg.loss.psi_cap is None
-    assert cfg.loss.use_psi_img and cfg.loss.use_psi_den
+    assert cfg.loss.psi_cap is None and cfg.loss.use_psi_img and cfg.loss.use_psi_den
     assert cfg.loss.k <= cfg.prepare.k_max
+    # the paper's literal PoGDiff is one set of overrides away
+    paper = load_config(None, PAPER_POGDIFF)
+    assert (paper.loss.a1, paper.loss.a2, paper.loss.a3, paper.loss.den_temperature) == (1.0, 1.0, 1.0, 1.0)
+    assert paper.loss.psi_den_source == "elbo" and paper.data.sampling == "uniform"
+
+
+@pytest.mark.parametrize("name", ["default", "sd15", "sdxl", "sd3", "flux"])
+def test_code_defaults_are_the_recommended_recipe(name):
+    """A user who trains without a config file gets the recipe the configs use: the
+    PoGDiff psi settings and data.sampling of configs/<name>.yaml equal the code defaults."""
+    import yaml
+
+    d = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"{name}.yaml").read_text())
+    recipe_keys = ("method", "a1", "a2", "a3", "k", "neighbor_grad", "psi_den_source", "den_temperature")
+    defaults = Config()
+    assert {k: d["loss"][k] for k in recipe_keys if k in d["loss"]} == \
+        {k: getattr(defaults.loss, k) for k in recipe_keys if k in d["loss"]}
+    assert {"a1", "a2", "a3", "psi_den_source", "den_temperature"} <= set(d["loss"])
+    assert d["data"]["sampling"] == defaults.data.sampling == "balanced"
 
 
 @pytest.mark.parametrize("text,want", [
@@ -124,7 +143,7 @@ def test_with_overrides_returns_new_object():
     new = base.with_overrides({"loss.a1": 2.0, "loss.neighbor_grad": "stop"})
     assert new is not base
     assert new.loss.a1 == 2.0 and new.loss.neighbor_grad == "stop"
-    assert base.loss.a1 == 1.0 and base.loss.neighbor_grad == "full"
+    assert base.loss.a1 == LossConfig().a1 != 2.0 and base.loss.neighbor_grad == "full"
     assert new.optim == base.optim and new.train == base.train
     with pytest.raises(dataclasses.FrozenInstanceError):
         base.loss.a1 = 5.0  # type: ignore[misc]
@@ -136,7 +155,7 @@ def test_with_overrides_returns_new_object():
 def test_flat_keys():
     cfg = Config().with_overrides({"loss.a2": 0.25})
     flat = cfg.flat()
-    assert flat["loss.a1"] == 1.0 and flat["loss.a2"] == 0.25
+    assert flat["loss.a1"] == LossConfig().a1 and flat["loss.a2"] == 0.25
     assert flat["optim.lr"] == cfg.optim.lr and flat["train.zero_stage"] == cfg.train.zero_stage
     assert all(k.count(".") == 1 for k in flat)
     n_fields = sum(len(dataclasses.fields(getattr(cfg, f.name))) for f in dataclasses.fields(cfg))

@@ -20,13 +20,13 @@ from pogdiff_dist.prepare.stages import stage_fingerprints
 
 DIRS = ("/enc/text", "/enc/tok", None)
 STRING_CHOICES = {
-    "data.dataset": ["digits-it2i:S", "faces-it2i:M", "/data/people"], "data.sampling": ["balanced", "power"],
+    "data.dataset": ["digits-it2i:S", "faces-it2i:M", "/data/people"], "data.sampling": ["uniform", "power"],
     "data.on_bad": ["skip"], "data.channels": [3, 1], "model.text_encoder": ["/models/other-text"], "model.unet": ["small", "tiny"],
     "model.image_encoder": ["/models/dinov2"], "model.prediction_type": ["v_prediction"],
     "model.pretrained": ["/models/sd15"], "model.init_unet": ["/runs/base/model"],
     "prepare.density_text": ["identity", "caption"], "prepare.knn_index": ["ivf", "flat"], "prepare.gpus_per_encoder": [1.0, 0.5],
     "loss.method": ["vanilla", "cbdm"], "loss.neighbor_grad": ["stop"], "loss.identity_weight": ["inverse"],
-    "loss.psi_den_source": ["identity_count"], "optim.schedule": ["cosine"], "train.precision": ["bf16"],
+    "loss.psi_den_source": ["elbo", "identity_count"], "optim.schedule": ["cosine"], "train.precision": ["bf16"],
     "train.on_nonfinite": ["raise"], "eval.classifier": ["centroid", "digits"], "eval.encoder": ["/models/dinov2"],
     "tracking.tracking_uri": ["sqlite:////tmp/other.db"], "tracking.register_model": [None],
     "model.lora_targets": [("to_q", "to_v")], "loss.timestep_sampling": ["uniform"], "loss.flow_weighting": ["cosmap"],

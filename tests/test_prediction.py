@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from pogdiff_dist.config import LossConfig, ModelConfig
+from pogdiff_dist.config import PAPER_POGDIFF, LossConfig, ModelConfig
 from pogdiff_dist.data.shards import Batch, HostBatch
 from pogdiff_dist.losses import (
     ddpm_posterior_mean,
@@ -19,6 +19,9 @@ from pogdiff_dist.losses import (
     velocity,
 )
 from pogdiff_dist.train.step import METHODS, DualConditionStep
+
+# the paper's literal psi (these tests were written against it; the code defaults are the recipe)
+PAPER_LOSS = {k.removeprefix("loss."): v for k, v in PAPER_POGDIFF.items() if k.startswith("loss.") and k != "loss.k"}
 
 B = 4
 
@@ -54,7 +57,7 @@ def text_encoder():
 
 def step_for(method, prediction="v_prediction", **loss):
     sched = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction)
-    return DualConditionStep(LossConfig(method=method, k=1, **loss), sched, text_encoder(), torch.zeros(4, 8),
+    return DualConditionStep(LossConfig(method=method, k=1, **{**PAPER_LOSS, **loss}), sched, text_encoder(), torch.zeros(4, 8),
                              torch.zeros(10).double() if method == "pogdiff" else None)
 
 

@@ -3,11 +3,14 @@
 import pytest
 import torch
 
-from pogdiff_dist.config import LossConfig, ModelConfig
+from pogdiff_dist.config import PAPER_POGDIFF, LossConfig, ModelConfig
 from pogdiff_dist.data.shards import Batch
 from pogdiff_dist.losses import log_density_normaliser
 from pogdiff_dist.models import ModelSpec, TextEncoder, build_noise_scheduler, build_unet, bundled_text_encoder_dir
 from pogdiff_dist.train.step import DualConditionStep
+
+# the paper's literal psi (these tests were written against it; the code defaults are the recipe)
+PAPER_LOSS = {k.removeprefix("loss."): v for k, v in PAPER_POGDIFF.items() if k.startswith("loss.") and k != "loss.k"}
 
 B, K, L = 4, 3, 8
 CAPTIONS = ["a red digit three", "a blue seven", "digit zero on grey", "a small green one"]
@@ -85,7 +88,7 @@ ONE_POS = [[0.8, -0.1, -0.2], [0.5, -0.3, -0.4], [0.9, 0.0, -0.1], [0.3, -0.2, -
 
 
 def run_step(unet, scheduler, text_encoder, uncond, all_elbo, sims, seed=0, dropout=0.0, **loss_kw):
-    cfg = LossConfig(k=K, **loss_kw)
+    cfg = LossConfig(k=K, **{**PAPER_LOSS, **loss_kw})
     step = DualConditionStep(cfg, scheduler, text_encoder, uncond, all_elbo, caption_dropout=dropout)
     wrapped = CountingUNet(unet)
     loss, stats = step(wrapped, make_batch(text_encoder, all_elbo, sims), torch.Generator().manual_seed(seed))
@@ -286,7 +289,7 @@ def test_caption_cache_evicts_least_recently_used_and_zero_mib_keeps_nothing(tex
 def test_step_reports_cache_hits_and_gives_the_same_loss_with_and_without_cache(unet, scheduler, text_encoder,
                                                                                 uncond, all_elbo):
     batch = make_batch(text_encoder, all_elbo, POSITIVE)
-    cfg = LossConfig(k=K)
+    cfg = LossConfig(k=K, **PAPER_LOSS)
     cached = DualConditionStep(cfg, scheduler, text_encoder, uncond, all_elbo, text_cache_mib=16)
     plain = DualConditionStep(cfg, scheduler, text_encoder, uncond, all_elbo, text_cache_mib=0)
     losses = []

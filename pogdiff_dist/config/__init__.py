@@ -23,6 +23,7 @@ from pogdiff_dist.config.sections import (  # the sections are part of this modu
     BUNDLED_DATASETS,
     BUNDLED_TEXT_ENCODER,
     LOSS_METHODS,
+    PAPER_POGDIFF,
     DataConfig,
     LossConfig,
     ModelConfig,
@@ -34,7 +35,7 @@ from pogdiff_dist.config.sections import (  # the sections are part of this modu
     _check,
 )
 
-__all__ = ["BUNDLED_DATASETS", "BUNDLED_TEXT_ENCODER", "CLASSIFIERS", "EVAL_METRICS", "LOSS_METHODS", "Config",
+__all__ = ["BUNDLED_DATASETS", "BUNDLED_TEXT_ENCODER", "CLASSIFIERS", "EVAL_METRICS", "LOSS_METHODS", "PAPER_POGDIFF", "Config",
            "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "OptimConfig", "PrepareConfig", "RayConfig",
            "TrackingConfig", "TrainConfig", "from_dict", "load_config", "parse_override", "save_config"]
 
