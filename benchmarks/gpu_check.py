@@ -1,4 +1,8 @@
-"""GPU acceptance check: the project's Trainer, without Ray, on a Stable Diffusion v1.5 UNet.
+"""GPU acceptance check: the project's Trainer, without Ray, on a Stable Diffusion v1.5 UNet,
+or (``--family sdxl|sd3|flux``) an SDXL UNet, an SD3 or a Flux-class transformer at their real
+sizes (:mod:`family_layouts`: published configs, random weights, 1024 x 1024 latents), each
+trained as its configs/<family>.yaml says: full fine-tuning where it fits one card (SD v1.5,
+SDXL, SD3), LoRA for Flux (``FAMILY_LORA``).
 
 What it runs (one process, world size 1, DeepSpeed ZeRO-2, bf16, EMA, as configs/sd15.yaml):
 
@@ -38,6 +42,7 @@ says what stopped it). On a CPU machine ``--device cpu --tiny`` runs the same co
 with SD's block layout at a few-thousandth of the size (a test does).
 
     bash scripts/gpu_check.sh                              # GPU machine: results/gpu_check.json
+    bash scripts/gpu_check.sh --family flux --batch-size 1 # results/gpu_check_flux.json
     bash scripts/gpu_check.sh --device cpu --tiny --precision fp32 --out /tmp/gpu_check_cpu.json
 """
 
@@ -58,6 +63,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [p for p in (str(BENCH), str(BENCH.parent)) if p not in sys.path]
 
 import torch
+from family_layouts import LATENT, TINY_LATENT, layout_param_counts, lora_params, make_family_layout
 from gpu_unet import SD15_TEXT, SD15_UNET, TINY_TEXT, TINY_UNET
 
 # SD v1.5 vae/config.json and scheduler/scheduler_config.json (runwayml/stable-diffusion-v1-5), verbatim values
@@ -75,8 +81,12 @@ METHODS = {"vanilla": {"loss.method": "vanilla"},
            # the same objective through a rank-8 LoRA on the attention projections (model.lora_rank)
            "full_lora8": {"loss.method": "pogdiff", "loss.neighbor_grad": "full", "model.lora_rank": 8}}
 COUNTS = [24, 16, 8, 8, 4, 2, 2]  # 64 samples; imbalanced, as the method expects
+# The LoRA rank every method of a family trains with in the check (0: full fine-tuning).
+FAMILY_LORA = {"sd": 0, "sdxl": 0, "sd3": 0, "flux": 16}
+FAMILY_CONFIG = {"sd": "sd15", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
 SD15_DISK_PEAK_MAX = 20e9  # bytes: what the full-size check may need on top of the code and its packages
 RESUME_STEPS, RESUME_AT = 5, 3
+TINY_T5_LENGTH = 12  # model.max_length of the tiny SD3 / Flux pipelines (their T5 token limit)
 
 
 def make_sd_layout(root: Path, tiny: bool, words: list[str]) -> Path:
@@ -118,7 +128,7 @@ def param_counts(tiny: bool) -> dict[str, int]:
 
 
 def disk_plan(params: dict[str, int], precision: str, ema: bool, samples: int, latent: tuple[int, ...],
-              text: tuple[int, ...]) -> dict:
+              text: tuple[int, ...], trainable: int | None = None, layout_bytes_per_param: int = 4) -> dict:
     """Bytes on disk at each stage of the check, from parameter counts.
 
     The one checkpoint (DeepSpeed ZeRO-2, world size 1) holds, per UNet parameter: the module
@@ -130,12 +140,17 @@ def disk_plan(params: dict[str, int], precision: str, ema: bool, samples: int, l
     Stages: the timed runs (layout + shards), the checkpoint (it is deleted once loaded, before
     the export is written) and the export. The peak is the largest; it assumes the checkpoint's
     temporary folder is on the same filesystem as the run (gpu_check points ``TMPDIR`` there).
+    The denoiser is ``params["unet"]`` or ``params["transformer"]``; ``trainable`` (a LoRA run's
+    adapter): only those parameters have masters, moments and EMA, the module holds them all.
+    ``layout_bytes_per_param``: 2 for a layout saved in bf16 (:mod:`family_layouts`).
     """
     per_param = {"module": 2 if precision == "bf16" else 4, "fp32_master": 4, "adam_moments_fp32": 8,
                  "ema_fp32": 4 if ema else 0}
-    layout = 4 * sum(params.values())
+    denoiser = params["unet"] if "unet" in params else params["transformer"]
+    trainable = denoiser if trainable is None else trainable
+    layout = layout_bytes_per_param * sum(params.values())
     shards = samples * (4 * math.prod(latent) + 2 * math.prod(text))
-    checkpoint = params["unet"] * sum(per_param.values())
+    checkpoint = denoiser * per_param["module"] + trainable * (sum(per_param.values()) - per_param["module"])
     export = 4 * sum(params.values())
     stages = {"timed_runs": layout + shards, "checkpoint": layout + shards + checkpoint,
               "export": layout + shards + export}
@@ -246,13 +261,15 @@ def ratios_of(methods: dict) -> dict:
 # ----------------------------------------------------------------------------- resume + export
 
 
-def resume_check(base, prepared: Path, run_dir: Path, device: torch.device, latent: tuple) -> dict:
+def resume_check(base, prepared: Path, run_dir: Path, device: torch.device, latent: tuple, family: str = "sd") -> dict:
     """One checkpoint and one resume, then the export: a run to step 5 that saves at step 3 (no
     final checkpoint); a new Trainer loads that checkpoint, which is then deleted, and trains
     steps 4-5 again (their losses against the first run's); its export is loaded back with
     diffusers and samples on the device."""
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    import diffusers
+    from diffusers import DiffusionPipeline
 
+    from pogdiff_dist.families.spec import get_family
     from pogdiff_dist.pipeline import load_pipeline
     from pogdiff_dist.train.local import LocalCheckpoints, read_local
     from pogdiff_dist.train.trainer import Trainer
@@ -276,7 +293,9 @@ def resume_check(base, prepared: Path, run_dir: Path, device: torch.device, late
     release(device)
 
     model_dir = run_dir / "model"
-    unet = UNet2DConditionModel.from_pretrained(str(model_dir / "unet"))
+    spec = get_family(family)
+    unet = getattr(diffusers, spec.denoiser_class).from_pretrained(str(model_dir / spec.denoiser))
+    want_class = "StableDiffusionPipeline" if family == "sd" else spec.pipeline_class
     exported_as = type(DiffusionPipeline.from_pretrained(str(model_dir))).__name__  # the generic loader
     pipe = load_pipeline(model_dir, device)
     t0 = time.perf_counter()
@@ -294,12 +313,12 @@ def resume_check(base, prepared: Path, run_dir: Path, device: torch.device, late
         "resumed_steps_compared": again,
         "resume_loss_max_abs_diff": max((abs(first_loss[s] - resumed_loss[s]) for s in again), default=None),
         "export_unet_params": sum(p.numel() for p in unet.parameters()),
-        "export_loads_with_diffusers": exported_as,
+        "export_loads_with_diffusers": exported_as, "export_class_expected": want_class,
         "sample_shape": list(images.shape), "sample_std": float(images.std()), "sample_s": sample_s,
         "sample_grid": str(run_dir / "samples.png"),
     }
     checks["passed"] = bool(
-        exported_as == "StableDiffusionPipeline" and first_steps == RESUME_STEPS
+        exported_as == want_class and first_steps == RESUME_STEPS
         and checks["checkpoint_steps"] == [RESUME_AT] and checks["resumed_from_step"] == [RESUME_AT]
         and resumed_steps == RESUME_STEPS and not checks["checkpoints_left"] and checks["resumed_losses_finite"]
         and images.shape[1] == vae_scale * latent[1] and images.std() > 0)
@@ -327,12 +346,19 @@ def card_peak(device: torch.device, override: float | None) -> tuple[float | Non
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default: the current CUDA device) or cpu")
-    p.add_argument("--tiny", action="store_true", help="SD's block layout at a tiny size: 16 x 16 x 4 latents")
-    p.add_argument("--batch-size", type=int, default=8, help="micro-batch (the paper's 8)")
+    p.add_argument("--family", choices=sorted(FAMILY_LORA), default="sd",
+                   help="sd: SD v1.5 (default); sdxl, sd3, flux: their real denoisers (family_layouts.py)")
+    p.add_argument("--tiny", action="store_true", help="the family's block layout at a tiny size (SD: 16 x 16 x 4 "
+                   "latents; SDXL / SD3 / Flux: the test pipelines of pogdiff_dist.families.tiny, 8 x 8 latents)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="micro-batch (default: 8, the paper's, for SD v1.5; 4 for SDXL and SD3 and 1 for Flux at "
+                        "1024 x 1024: starting points, not measured limits)")
     p.add_argument("--steps", type=int, default=20, help="steps per method (the first is FLOP-counted)")
     p.add_argument("--window", type=int, default=4, help="steps per timed window (train.log_every)")
     p.add_argument("--warmup", type=int, default=4, help="windows that begin before this step are not timed")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {', '.join(METHODS)} (default: all; Flux trains LoRA in every "
+                        f"method, so full_lora8 is left out)")
     p.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile inside the engine)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="train.precision (configs/sd15.yaml: bf16; fp32 keeps a CPU check fast)")
@@ -340,6 +366,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/gpu_check.json)")
     args = p.parse_args()
+    if args.batch_size is None:
+        args.batch_size = {"sd": 8, "sdxl": 4, "sd3": 4, "flux": 1}[args.family]
+    if args.methods is None:
+        args.methods = ",".join(m for m in METHODS if not (FAMILY_LORA[args.family] and m == "full_lora8"))
     args.methods = [m for m in args.methods.split(",") if m]
     if not args.methods or set(args.methods) - set(METHODS):
         p.error(f"--methods: choose from {', '.join(METHODS)}")
@@ -368,11 +398,21 @@ def main() -> None:
     work = Path(args.work or tmp.name)
     (work / "tmp").mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(work / "tmp")  # checkpoints are written here, then moved (renamed) into the run
-    out = args.out or (None if device.type == "cuda" and not args.tiny else str(work / "gpu_check.json"))
-    latent, text = ((4, 16, 16), (77, TINY_TEXT["hidden_size"])) if args.tiny else ((4, 64, 64), (77, 768))
+    family, sd = args.family, args.family == "sd"
+    name = "gpu_check" if sd else f"gpu_check_{family}"
+    out = args.out or (None if device.type == "cuda" and not args.tiny else str(work / f"{name}.json"))
+    if sd:
+        latent, text = ((4, 16, 16), (77, TINY_TEXT["hidden_size"])) if args.tiny else ((4, 64, 64), (77, 768))
+    else:  # the caption states' shape comes from the family's encoders (the manifest says it)
+        latent, text = (TINY_LATENT if args.tiny else LATENT)[family], None
+    vae_scale = (2 if args.tiny else 8)
     peak, peak_card, peak_source = card_peak(device, args.peak_tflops)
-    base = load_config(BENCH.parent / "configs" / "sd15.yaml", {
-        "model.pretrained": str(work / "sd15"), "model.image_encoder": "pixels",
+    layout_dir = work / ("sd15" if sd else family)
+    family_keys = {} if sd else {
+        "data.resolution": vae_scale * latent[1], "model.lora_rank": FAMILY_LORA[family],
+        **({"model.max_length": TINY_T5_LENGTH} if args.tiny else {})}
+    base = load_config(BENCH.parent / "configs" / f"{FAMILY_CONFIG[family]}.yaml", {
+        **family_keys, "model.pretrained": str(layout_dir), "model.image_encoder": "pixels",
         "prepare.out_dir": str(work / "prepared"), "prepare.k_max": 5, "loss.k": 5,
         "optim.batch_size": args.batch_size, "optim.grad_accum": 1, "optim.warmup_steps": 1,
         "train.use_gpu": device.type == "cuda", "train.log_every": args.window, "train.checkpoint_every": 10**6,
@@ -383,12 +423,18 @@ def main() -> None:
     # psi_den off and no caption dropout: every sample with a positively similar neighbour runs
     # the y' pass, so the timed PoGDiff steps are the method's full cost (psi_zero_frac says how many did not)
     t = base.train
-    plan = disk_plan(param_counts(args.tiny), t.precision, t.ema, sum(COUNTS), latent, text)
+    if sd:
+        plan = disk_plan(param_counts(args.tiny), t.precision, t.ema, sum(COUNTS), latent, text)
+    else:  # shards: the caption states' bytes bounded by one token row per max_length (small next to the models)
+        counts = layout_param_counts(family, args.tiny)
+        plan = disk_plan(counts, t.precision, t.ema, sum(COUNTS), latent, (base.model.max_length + 77, 4096),
+                         trainable=lora_params(family, args.tiny, base.model.lora_rank) if base.model.lora_rank else None,
+                         layout_bytes_per_param=4 if args.tiny else 2)
     plan_sd15 = disk_plan(param_counts(tiny=False), "bf16", True, sum(COUNTS), (4, 64, 64), (77, 768))
     free = shutil.disk_usage(work).free
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "tiny": args.tiny, "batch_size": args.batch_size, "latent": list(latent), "text": list(text),
+        "family": family, "lora_rank": base.model.lora_rank, "tiny": args.tiny, "batch_size": args.batch_size, "latent": list(latent), "text": list(text) if text else None,
         "precision": t.precision, "zero_stage": t.zero_stage, "ema": t.ema, "compile": args.compile,
         "steps": args.steps, "window": args.window, "warmup": args.warmup,
         "peak_tflops": peak, "peak_card": peak_card, "peak_source": peak_source,
@@ -402,27 +448,37 @@ def main() -> None:
     def save(stage: str) -> None:
         result["completed"].append(stage)
         result["total_s"] = time.perf_counter() - t_start
-        write_result("gpu_check", result, out)
+        write_result(name, result, out)
 
     print(f"[gpu_check] {result['device']}: peak {peak or 'n/a'} TFLOP/s ({peak_source}); disk plan peak "
           f"{plan['peak_bytes'] / 1e9:.2f} GB at the {plan['peak_stage']} stage, {free / 1e9:.0f} GB free; "
           f"full-size SD v1.5: {plan_sd15['peak_bytes'] / 1e9:.2f} GB", flush=True)
-    if plan["peak_bytes"] > free:
+    resume_fits = plan["peak_bytes"] <= free
+    if plan["stages"]["timed_runs"] > free or (sd and not resume_fits):
         result["error"] = f"the disk plan needs {plan['peak_bytes'] / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
         save("plan")
         sys.exit(f"gpu_check: {result['error']} in {work}")
     try:
         init_single_process(device)
-        words = [w for n in synthetic_identities(COUNTS) for w in f"An image of {n}".split()] + \
-            [w.strip(",.") for pose in POSES for w in pose.split()]
-        layout = make_sd_layout(work / "sd15", args.tiny, words)
+        if sd:
+            words = [w for n in synthetic_identities(COUNTS) for w in f"An image of {n}".split()] + \
+                [w.strip(",.") for pose in POSES for w in pose.split()]
+            layout = make_sd_layout(layout_dir, args.tiny, words)
+            encoder, tokenizer = layout / "text_encoder", layout / "tokenizer"
+        else:  # the family's encoders read the pretrained directory itself
+            layout = encoder = tokenizer = make_family_layout(family, layout_dir, args.tiny, device)
+        release(device)
         t0 = time.perf_counter()
         # exact k-NN with torch on every device: the GPU machine has no FAISS
-        manifest = build_synthetic_prepared(work / "prepared", COUNTS, latent, layout / "text_encoder",
-                                            layout / "tokenizer", max_length=77, k_max=5, samples_per_shard=16,
-                                            device=device, vae_dir=layout / "vae", knn_backend="torch")
+        manifest = build_synthetic_prepared(work / "prepared", COUNTS, latent, encoder, tokenizer,
+                                            max_length=77 if sd else base.model.max_length, k_max=5,
+                                            samples_per_shard=16, device=device, vae_dir=layout / "vae",
+                                            knn_backend="torch")
         result["prepare_s"] = time.perf_counter() - t0
-        assert list(manifest.text_shape) == list(text), (manifest.text_shape, text)
+        if sd:
+            assert list(manifest.text_shape) == list(text), (manifest.text_shape, text)
+        text = tuple(manifest.text_shape)
+        result["text"] = list(text)
         print(f"[gpu_check] layout + prepared shards ({manifest.num_samples} samples, latents {latent}, text "
               f"{text}) in {time.perf_counter() - t_start:.0f}s", flush=True)
         save("prepared")
@@ -440,21 +496,29 @@ def main() -> None:
                   f"({m['timed_steps']} steps timed), {m['flops_per_step'] / 1e12:.2f} TFLOP/step, MFU {mfu}", flush=True)
 
         checks = result["checks"]
-        resume = resume_check(base, work / "prepared", work / "resume", device, latent)
-        passed = resume.pop("passed") and checks["sd15_disk_peak_under_20gb"]
-        checks.update(resume, checkpoint_bytes_planned=plan["checkpoint_bytes"],
-                      export_bytes_planned=plan["export_bytes"], passed=bool(passed))
-        save("resume_and_export")
+        if resume_fits:
+            resume = resume_check(base, work / "prepared", work / "resume", device, latent, family)
+            passed = resume.pop("passed") and checks["sd15_disk_peak_under_20gb"]
+            checks.update(resume, checkpoint_bytes_planned=plan["checkpoint_bytes"],
+                          export_bytes_planned=plan["export_bytes"], passed=bool(passed))
+            save("resume_and_export")
+        else:  # said, not skipped silently: the timings stand, the resume + export was not run
+            checks.update(passed=bool(checks["sd15_disk_peak_under_20gb"] and result["methods"]),
+                          resume_and_export=f"not run: the disk plan needs {plan['peak_bytes'] / 1e9:.1f} GB "
+                                            f"({plan['peak_stage']}), {free / 1e9:.1f} GB free")
+            print(f"[gpu_check] resume and export {checks['resume_and_export']}", flush=True)
+            save("timings_only")
     except BaseException as e:
         result["error"] = f"{type(e).__name__}: {e}"
         result["total_s"] = time.perf_counter() - t_start
-        write_result("gpu_check", result, out)
+        write_result(name, result, out)
         raise
     if not checks["passed"]:
         sys.exit(f"gpu_check: a check failed: {checks}")
+    resumed = checks.get("resume_loss_max_abs_diff")
     print(f"[gpu_check] {', '.join(f'{k} {v:.2f}x' for k, v in ratios_of(result['methods']).items() if v is not None)}; "
           f"peak GPU memory {result['peak_gpu_mib'] or 0:.0f} MiB; resume loss diff "
-          f"{checks['resume_loss_max_abs_diff']:.2e}; done in {result['total_s']:.0f}s", flush=True)
+          f"{'not run' if resumed is None else f'{resumed:.2e}'}; done in {result['total_s']:.0f}s", flush=True)
 
 
 if __name__ == "__main__":
