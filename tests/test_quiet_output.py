@@ -21,17 +21,30 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 WORKER = re.compile(r"^\((?:\w+ )?pid=\d+(?:, ip=[\w.:]+)?\) ")
 # Every form of line the project prints: the progress lines, each with its stage's prefix, and
 # the lines of the multi-line summaries (pogdiff_dist/train/driver.py, evaluation/evaluate.py).
-PROGRESS = re.compile(r"^\[(prepare|train|evaluate|tune)\] ")
+PROGRESS = re.compile(r"^\[(prepare|train|evaluate|tune|budget)\] ")
+NUM = r"(-?\d+\.\d+|n/a)"
 SUMMARY = [re.compile(p) for p in (
     r"^$",  # the blank line before a summary
     (r"^  (model \(diffusers, safetensors\)|sample grid|metrics|local copy of the run folder|checkpoints"
      r"|MLflow model): +\S"),
     r"^  MLflow run [0-9a-f]+ in experiment '[^']*':$",
     r"^    (mlflow ui --backend-store-uri \S+, then )?https?://\S+$",  # the run's MLflow page
-    (r"^    (fid|dino|grecall|accuracy) +all +(-?\d+\.\d+|n/a) +majority +(-?\d+\.\d+|n/a) +few-shot "
-     r"+(-?\d+\.\d+|n/a)$"),
-    r"^  (metrics|plot|grids|images): +\S+$",
+    # the evaluation: its settings, the averages with what they were computed with, the bleed report
+    r"^  settings: \d+ images/identity, DDIM \d+, .+$",
+    (rf"^    (fid|dino|grecall|accuracy|bleed) +all +{NUM} +majority +{NUM} +few-shot +{NUM}"
+     r"( +\[[^]]+\])?( +\(mean top-bleed share\))?$"),
+    r"^  identity bleed: who each prompt is judged to be +\[[^]]+\]$",
+    r"^    identity +train +judged right +top bleed target +share$",
+    r"^    (\* )?\S.*? +\d+ +\d+/\d+ \d\.\d\d( +\S.*?(\s+\d+/\d+ \d\.\d\d)?)?$",  # one identity's row
+    r"^    \(\* few-shot; share: of the identity's generated images\)$",
+    r"^  most bleed \(prompted -> judged\):$",
+    r"^    \S.* -> \S.* +\d+/\d+ \d\.\d\d( +\(its real held-out images judged so: \d+/\d+\))?$",
+    r"^  (judged most often for other prompts: .+|no bleed: no image was judged to be another identity)$",
+    r"^  (metrics|plot|bleed|grids|images): +\S+$",
     r"^  MLflow run [0-9a-f]+: \d+ eval/\* metrics and artifacts under eval/$",
+    # the budget advice after a run whose majority identities are not learned yet
+    (r"^  (Each of their images was seen about \d+ times|About \d+ steps would give that here|"
+     r"That many exposures have been given|data\.sampling=\w+ shows the majority's images).*$"),
 )]
 
 
@@ -55,7 +68,21 @@ def test_the_allowed_forms_are_exactly_the_projects():
     ours = ("[prepare] done in 3.0s: 32 samples\n(RayTrainWorker pid=81) [train] step 1/2 (50%) loss 1.0\n"
             "\n[train] done in 9s\n  model (diffusers, safetensors): /r/model\n  MLflow run 4f0a in experiment "
             "'pogdiff':\n    mlflow ui --backend-store-uri sqlite:////r/m.db, then http://127.0.0.1:5000/#/x\n"
-            "    fid       all  0.723   majority  0.685   few-shot  0.762\n  grids:      /r/eval/grids\n")
+            "    fid       all  0.723   majority  0.685   few-shot  0.762\n  grids:      /r/eval/grids\n"
+            "  settings: 16 images/identity, DDIM 25, guidance 3, seed 0, judge digits-cnn, encoder pixels; from x\n"
+            "    accuracy  all  0.412   majority  0.375   few-shot  0.429   [16 images/identity, DDIM 25, judge cnn]\n"
+            "    bleed     all  0.212   majority  0.208   few-shot  0.214   [16 images/identity]  (mean top-bleed share)\n"
+            "  identity bleed: who each prompt is judged to be  [16 images/identity, DDIM 25]\n"
+            "    identity           train  judged right   top bleed target               share\n"
+            "    Alice Moreau          30     6/16 0.38   Jonas Weber                4/16 0.25\n"
+            "    * Farid Haddad         2     5/16 0.31   Jonas Weber (+1 tied)      5/16 0.31\n"
+            "    Nils Arendt           30    16/16 1.00   -\n"
+            "    (* few-shot; share: of the identity's generated images)\n  most bleed (prompted -> judged):\n"
+            "    Farid Haddad -> Jonas Weber        5/16 0.31   (its real held-out images judged so: 0/20)\n"
+            "  judged most often for other prompts: Jonas Weber (19 images from 7 identities)\n"
+            "  bleed:      /r/eval/identity_confusion.png\n"
+            "[budget] the majority identities are not learned yet: validation identity accuracy 0.50 < 0.8 at step 300.\n"
+            "  Each of their images was seen about 16 times (data.sampling=balanced); in the learning curves x\n")
     assert foreign_lines(ours) == []
     theirs = ["(PlacementGroupCleaner pid=9) Failed to query Ray Train Controller actor state.",
               "(raylet) WARNING: 8 PYTHON worker processes have been started on node: abc",

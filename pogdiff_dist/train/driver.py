@@ -24,6 +24,7 @@ from pathlib import Path
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from pogdiff_dist.budget import majority_advice
 from pogdiff_dist.config import Config, save_config
 from pogdiff_dist.data.shard_files import verify_shards
 from pogdiff_dist.data.shards import ARRAY_FIELDS, Manifest
@@ -184,6 +185,12 @@ class RunContext:
               f"  checkpoints:                    {result.checkpoint.path}\n"
               f"  MLflow run {tracking.run_id} in experiment {cfg.tracking.experiment!r}:\n    {mlflow_run.url_hint()}"
               + (f"\n  MLflow model:                   {model_uri}" if model_uri else ""), flush=True)
+        advice = majority_advice(metrics.get("final_val/accuracy_majority"), int(metrics.get("final_step") or 0),
+                                 cfg.optim.batch_size * cfg.train.num_workers * cfg.optim.grad_accum,
+                                 self.manifest.train_counts, cfg.data.sampling, cfg.data.sampling_alpha,
+                                 self.manifest.train_repeats or None)
+        if advice:
+            print(advice, flush=True)
         return TrainOutcome(run_dir, run_dir / MODEL_DIR, run_dir / SAMPLES, metrics, tracking.run_id,
                             tracking.uri, run.uri(), cfg)
 
