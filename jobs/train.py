@@ -13,7 +13,7 @@ import sys
 from pogdiff_dist.config import load_config
 from pogdiff_dist.runtime import absolute_paths, check_output_paths
 from pogdiff_dist.storage import Store, check_storage
-from pogdiff_dist.train.driver import RunContext
+from pogdiff_dist.train.driver import run_train
 
 
 def main(argv=None) -> int:
@@ -35,12 +35,12 @@ def main(argv=None) -> int:
         check_storage(cfg)  # so is a missing bucket or one that refuses our credentials
     except ValueError as e:
         p.error(str(e))
-    out = RunContext.open(cfg, config_file=args.config).train(resume=args.resume)
+    out = run_train(cfg, resume=args.resume, config_file=args.config)
     if args.evaluate:
         from pogdiff_dist.evaluation.evaluate import resolve_source, run_evaluate, run_settings_origin
 
         source = resolve_source(str(out.model_dir), None, out.run_id, out.tracking_uri, None)
-        run_evaluate(source, out.run_dir / "eval", out.config.eval, ray_cfg=out.config.ray,
+        run_evaluate(source, out.run_dir / "eval", cfg.eval, ray_cfg=cfg.ray,
                      settings_from=run_settings_origin(out.run_dir))
         Store(out.location).upload("eval")  # next to the run when it lives in a bucket
     return 0

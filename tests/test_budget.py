@@ -35,3 +35,20 @@ def test_majority_advice_only_when_the_majority_is_not_learned():
     assert "seen about 16 times" in text  # 300 x 16 / 10 / 30
     late = majority_advice(0.5, 10 * steps, 16, COUNTS, "balanced", exposures=120)
     assert "optim.max_steps" not in late and "learning rate" in late
+
+
+def test_the_advices_reference_is_the_committed_learning_curve():
+    """MAJORITY_EXPOSURES / MAJORITY_REFERENCE_ACCURACY are vanilla's last budget in
+    benchmarks/results/reproduce-faces-it2i-cpu/curves-main.json (batch 16, uniform sampling)."""
+    import json
+    from pathlib import Path
+
+    from pogdiff_dist import budget
+
+    r = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "reproduce-faces-it2i-cpu"
+                    / "curves-main.json").read_text())
+    last = max(r["budgets"])
+    vanilla = r["rows"]["vanilla"]["budgets"][str(last)]["accuracy_majority"]["mean"]
+    assert round(vanilla, 3) == budget.MAJORITY_REFERENCE_ACCURACY < budget.MAJORITY_THRESHOLD
+    batch = r["local"]["optim.batch_size"]
+    assert round(exposures_per_image(last, batch, COUNTS)[0]) == budget.MAJORITY_EXPOSURES

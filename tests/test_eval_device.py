@@ -195,7 +195,9 @@ def test_scorer_streams_references_and_hands_back_numbers(latent_prepared, monke
     assert len(json.dumps(results, default=float)) < 20_000  # numbers, whatever the number of references
     real = features.load_real_images(root, manifest, 16, 3)
     for name in NAMES:
-        np.testing.assert_array_equal(previews[name], real.train[name][:keep])
+        # the same images, decoded in batches of 4 against all at once: a batch-size-dependent
+        # convolution kernel may round one pixel to the other side of a uint8 step
+        np.testing.assert_allclose(previews[name].astype(int), real.train[name][:keep].astype(int), rtol=0, atol=1)
 
     monkeypatch.setattr(features.TrainingImages, "_pixels", pixels)
     again = compute_metrics(generated, real, manifest, cfg, cache_dir=tmp_path)

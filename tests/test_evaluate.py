@@ -187,7 +187,7 @@ def test_resolve_source_from_mlflow_run(tiny_cfg, prepared, tiny_model, tmp_path
     from mlflow.tracking import MlflowClient
 
     from pogdiff_dist.evaluation.evaluate import resolve_source
-    from pogdiff_dist.tracking.runs import TAG_MODEL, TAG_PREPARED, TAG_RUN_DIR, write_run_state
+    from pogdiff_dist.tracking.runs import TAG_MODEL, TAG_PREPARED, TAG_RUN_DIR, TrackingRef, write_run_state
 
     uri = tiny_cfg.tracking.tracking_uri
     client = MlflowClient(uri)
@@ -197,7 +197,7 @@ def test_resolve_source_from_mlflow_run(tiny_cfg, prepared, tiny_model, tmp_path
     prepared_dir = Path(tiny_cfg.prepare.out_dir).absolute()
     run_id = client.create_run(exp, run_name="evrun", tags={
         TAG_RUN_DIR: str(run_dir), TAG_MODEL: str(run_dir / "model"), TAG_PREPARED: str(prepared_dir)}).info.run_id
-    write_run_state(run_dir, run_id, uri, prepared_dir)
+    write_run_state(run_dir, TrackingRef(uri, run_id), prepared_dir)
 
     src = resolve_source(mlflow_run=run_id, tracking_uri=uri)
     assert src.model_dir == run_dir / "model" and src.run_id == run_id and src.run_dir == run_dir
@@ -256,7 +256,7 @@ def test_a_runs_model_is_reevaluated_with_the_runs_settings(ray_local, tiny_cfg,
     from mlflow.tracking import MlflowClient
 
     from pogdiff_dist.config import save_config
-    from pogdiff_dist.tracking.runs import write_run_state
+    from pogdiff_dist.tracking.runs import TrackingRef, write_run_state
     from pogdiff_dist.train.driver import TrainOutcome
 
     def load(name):
@@ -277,7 +277,7 @@ def test_a_runs_model_is_reevaluated_with_the_runs_settings(ray_local, tiny_cfg,
         shutil.copytree(tiny_model, run_dir / "model")
         save_config(cfg, run_dir / "config.yaml")
         run_id = client.create_run(client.create_experiment("rerun-test"), run_name=cfg.train.name).info.run_id
-        write_run_state(run_dir, run_id, uri, prepared_dir)
+        write_run_state(run_dir, TrackingRef(uri, run_id), prepared_dir)
         return TrainOutcome(run_dir, run_dir / "model", run_dir / "samples.png", {}, run_id, uri, str(run_dir))
 
     monkeypatch.setattr(train, "run_train", run_train)

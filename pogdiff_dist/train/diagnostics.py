@@ -51,7 +51,7 @@ def plot_psi_histogram(psi: np.ndarray, out: Path, title: str) -> Path:
     log10 psi for the rest (psi_den spans orders of magnitude when the ELBOs spread)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    positive = psi[psi > 0]
+    positive = psi[(psi > 0) & np.isfinite(psi)]  # a non-finite psi (an overflowed run) has no bin
     if len(positive):
         ax.hist(np.log10(positive), bins=50, color="C0")
         ax.axvline(0.0, color="gray", linestyle="--", linewidth=1, label="psi = 1")

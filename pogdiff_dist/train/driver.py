@@ -62,7 +62,7 @@ class TrainOutcome:
     run_id: str
     tracking_uri: str
     location: str  # the run folder where it is kept: run_dir itself, or its URI (run_dir is then a local copy)
-    config: Config  # the config the run trained with, naming the run it wrote
+    config: Config | None = None  # the config the run trained with, naming the run it wrote
 
 
 def scaling_config(cfg: Config) -> ScalingConfig:

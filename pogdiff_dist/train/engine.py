@@ -87,9 +87,10 @@ def init_single_process(device: torch.device | str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
-        os.environ.setdefault(key, value)
+    # set, not defaulted: a process that inherited another's MASTER_PORT (a test's subprocess, a
+    # script started from a training process) would otherwise bind that process's port
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
     with without_harmless_prints():  # DeepSpeed's CPU backend prints that it loaded its shm op
         deepspeed.init_distributed(dist_backend="nccl" if torch.device(device).type == "cuda" else "gloo",
                                    auto_mpi_discovery=False)

@@ -37,7 +37,7 @@ class _Step:
 
 @dataclass
 class WindowReading:
-    means: dict[str, float]  # loss and every stat, averaged over the window's finite micro-batches
+    means: dict[str, float]  # loss and every stat, averaged over every rank's finite micro-batches of the window
     samples: int  # samples trained in the window, all ranks
     seconds: float
     data_wait_s: float
@@ -86,12 +86,21 @@ class MetricsWindow:
     def _summarise(self, steps, micro, keys, values, skipped_flags, comm) -> WindowReading:
         now = time.time()
         finite = torch.isfinite(values[:, 0]) if len(micro) else torch.zeros(0, dtype=torch.bool)
-        means = {}
+        # the means over every rank's finite micro-batches: a rank that only idled this window
+        # (uneven shares under data.sampling) still logs the run's figures
+        sums = {}
         for col, name in enumerate(["loss", *keys]):
             column = values[finite, col] if len(micro) else values[:, col]
             column = column[~torch.isnan(column)]
             if len(column):
-                means[name] = float(column.double().mean())
+                sums[name] = (float(column.double().sum()), len(column))
+        parts = comm.all_gather((sums, sum(m.rows for m in micro)))
+        totals: dict[str, list[float]] = {}
+        for part, _ in parts:
+            for name, (total, count) in part.items():
+                acc = totals.setdefault(name, [0.0, 0])
+                acc[0], acc[1] = acc[0] + total, acc[1] + count
+        means = {name: total / count for name, (total, count) in sorted(totals.items())}
         bad_here: dict[int, list[int]] = {}
         at = 0
         for s in steps:
@@ -100,7 +109,7 @@ class MetricsWindow:
                     bad_here.setdefault(s.step, []).extend(int(i) for i in m.index)
                 at += 1
         skipped = [s.step for s, flag in zip(steps, skipped_flags) if flag or s.overflow]
-        samples = int(comm.all_reduce(np.array([sum(m.rows for m in micro)], np.int64))[0])
+        samples = int(sum(rows for _, rows in parts))
         reading = WindowReading(means, samples, now - self.t0, self.data_wait, skipped, bad_here)
         self.t0, self.data_wait = now, 0.0
         return reading

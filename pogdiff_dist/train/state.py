@@ -138,6 +138,15 @@ class HostComm:
         dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()), group=self.group)
         return t.numpy()
 
+    @host_side
+    def all_gather(self, obj) -> list:
+        """Every rank's ``obj`` (a small picklable host value), in rank order."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def every(self, flag: bool) -> bool:
         """True when ``flag`` is true on every rank."""
         return bool(self.all_reduce(np.array([int(flag)], np.int64), op="min")[0])
