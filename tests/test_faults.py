@@ -54,7 +54,8 @@ def test_killed_worker_restarts_from_checkpoint(ray_local, tiny_cfg, prepared):
 
     # 32 samples / (2 workers x batch 4) = 4 steps per epoch; checkpoints every 6 land mid-epoch.
     # Enough steps that the kill lands well before the end.
-    cfg = tiny_cfg.with_overrides({"optim.max_steps": 40, "train.checkpoint_every": 6, "train.max_failures": 2,
+    cfg = tiny_cfg.with_overrides({"data.sampling": "uniform", "optim.max_steps": 40, "train.checkpoint_every": 6,
+                                   "train.max_failures": 2,
                                    "train.name": "kill-worker"})
     run_dir = Path(cfg.train.storage_path) / cfg.train.name
     killed: list[int] = []
@@ -209,7 +210,9 @@ def test_bad_sample_skipped_and_every_epoch_accounted_for(ray_local, tiny_cfg, p
     saved = shard.read_bytes(), marker.read_text()
     try:
         key = _tamper(shard, marker)
-        cfg = tiny_cfg.with_overrides({"data.on_bad": "skip", "optim.max_steps": 9, "train.name": "skip-bad"})
+        # uniform sampling: every sample once an epoch, so an epoch's rows are countable by hand
+        cfg = tiny_cfg.with_overrides({"data.on_bad": "skip", "optim.max_steps": 9, "train.name": "skip-bad",
+                                       "data.sampling": "uniform"})
         out = run_train(cfg)
         epochs = json.loads((out.run_dir / "metrics.json").read_text())["epochs"]
         n = prepared.num_samples
