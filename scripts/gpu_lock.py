@@ -23,7 +23,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 PROVIDED = ("torch", "transformers", "accelerate", "peft", "numpy", "pyarrow")
-ROOTS = ("diffusers", "deepspeed", "webdataset", "pillow", "matplotlib", "pyyaml", "tqdm", "safetensors")
+ROOTS = ("diffusers", "deepspeed", "webdataset", "pillow", "matplotlib", "pyyaml", "tqdm", "safetensors",
+         "scipy")  # scipy: the evaluation's FID (scipy.linalg.sqrtm), which validation imports
 PYTHONS = ("3.11", "3.12")
 LOCK = Path(__file__).resolve().parent / "gpu-lock.txt"
 

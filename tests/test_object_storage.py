@@ -161,13 +161,13 @@ def test_prepare_train_kill_and_resume_in_a_bucket_next_to_another_training(s3, 
     cmd = [sys.executable, str(REPO / "jobs" / "train.py"), str(REPO / "configs" / "tiny.yaml"),
            "--set", "prepare.out_dir=s3://pogdiff/prepared", "--set", "train.storage_path=s3://pogdiff/runs",
            "--set", f"tracking.tracking_uri={uri}", "--set", "optim.max_steps=12", "--set", "train.checkpoint_every=3",
-           "--set", "train.name=s3run"]
+           "--set", "train.name=s3run", "--set", "data.sampling=uniform"]  # every sample once an epoch: counted below
     other_dir = tmp_path / "other"
     other = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), str(REPO / "configs" / "tiny.yaml"),
                               "--set", f"prepare.out_dir={other_dir / 'prepared'}",
                               "--set", f"train.storage_path={other_dir / 'runs'}",
                               "--set", f"tracking.tracking_uri=sqlite:///{other_dir / 'mlflow.db'}",
-                              "--set", "optim.max_steps=8"],
+                              "--set", "optim.max_steps=8", "--set", "data.sampling=uniform"],  # rows counted below
                              cwd=tmp_path, env={k: v for k, v in env.items() if not k.startswith("AWS_")},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
