@@ -182,12 +182,13 @@ class Curve:
         model = self.model(steps)
         if not (model / "model_index.json").is_file():
             return None
-        cached = model / f"eval-n{num_images}-seed{eval_seed}.json"
+        cached = eval_file(self, steps, eval_seed, num_images)
         if cached.is_file():
             return json.loads(cached.read_text())
         t0, c0 = time.time(), time.process_time()
-        res = evaluate_model(model, self.prepared, EvalConfig(num_images=num_images,
-                                                              steps=self.exp.b["eval_steps"], seed=eval_seed))
+        res = evaluate_model(model, self.prepared, EvalConfig(
+            num_images=num_images, steps=self.exp.b["eval_steps"], seed=eval_seed,
+            guidance_scale=self.exp.b.get("eval_guidance", 3.0)))
         row = {"summary": res["summary"],
                "per_identity": {n: {"accuracy": r.get("accuracy"), "train_count": r.get("train_count")}
                                 for n, r in res["per_identity"].items()},
@@ -240,8 +241,15 @@ def aggregate(curves: dict[str, list[Curve]], budgets: list[int], eval_seeds: li
 REPORT_ONLY = False
 
 
+def eval_file(c: Curve, steps: int, seed: int, n: int) -> Path:
+    """Where one evaluation of ``c``'s export at ``steps`` is cached; the guidance scale is in the
+    name when it is not the tables' 3.0 (``--guidance``)."""
+    g = c.exp.b.get("eval_guidance", 3.0)
+    return c.model(steps) / (f"eval-n{n}-seed{seed}.json" if g == 3.0 else f"eval-n{n}-seed{seed}-g{g:g}.json")
+
+
 def _cached_eval(c: Curve, steps: int, seed: int, n: int) -> dict | None:
-    p = c.model(steps) / f"eval-n{n}-seed{seed}.json"
+    p = eval_file(c, steps, seed, n)
     return json.loads(p.read_text()) if p.is_file() else None
 
 
@@ -322,7 +330,7 @@ def markdown(res: dict) -> str:
              (f"Fine-tuned from the CPU-budget base (benchmarks/reproduce.py), one process, batch 16, lr "
               f"{res['lr']}, constant after {res['warmup']} warmup steps; every budget is a checkpoint of the "
               f"same run. Training seeds {res['seeds']}; {res['num_images']} images per identity, "
-              f"{res['eval_steps']} DDIM steps, evaluation seed(s) {res['eval_seeds']} (a model's figure is "
+              f"{res['eval_steps']} DDIM steps, guidance {res.get('eval_guidance', 3.0):g}, evaluation seed(s) {res['eval_seeds']} (a model's figure is "
               f"the mean over them). Cells: mean ± std over training seeds [min, max]."),
              ""]
     for key, title in (("accuracy_majority", "Majority identity accuracy (3 x 30 images)"),
@@ -410,6 +418,7 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="ROW")
     p.add_argument("--num-images", type=int, default=32, help="generated per identity per evaluation")
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[1234])
+    p.add_argument("--guidance", type=float, default=3.0, help="the evaluation's classifier-free guidance scale")
     p.add_argument("--threads", type=int, default=1, help="torch threads (two runs side by side on 2 cores: 1)")
     p.add_argument("--tag", default="main")
     p.add_argument("--order", choices=["seed", "method"], default="seed",
@@ -430,6 +439,7 @@ def main(argv=None) -> None:
     if unknown:
         p.error(f"unknown rows {sorted(unknown)}; rows: {sorted(rows)}")
     exp = Experiment(args.dataset, "cpu", out, args.seeds)
+    exp.b["eval_guidance"] = args.guidance
     budgets = sorted(args.budgets)
     t0 = time.time()
     base_run = Curve(exp, "base", {"loss.method": "vanilla"}, 0, None, preset="base")
@@ -457,6 +467,7 @@ def main(argv=None) -> None:
     cmd = "python benchmarks/curves.py " + " ".join(sys.argv[1:] if argv is None else argv)
     res = {"dataset": args.dataset, "preset": "M", "seeds": args.seeds, "budgets": budgets,
            "num_images": args.num_images, "eval_seeds": args.eval_seeds, "eval_steps": exp.b["eval_steps"],
+           "eval_guidance": args.guidance,
            "lr": exp.b["lr"], "warmup": exp.b["warmup"], "local": LOCAL, "rows": agg, "command": cmd,
            "settings": {label: rows[label] for label in args.methods}}
     if "vanilla" in agg and agg["vanilla"]["budgets"]:

@@ -61,8 +61,9 @@ class DefaultStudy:
     def __init__(self, out: Path = OUT, work: Path = WORK):
         import yaml
 
-        self.out, self.work, self.b = out, work, {"eval_steps": 25}
         d = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+        self.out, self.work = out, work
+        self.b = {"eval_steps": d["eval"]["steps"], "eval_guidance": d["eval"].get("guidance_scale", 3.0)}
         self.base = {f"{sec}.{k}": v for sec, vals in d.items() for k, v in vals.items()}
         self.log = out / "log.jsonl"
 
@@ -121,7 +122,7 @@ def _base_pipeline():
     return pipe
 
 
-def base_accuracy(num_images: int, seed: int, steps: int = 25) -> dict:
+def base_accuracy(num_images: int, seed: int, steps: int = 25, guidance: float = 3.0) -> dict:
     """The base model's digits-judge accuracy on its own ten names (BASE_NAMES): how well the
     starting point draws each digit, the ceiling a short fine-tune inherits."""
     import torch
@@ -135,14 +136,15 @@ def base_accuracy(num_images: int, seed: int, steps: int = 25) -> dict:
     judge = CNNJudge.load_or_train(WORK / "judge", judge_spec(list(BASE_NAMES), 32, 1))
     per, grids = {}, []
     for k, name in enumerate(BASE_NAMES):
-        images = np.asarray(pipe([IDENTITY_PROMPT.format(name=name)], num_inference_steps=steps, guidance_scale=3.0,
+        images = np.asarray(pipe([IDENTITY_PROMPT.format(name=name)], num_inference_steps=steps, guidance_scale=guidance,
                                  num_images_per_prompt=num_images,
                                  generator=torch.Generator().manual_seed(seed * 100 + k)))
         per[name] = float(np.mean([p == name for p in judge.predict(images, None, list(BASE_NAMES))]))
         grids.append(images[:8])
-    image_grid(np.concatenate(grids), rows=len(BASE_NAMES), labels=list(BASE_NAMES)).save(OUT / "base-grid.png")
+    suffix = "" if (steps, guidance) == (25, 3.0) else f"-ddim{steps}-g{guidance:g}"
+    image_grid(np.concatenate(grids), rows=len(BASE_NAMES), labels=list(BASE_NAMES)).save(OUT / f"base-grid{suffix}.png")
     return {"per_identity": per, "mean": float(np.mean(list(per.values()))), "num_images": num_images,
-            "steps": steps, "seed": seed}
+            "steps": steps, "guidance": guidance, "seed": seed}
 
 
 def main(argv=None) -> None:
@@ -155,6 +157,8 @@ def main(argv=None) -> None:
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--guidance", type=float, default=3.0, help="--base-accuracy only: classifier-free guidance")
+    p.add_argument("--ddim-steps", type=int, default=25, help="--base-accuracy only: DDIM steps")
     p.add_argument("--tag", default="study")
     p.add_argument("--base-accuracy", action="store_true", help="only: the base model on its own names")
     p.add_argument("--prepare-only", action="store_true", help="only: prepare Digits-IT2I M as the default does")
@@ -167,8 +171,9 @@ def main(argv=None) -> None:
     study = DefaultStudy()
     study.out.mkdir(parents=True, exist_ok=True)
     if args.base_accuracy:
-        res = base_accuracy(args.num_images, args.eval_seeds[0])
-        (study.out / "base-accuracy.json").write_text(json.dumps(res, indent=1))
+        res = base_accuracy(args.num_images, args.eval_seeds[0], args.ddim_steps, args.guidance)
+        suffix = "" if (args.ddim_steps, args.guidance) == (25, 3.0) else f"-ddim{args.ddim_steps}-g{args.guidance:g}"
+        (study.out / f"base-accuracy{suffix}.json").write_text(json.dumps(res, indent=1))
         print(json.dumps(res, indent=1))
         return
     variants = dict(VARIANTS)
